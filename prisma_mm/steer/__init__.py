@@ -1,0 +1,1 @@
+"""prisma_mm.steer"""
