@@ -1,0 +1,157 @@
+"""Adapter for open_clip models (OpenAI CLIP, LAION / DataComp / MetaCLIP checkpoints,
+SigLIP): hooks on the image tower, ``encode_text`` through the text tower for zero-shot."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from torch import Tensor, nn
+
+from prisma_mm.errors import PrismaError
+from prisma_mm.hooks import BlockSpec, HookedModel, ModelSpec, TokenLayout
+from prisma_mm.zoo import registry
+from prisma_mm.zoo.timm_vit import vit_spec
+
+OPEN_CLIP_BLOCK = BlockSpec(
+    attn_branch="ls_1",
+    mlp_branch="ls_2",
+    ln2="ln_2",
+    mlp_proj="mlp.c_proj",
+    norm1="ln_1",
+    attn="attn",
+    pattern_style="mha",
+)
+
+
+@functools.cache
+def _register_config(path: str) -> None:
+    open_clip.add_model_config(path)
+
+
+def _pair(value) -> tuple[int, int]:
+    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _transform(visual: nn.Module, overrides: dict) -> object:
+    config = {**open_clip.get_model_preprocess_cfg(visual), **overrides}
+    return image_transform_v2(PreprocessCfg(**config), is_train=False)
+
+
+def clip_spec(model: nn.Module, card: registry.ModelCard) -> ModelSpec:
+    """A :class:`ModelSpec` over an open_clip model's image tower (native ViT or timm trunk)."""
+    visual = model.visual
+    transform = _transform(visual, card.preprocess)
+    if hasattr(visual, "trunk"):  # SigLIP & co: a timm ViT inside open_clip's TimmModel
+        spec = vit_spec(visual.trunk, forward=visual, output_module=visual)
+        spec.transform = transform
+    elif hasattr(visual, "transformer") and hasattr(visual, "class_embedding"):
+        spec = ModelSpec(
+            module=model,
+            forward=visual,
+            blocks=list(visual.transformer.resblocks),
+            block_spec=OPEN_CLIP_BLOCK,
+            embed=visual.patch_dropout,
+            final_norm=visual.ln_post,
+            output_module=visual,
+            layout=TokenLayout(
+                n_prefix=1,
+                grid=(1, *_pair(visual.grid_size)),
+                patch_size=_pair(visual.patch_size),
+                input_size=_pair(visual.image_size),
+            ),
+            transform=transform,
+            d_model=int(visual.transformer.width),
+        )
+    else:
+        raise PrismaError(
+            f"{card.name!r}: open_clip image tower {type(visual).__name__} is not a ViT; "
+            "prisma-mm hooks ViT towers only"
+        )
+    spec.module = model
+    spec.extras["encode_text"] = functools.partial(_encode_text, model, card)
+    return spec
+
+
+@functools.cache
+def _tokenizer(arch: str):
+    return open_clip.get_tokenizer(arch)
+
+
+def _encode_text(model: nn.Module, card: registry.ModelCard, texts: list[str]) -> Tensor:
+    """Unit-norm text embeddings ``[len(texts), d_embed]`` for zero-shot classification."""
+    try:
+        tokenizer = _tokenizer(card.arch)
+    except OSError as error:
+        raise PrismaError(
+            f"the tokenizer of {card.name!r} is not available offline ({error.__class__.__name__}); "
+            f"{registry.offline_hint(card.source, ['tokenizer.json'])}"
+        ) from error
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        tokens = tokenizer(list(texts)).to(device)
+        return nn.functional.normalize(model.encode_text(tokens).float(), dim=-1)
+
+
+def _create(card: registry.ModelCard, pretrained: str | None, device: torch.device) -> nn.Module:
+    arch = card.arch
+    if card.config_file:
+        _register_config(str(registry.zoo_dir() / card.config_file))
+    if pretrained and pretrained.startswith("hf-hub:"):
+        arch, pretrained = pretrained, None
+    quiet = logging.getLogger()
+    level = quiet.level
+    if pretrained is None:  # open_clip warns that random init is random init
+        quiet.setLevel(logging.ERROR)
+    try:
+        model = open_clip.create_model(
+            arch,
+            pretrained=pretrained,
+            device="meta" if device.type == "meta" else "cpu",
+            require_pretrained=pretrained is not None,
+            **card.kwargs,
+        )
+    except (OSError, RuntimeError, ValueError) as error:
+        if isinstance(error, PrismaError) or pretrained is None and not arch.startswith("hf-hub:"):
+            raise
+        repo = arch.removeprefix("hf-hub:") if arch.startswith("hf-hub:") else card.source
+        files = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        raise PrismaError(
+            f"pretrained weights of {card.name!r} could not be loaded "
+            f"({error.__class__.__name__}); {registry.offline_hint(repo, files)}"
+        ) from error
+    finally:
+        quiet.setLevel(level)
+    return model
+
+
+def build(card: registry.ModelCard, weights: str | None, device: torch.device) -> HookedModel:
+    """Build the card's open_clip model with the requested weights, wrapped with hook points."""
+    if weights == "pretrained":
+        model = _create(card, card.pretrained or card.source, device)
+    elif weights is not None and weights.startswith("hf-hub:"):
+        model = _create(card, weights, device)
+    else:
+        model = _create(card, None, device)
+        if weights is not None:
+            path = registry.resolve_local_weights(weights)
+            if path.is_dir():
+                candidates = [
+                    path / n for n in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+                ]
+                found = [c for c in candidates if c.is_file()]
+                if not found:
+                    raise PrismaError(
+                        f"directory {path} has no open_clip_model.safetensors or .bin"
+                    )
+                path = found[0]
+            state = registry.load_state_dict_file(Path(path))
+            registry.load_into(model, state, str(path))
+    if device.type not in ("meta", "cpu"):
+        model = model.to(device)
+    model.eval()
+    return HookedModel(clip_spec(model, card), card=card)

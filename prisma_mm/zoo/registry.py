@@ -1,0 +1,243 @@
+"""The model zoo: model cards (YAML data in ``model_zoo/``) and the one entry point that
+turns a card into a :class:`~prisma_mm.hooks.HookedModel`.
+
+A card file holds one family's cards::
+
+    family: timm                # adapter module prisma_mm.zoo.<adapter>
+    cards:
+      - name: vit-b16-augreg2-in21k-ft-in1k
+        arch: vit_base_patch16_224           # the library's architecture name
+        pretrained: augreg2_in21k_ft_in1k    # the library's pretrained tag
+        source: timm/vit_base_patch16_224.augreg2_in21k_ft_in1k   # exact source id
+        task: classifier                      # classifier | embedding | clip
+        kwargs: {}                            # constructor overrides (tiny cards)
+
+A new family is one adapter module plus a card file; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from prisma_mm.errors import PrismaError, unknown
+
+ADAPTERS = {"timm": "prisma_mm.zoo.timm_vit", "open_clip": "prisma_mm.zoo.open_clip"}
+TASKS = ("classifier", "embedding", "clip")
+
+
+def _package_or_repo_dir(name: str) -> Path:
+    """``prisma_mm/<name>`` inside an installed wheel, else ``<repo>/<name>`` in a checkout."""
+    here = Path(__file__).resolve().parent.parent
+    packaged = here / name
+    return packaged if packaged.is_dir() else here.parent / name
+
+
+def zoo_dir() -> Path:
+    return _package_or_repo_dir("model_zoo")
+
+
+def assets_dir() -> Path:
+    return _package_or_repo_dir("assets")
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """One carded model: which architecture, where its weights come from, what it does."""
+
+    name: str
+    family: str
+    arch: str
+    source: str
+    task: str = "classifier"
+    pretrained: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None  # "asset:FILE" for weights shipped in assets/
+    config_file: str | None = None  # architecture config shipped in model_zoo/ (open_clip)
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    file: str = ""
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.name.startswith("tiny-")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _parse_card_file(path: Path) -> list[ModelCard]:
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or "family" not in data or "cards" not in data:
+        raise PrismaError(f"card file {path} must have 'family' and 'cards' keys")
+    family = data["family"]
+    if family not in ADAPTERS:
+        raise PrismaError(f"card file {path}: unknown family {family!r}; known: {sorted(ADAPTERS)}")
+    cards = []
+    known = set(ModelCard.__dataclass_fields__) - {"family", "file"}
+    for entry in data["cards"]:
+        extra = set(entry) - known
+        if extra or "name" not in entry or "arch" not in entry:
+            raise PrismaError(
+                f"card {entry.get('name', '?')!r} in {path.name}: needs name and arch; "
+                f"unknown keys {sorted(extra)}"
+            )
+        entry.setdefault("source", entry["arch"])
+        card = ModelCard(family=family, file=path.name, **entry)
+        if card.task not in TASKS:
+            raise PrismaError(f"card {card.name!r}: task {card.task!r} is not one of {TASKS}")
+        cards.append(card)
+    return cards
+
+
+@functools.cache
+def _cards() -> dict[str, ModelCard]:
+    cards: dict[str, ModelCard] = {}
+    for path in sorted(zoo_dir().glob("*.yaml")):
+        for card in _parse_card_file(path):
+            if card.name in cards:
+                raise PrismaError(
+                    f"model card {card.name!r} is defined twice ({cards[card.name].file}, {path.name})"
+                )
+            cards[card.name] = card
+    return cards
+
+
+def list_models(family: str | None = None) -> list[str]:
+    """Card names, optionally only those of ``family``."""
+    cards = _cards()
+    if family is not None and family not in {c.family for c in cards.values()}:
+        raise unknown("model family", family, sorted({c.family for c in cards.values()}))
+    return [name for name, card in cards.items() if family is None or card.family == family]
+
+
+def get_card(name: str) -> ModelCard:
+    """The card called ``name``; unknown names get the nearest valid ones."""
+    cards = _cards()
+    if name not in cards:
+        raise unknown("model", name, cards, hint=" (see `prisma-mm zoo list`)")
+    return cards[name]
+
+
+def _adapter(card: ModelCard):
+    return importlib.import_module(ADAPTERS[card.family])
+
+
+def resolve_dtype(dtype: Any) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
+    if dtype not in names:
+        raise unknown("dtype", str(dtype), names)
+    return names[dtype]
+
+
+def load_model(name: str, weights: Any = "pretrained", device: Any = "cpu", dtype: Any = None):
+    """Build the carded model ``name`` as a :class:`~prisma_mm.hooks.HookedModel` in eval mode.
+
+    ``weights``: None (random init), ``"pretrained"`` (the library's own loader: HF hub or
+    open_clip tag; offline from the HF cache), ``"hf-hub:org/repo"``, or a local path (a
+    safetensors file, a ``save_pretrained`` directory, an open_clip ``.bin`` / ``.pt``).
+    """
+    card = get_card(name) if isinstance(name, str) else name
+    if isinstance(weights, Path):
+        weights = str(weights)
+    if weights is not None and not isinstance(weights, str):
+        raise PrismaError(
+            f"weights={weights!r}: use None, 'pretrained', 'hf-hub:org/repo' or a path"
+        )
+    if card.is_tiny and weights == "pretrained":
+        weights = None  # tiny cards are random-init test models
+    model = _adapter(card).build(card, weights=weights, device=torch.device(device))
+    dtype = resolve_dtype(dtype)
+    if dtype is not None:
+        model.module.to(dtype)
+    model.eval()
+    return model
+
+
+def build_on_meta(name: str):
+    """The card's architecture on the ``meta`` device: no weights, no memory."""
+    card = get_card(name)
+    return _adapter(card).build(card, weights=None, device=torch.device("meta"))
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or a torch checkpoint, never unpickling arbitrary objects."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any failure here is a bad user file
+        raise PrismaError(
+            f"cannot read weights from {path}: {error.__class__.__name__} (only safetensors and "
+            "plain tensor checkpoints are loaded; pickled objects are refused)"
+        ) from error
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise PrismaError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict`` with one clear line when keys or shapes do not fit."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} (expected {tuple(own[k].shape)})"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        if wrong:
+            parts.append(f"wrong shapes: {wrong[:3]}")
+        raise PrismaError(
+            f"weights {source} do not fit this model: {'; '.join(parts)} "
+            "(is it a checkpoint of this card's architecture?)"
+        )
+    module.load_state_dict(state, strict=True)
+
+
+def resolve_local_weights(weights: str) -> Path:
+    path = Path(weights).expanduser()
+    if not path.exists():
+        raise PrismaError(
+            f"weights path {weights!r} does not exist: use None, 'pretrained', "
+            "'hf-hub:org/repo' or an existing file or directory"
+        )
+    return path
+
+
+def offline_hint(repo_id: str, files: list[str]) -> str:
+    """Where to put files for an offline load, in words."""
+    from huggingface_hub import constants
+
+    wanted = " or ".join(files)
+    return (
+        f"fetch {wanted} of the Hugging Face repo {repo_id!r} into the HF cache "
+        f"({constants.HF_HUB_CACHE}), e.g. `huggingface-cli download {repo_id} {files[0]}` "
+        "on a machine with network access, then copy the cache folder here"
+    )
