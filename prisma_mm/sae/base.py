@@ -1,0 +1,726 @@
+"""The shared dictionary API: configs, outputs, the `Dictionary` base class, firing statistics.
+
+Every family (TopK, BatchTopK, ReLU, JumpReLU, Matryoshka, transcoder, crosscoder) is a
+:class:`Dictionary`. Families that share the encoder/decoder layout subclass
+:class:`SparseAutoencoder`, which composes a sparsity :class:`Activation` (TopK, BatchTopK,
+ReLU + L1, JumpReLU + L0): the transcoder and crosscoder reuse those same activation objects.
+
+Shapes: ``x [batch, d_in]``, ``code [batch, n_latents]``, ``recon [batch, d_out]``;
+``W_enc [d_in, n_latents]``, ``b_enc [n_latents]``, ``W_dec [n_latents, d_out]``, ``b_dec [d_out]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prisma_mm.errors import PrismaError
+
+__all__ = [
+    "Activation",
+    "Dictionary",
+    "DictionaryConfig",
+    "FiringTracker",
+    "Output",
+    "SparseAutoencoder",
+    "SparseCode",
+    "fvu",
+    "geometric_median",
+    "warmup",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Config and output
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DictionaryConfig:
+    """Sizes shared by every dictionary; each family subclasses it with its own fields."""
+
+    d_in: int
+    n_latents: int
+    normalize_decoder: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("d_in", "n_latents"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise PrismaError(f"{name} must be a positive integer, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (tuples become lists)."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
+
+
+@dataclass
+class SparseCode:
+    """A batch of sparse codes stored as flat entries grouped by row (``embedding_bag`` layout).
+
+    ``values [nnz]``, ``latents [nnz]`` (long), ``offsets [batch]`` (long: start of each row's
+    entries; rows are contiguous and in order). ``rank [nnz]`` optionally gives each entry's
+    position in its row when sorted by value (TopK sorted), used by nested-k losses.
+    """
+
+    values: Tensor
+    latents: Tensor
+    offsets: Tensor
+    batch: int
+    n_latents: int
+    rank: Tensor | None = None
+
+    def rows(self) -> Tensor:
+        """Row index of every entry, ``[nnz]``."""
+        counts = torch.diff(
+            self.offsets, append=torch.tensor([self.values.numel()], device=self.offsets.device)
+        )
+        return torch.repeat_interleave(torch.arange(self.batch, device=counts.device), counts)
+
+    def dense(self) -> Tensor:
+        """The dense code ``[batch, n_latents]``."""
+        out = self.values.new_zeros(self.batch, self.n_latents)
+        out.index_put_((self.rows(), self.latents), self.values, accumulate=True)
+        return out
+
+    def fire_counts(self) -> Tensor:
+        """How many rows each latent is non-zero in, ``[n_latents]`` (long)."""
+        active = self.latents[self.values.detach() != 0]
+        return torch.bincount(active, minlength=self.n_latents)
+
+
+class Output:
+    """What ``dictionary(x)`` returns.
+
+    ``recon [batch, d_out]`` (crosscoder ``[batch, n_sources, d]``), ``code [batch, n_latents]``
+    (dense view; built lazily from ``sparse`` when the family computed a sparse code), ``loss``
+    (the scalar to minimise) and ``losses`` (named terms and diagnostics, e.g. ``{"fvu": ...,
+    "auxk": ...}``; the terms that enter ``loss`` are documented per family).
+    ``extras`` holds family state for :meth:`Dictionary.on_train_batch_end` (e.g. the smallest
+    kept BatchTopK activation).
+    """
+
+    def __init__(
+        self,
+        recon: Tensor,
+        code: Tensor | None = None,
+        loss: Tensor | None = None,
+        losses: dict[str, Tensor] | None = None,
+        *,
+        sparse: SparseCode | None = None,
+        extras: dict[str, Tensor] | None = None,
+    ) -> None:
+        if code is None and sparse is None:
+            raise ValueError("Output needs a dense code or a SparseCode")
+        self.recon = recon
+        self._code = code
+        self.sparse = sparse
+        self.loss = loss if loss is not None else recon.new_zeros(())
+        self.losses = losses if losses is not None else {}
+        self.extras = extras if extras is not None else {}
+
+    @property
+    def code(self) -> Tensor:
+        """Dense code ``[batch, n_latents]``."""
+        if self._code is None:
+            assert self.sparse is not None
+            self._code = self.sparse.dense()
+        return self._code
+
+    @code.setter
+    def code(self, value: Tensor) -> None:
+        self._code = value
+
+    def fire_counts(self) -> Tensor:
+        """Rows in which each latent is non-zero, ``[n_latents]`` (long); sparse-aware."""
+        if self._code is None and self.sparse is not None:
+            return self.sparse.fire_counts()
+        code = self.code.detach()
+        return (code.reshape(-1, code.shape[-1]) != 0).sum(0)
+
+    @property
+    def n_tokens(self) -> int:
+        """Number of rows (tokens) in the batch."""
+        if self._code is None and self.sparse is not None:
+            return self.sparse.batch
+        return int(self.code.reshape(-1, self.code.shape[-1]).shape[0])
+
+    def l0(self) -> Tensor:
+        """Mean number of non-zero latents per row (a detached scalar)."""
+        return self.fire_counts().sum().float() / max(self.n_tokens, 1)
+
+    def __repr__(self) -> str:
+        terms = ", ".join(f"{k}={float(v):.4g}" for k, v in self.losses.items())
+        return f"Output(recon={tuple(self.recon.shape)}, loss={float(self.loss):.4g}, {terms})"
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def fvu(recon: Tensor, target: Tensor) -> Tensor:
+    """Fraction of variance unexplained: ``sum (recon - target)^2 / sum (target - mean)^2``.
+
+    ``recon, target [batch, d]``; the mean is over the batch, per dimension. Scalar.
+    """
+    target = target.float()
+    err = (recon.float() - target).pow(2).sum()
+    var = (target - target.mean(0, keepdim=True)).pow(2).sum()
+    return err / var.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def warmup(progress: float, fraction: float) -> float:
+    """Linear warm-up factor in [0, 1]: ``min(1, progress / fraction)`` (1 when fraction is 0)."""
+    if fraction <= 0:
+        return 1.0
+    return float(min(1.0, max(0.0, progress) / fraction))
+
+
+@torch.no_grad()
+def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances.
+
+    ``points [n, d]`` -> ``[d]`` (float32 or float64 as given; half precision is upcast).
+    """
+    if points.ndim != 2 or points.shape[0] == 0:
+        raise PrismaError(
+            f"geometric_median needs points [n, d] with n > 0, got {tuple(points.shape)}"
+        )
+    pts = points if points.dtype in (torch.float32, torch.float64) else points.float()
+    median = pts.mean(0)
+    for _ in range(max_iter):
+        dist = (pts - median).norm(dim=1).clamp_min(1e-8)
+        weights = 1.0 / dist
+        new = (weights[:, None] * pts).sum(0) / weights.sum()
+        shift = (new - median).norm()
+        median = new
+        if shift <= tol * max(1.0, float(median.norm())):
+            break
+    return median
+
+
+# --------------------------------------------------------------------------------------------
+# Firing statistics
+# --------------------------------------------------------------------------------------------
+
+
+class FiringTracker(nn.Module):
+    """Counts, per latent, tokens since it last fired and how often it fires.
+
+    Buffers (saved in checkpoints so a resumed run tracks the same latents):
+    ``tokens_since_fired [n_latents]``, ``fire_count [n_latents]``, ``tokens_seen []``.
+    ``tokens_since_fired`` is exact to one batch: a latent that fired anywhere in a batch is 0.
+    """
+
+    tokens_since_fired: Tensor
+    fire_count: Tensor
+    tokens_seen: Tensor
+
+    def __init__(self, n_latents: int) -> None:
+        super().__init__()
+        self.n_latents = n_latents
+        self.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.long))
+        self.register_buffer("fire_count", torch.zeros(n_latents, dtype=torch.long))
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, code: Tensor | Output) -> None:
+        """Count one batch: ``code [..., n_latents]`` or an :class:`Output` (sparse-aware)."""
+        if isinstance(code, Output):
+            counts, n_tokens = code.fire_counts(), code.n_tokens
+        else:
+            flat = code.detach().reshape(-1, code.shape[-1])
+            counts, n_tokens = (flat != 0).sum(0), flat.shape[0]
+        counts = counts.to(self.fire_count.device)
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[counts > 0] = 0
+        self.fire_count += counts
+        self.tokens_seen += n_tokens
+
+    def dead_mask(self, window_tokens: int) -> Tensor:
+        """``[n_latents]`` bool: latents that have not fired for ``window_tokens`` tokens."""
+        return self.tokens_since_fired >= window_tokens
+
+    def dead_fraction(self, window_tokens: int) -> float:
+        """Fraction of latents that have not fired for ``window_tokens`` tokens."""
+        return float(self.dead_mask(window_tokens).float().mean())
+
+    def firing_frequency(self) -> Tensor:
+        """``[n_latents]`` float: fraction of tokens (since the last reset) each latent fired on."""
+        return self.fire_count.double() / max(int(self.tokens_seen), 1)
+
+    def dense_fraction(self, thresh: float) -> float:
+        """Fraction of latents firing on more than ``thresh`` of the tokens seen."""
+        return float((self.firing_frequency() > thresh).float().mean())
+
+    def reset_frequency(self) -> None:
+        """Start a new window for :meth:`firing_frequency` (tokens since fired is kept)."""
+        self.fire_count.zero_()
+        self.tokens_seen.zero_()
+
+
+# --------------------------------------------------------------------------------------------
+# The Dictionary base class
+# --------------------------------------------------------------------------------------------
+
+
+class Dictionary(nn.Module):
+    """Base class of every sparse dictionary.
+
+    Subclasses set ``config_class`` and ``architecture`` and implement ``encode``, ``decode``
+    and ``forward``. Keyword arguments build the config: ``TopKSAE(d_in=768, n_latents=12288,
+    k=32)``; a config plus keywords replaces those fields.
+    """
+
+    config_class: ClassVar[type[DictionaryConfig]] = DictionaryConfig
+    architecture: ClassVar[str] = ""
+    # state_dict prefixes that are training state only (kept in checkpoints, not in saved weights)
+    training_state_prefixes: ClassVar[tuple[str, ...]] = ("tracker.",)
+
+    def __init__(self, cfg: DictionaryConfig | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        self.cfg = self.build_config(cfg, **kwargs)
+        self.metadata: dict[str, Any] = {}
+        self.progress = 0.0
+
+    @classmethod
+    def build_config(cls, cfg: DictionaryConfig | None = None, **kwargs: Any) -> DictionaryConfig:
+        """A ``config_class`` instance from a config and/or keyword arguments."""
+        names = {f.name for f in dataclasses.fields(cls.config_class)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise PrismaError(
+                f"{cls.__name__} got unknown argument(s) {', '.join(unknown)}; "
+                f"valid: {', '.join(sorted(names))}"
+            )
+        if cfg is None:
+            missing = [
+                f.name
+                for f in dataclasses.fields(cls.config_class)
+                if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+                and f.name not in kwargs
+            ]
+            if missing:
+                raise PrismaError(f"{cls.__name__} needs {', '.join(missing)}")
+            return cls.config_class(**kwargs)
+        if not isinstance(cfg, cls.config_class):
+            cfg = cls.config_class(**{**cfg.to_dict(), **kwargs})
+        elif kwargs:
+            cfg = dataclasses.replace(cfg, **kwargs)
+        return cfg
+
+    # ---- the API every family implements ---------------------------------------------------
+    def encode(self, x: Tensor) -> Tensor:
+        """``x [batch, d_in]`` -> dense code ``[batch, n_latents]``."""
+        raise NotImplementedError
+
+    def decode(self, code: Tensor) -> Tensor:
+        """``code [batch, n_latents]`` -> ``[batch, d_out]``."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, target: Tensor | None = None) -> Output:
+        """Reconstruct ``target`` (default ``x``) and compute the loss."""
+        raise NotImplementedError
+
+    W_dec: nn.Parameter
+
+    # ---- training hooks (defaults; families override what they use) ----------------------
+    def init_from_sample(self, x: Tensor, target: Tensor | None = None) -> None:
+        """Data-dependent initialisation from a sample batch (e.g. ``b_dec`` <- geometric median)."""
+
+    def uses_unit_decoder(self) -> bool:
+        """Whether decoder rows are kept at unit norm (False where a norm-weighted penalty is
+        the method, or when ``normalize_decoder`` is off)."""
+        return bool(self.cfg.normalize_decoder)
+
+    def _decoder_rows(self, tensor: Tensor) -> Tensor:
+        """View of a decoder-shaped tensor as ``[n_latents, -1]`` rows."""
+        return tensor.reshape(tensor.shape[0], -1)
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Scale each decoder row to unit norm (no-op where not the method)."""
+        if not self.uses_unit_decoder():
+            return
+        rows = self._decoder_rows(self.W_dec.data)
+        rows.div_(rows.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_decoder_grad_parallel_(self) -> None:
+        """Project the gradient of ``W_dec`` orthogonal to its (unit) rows (no-op where not the
+        method). Call after ``backward`` and before the optimizer step."""
+        if not self.uses_unit_decoder() or self.W_dec.grad is None:
+            return
+        rows = self._decoder_rows(self.W_dec.data)
+        grad = self._decoder_rows(self.W_dec.grad)
+        unit = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        grad.sub_((grad * unit).sum(1, keepdim=True) * unit)
+
+    def set_progress(self, fraction: float) -> None:
+        """Tell the dictionary how far training is (0..1), for coefficient warm-ups."""
+        self.progress = float(min(1.0, max(0.0, fraction)))
+
+    def on_train_batch_end(self, out: Output) -> None:
+        """Update training state after an optimizer step (firing tracker, thresholds)."""
+        tracker = getattr(self, "tracker", None)
+        if isinstance(tracker, FiringTracker):
+            tracker.update(out)
+
+    # ---- normalization folding -------------------------------------------------------------
+    def fold_normalization_(
+        self,
+        mean: Tensor | float | list | None,
+        scale: Tensor | float | list,
+        target_mean: Tensor | float | list | None = None,
+        target_scale: Tensor | float | list | None = None,
+    ) -> None:
+        """Make a dictionary trained on ``(x - mean) / scale`` take raw ``x`` and return raw
+        reconstructions. ``target_*`` describe the target's normalization (transcoders; default:
+        the input's)."""
+        raise NotImplementedError(f"{type(self).__name__} does not fold normalization")
+
+    # ---- persistence -----------------------------------------------------------------------
+    def inference_state_dict(self) -> dict[str, Tensor]:
+        """The tensors saved in ``weights.safetensors`` (no training-only state)."""
+        return {
+            k: v
+            for k, v in self.state_dict().items()
+            if not k.startswith(self.training_state_prefixes)
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write ``path/cfg.json`` + ``path/weights.safetensors``."""
+        from prisma_mm.sae.io import save_dictionary
+
+        save_dictionary(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Dictionary:
+        """Load a directory written by :meth:`save` (checks the architecture matches ``cls``)."""
+        from prisma_mm.sae.io import load_dictionary
+
+        return load_dictionary(path, device=device, expected=cls)
+
+
+# --------------------------------------------------------------------------------------------
+# Sparsity activations (composed into SparseAutoencoder, Transcoder, Crosscoder)
+# --------------------------------------------------------------------------------------------
+
+
+class Activation(nn.Module):
+    """Maps encoder inputs to a sparse code and contributes its own loss terms.
+
+    Subclasses set ``name`` (registered for lookup by name), ``recon_loss`` ("fvu" for the
+    TopK family, "mse" for penalty-based families), and read their hyper-parameters from the
+    owning dictionary's config in ``__init__(cfg)``.
+    """
+
+    name: ClassVar[str] = ""
+    recon_loss: ClassVar[str] = "fvu"
+    registry: ClassVar[dict[str, type[Activation]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            Activation.registry[cls.name] = cls
+
+    def __init__(self, cfg: DictionaryConfig) -> None:
+        super().__init__()
+
+    def encode(self, sae: SparseAutoencoder, x_in: Tensor) -> Tensor | SparseCode:
+        """``x_in [batch, D]`` (encoder input, already centred) -> code (dense or sparse)."""
+        raise NotImplementedError
+
+    def loss_terms(
+        self,
+        sae: SparseAutoencoder,
+        x_in: Tensor,
+        code: Tensor | SparseCode,
+        recon: Tensor,
+        target: Tensor,
+    ) -> dict[str, tuple[float, Tensor]]:
+        """Extra terms: ``{name: (coefficient, value)}``; loss adds ``coefficient * value``."""
+        return {}
+
+    def extras(self, code: Tensor | SparseCode) -> dict[str, Tensor]:
+        """State passed to :meth:`after_step` through ``Output.extras``."""
+        return {}
+
+    def after_step(self, sae: SparseAutoencoder, out: Output) -> None:
+        """Training-state update after an optimizer step."""
+
+    def scale_thresholds_(self, factor: Tensor | float) -> None:
+        """Multiply inference thresholds by a positive ``factor`` (normalization folding)."""
+
+
+def _as_tensor(value: Tensor | float | list | None, like: Tensor) -> Tensor | None:
+    if value is None:
+        return None
+    return torch.as_tensor(value, dtype=like.dtype, device=like.device)
+
+
+class SparseAutoencoder(Dictionary):
+    """Encoder / activation / decoder: ``code = act(W_enc^T (x - c) + b_enc)``,
+    ``recon = W_dec^T code + b_dec`` where ``c = b_dec`` when ``apply_b_dec_to_input`` else 0.
+
+    Parameters: ``W_enc [d_in, n_latents]``, ``b_enc [n_latents]``, ``W_dec [n_latents, d_out]``,
+    ``b_dec [d_out]``. The sparsity comes from ``self.activation`` (an :class:`Activation`
+    named by ``activation_name`` or by the config's ``activation`` field).
+    """
+
+    activation_name: ClassVar[str] = ""
+
+    def __init__(self, cfg: DictionaryConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(cfg, **kwargs)
+        cfg = self.cfg
+        d_in, n, d_out = cfg.d_in, cfg.n_latents, self.d_out
+        name = getattr(cfg, "activation", None) or self.activation_name
+        if name not in Activation.registry:
+            from prisma_mm.errors import unknown
+
+            raise unknown("activation", str(name), Activation.registry)
+        self.activation = Activation.registry[name](cfg)
+        self.W_enc = nn.Parameter(torch.empty(d_in, n))
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.W_dec = nn.Parameter(torch.empty(n, d_out))
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
+        self.tracker = FiringTracker(n)
+        self.reset_parameters()
+
+    # ---- geometry ----------------------------------------------------------------------------
+    @property
+    def d_out(self) -> int:
+        """Size of the reconstructed vector."""
+        return int(getattr(self.cfg, "d_out", None) or self.cfg.d_in)
+
+    @property
+    def apply_b_dec_to_input(self) -> bool:
+        return bool(getattr(self.cfg, "apply_b_dec_to_input", True))
+
+    def uses_unit_decoder(self) -> bool:
+        return bool(self.cfg.normalize_decoder) and self.activation.recon_loss == "fvu"
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Decoder rows random unit vectors (norm ``decoder_init_norm`` if the config has it),
+        encoder = decoder transpose, biases zero."""
+        gen = torch.Generator().manual_seed(int(getattr(self.cfg, "seed", 0)))
+        w = torch.randn(self.W_dec.shape, generator=gen)
+        rows = self._decoder_rows(w)
+        rows.div_(rows.norm(dim=1, keepdim=True))
+        rows.mul_(float(getattr(self.cfg, "decoder_init_norm", 1.0)))
+        self.W_dec.copy_(w)
+        if self.W_enc.shape[0] == self._decoder_rows(w).shape[1]:
+            self.W_enc.copy_(self._decoder_rows(w).T)
+        else:  # transcoder: input and output differ, encoder gets its own random directions
+            enc = torch.randn(self.W_enc.shape, generator=gen)
+            self.W_enc.copy_(enc / enc.norm(dim=0, keepdim=True))
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    def decoder_norms(self) -> Tensor:
+        """``[n_latents]`` norm of each decoder row (weights of norm-weighted penalties)."""
+        return self._decoder_rows(self.W_dec).norm(dim=1)
+
+    # ---- encode / decode --------------------------------------------------------------------
+    def encoder_input(self, x: Tensor) -> Tensor:
+        """``x [batch, d_in]`` -> the vector the encoder multiplies, ``[batch, d_in]``."""
+        if self.apply_b_dec_to_input:
+            return x - self.b_dec.to(x.dtype)
+        return x
+
+    def pre_acts(self, x_in: Tensor) -> Tensor:
+        """Dense pre-activations ``[batch, n_latents]`` (reference path)."""
+        return x_in @ self.W_enc.reshape(-1, self.cfg.n_latents).to(x_in.dtype) + self.b_enc.to(
+            x_in.dtype
+        )
+
+    def _flat_in(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        lead = x.shape[: x.ndim - self._in_dims]
+        return x.reshape(-1, *x.shape[len(lead) :]), tuple(lead)
+
+    _in_dims: ClassVar[int] = 1  # trailing dims of one input row (crosscoder: 2)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """``x [..., d_in]`` -> dense code ``[..., n_latents]`` (inference encoding)."""
+        flat, lead = self._flat_in(x)
+        code = self.activation.encode(self, self.encoder_input(flat).reshape(flat.shape[0], -1))
+        if isinstance(code, SparseCode):
+            code = code.dense()
+        return code.reshape(*lead, self.cfg.n_latents)
+
+    def decode_sparse(self, code: SparseCode) -> Tensor:
+        """Decode a sparse code without ``b_dec``: ``[batch, d_out_flat]`` via ``embedding_bag``."""
+        w = self._decoder_rows(self.W_dec)
+        return F.embedding_bag(
+            code.latents,
+            w,
+            code.offsets,
+            mode="sum",
+            per_sample_weights=code.values.to(w.dtype),
+        )
+
+    def decode_latents(self, code: Tensor | SparseCode) -> Tensor:
+        """``W_dec^T code`` without biases, flat ``[batch, prod(d_out)]``."""
+        if isinstance(code, SparseCode):
+            return self.decode_sparse(code)
+        w = self._decoder_rows(self.W_dec)
+        return code @ w.to(code.dtype)
+
+    def decode(self, code: Tensor) -> Tensor:
+        """``code [..., n_latents]`` -> ``[..., d_out]`` (``W_dec^T code + b_dec``)."""
+        lead = code.shape[:-1]
+        flat = code.reshape(-1, code.shape[-1])
+        out = self.decode_latents(flat) + self.b_dec.reshape(-1).to(flat.dtype)
+        return out.reshape(*lead, *self.b_dec.shape)
+
+    def skip(self, x: Tensor) -> Tensor | None:
+        """Optional skip path added to the reconstruction (transcoder ``W_skip``)."""
+        return None
+
+    # ---- forward / loss ---------------------------------------------------------------------
+    def reconstruction_terms(self, recon: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """``{"fvu": ..., "mse": ...}`` for flat ``recon, target [batch, D]``: FVU and the mean
+        over rows of the summed squared error."""
+        err = (recon.float() - target.float()).pow(2).sum(-1).mean()
+        return {"fvu": fvu(recon, target), "mse": err}
+
+    def forward(self, x: Tensor, target: Tensor | None = None) -> Output:
+        """``x [batch, d_in]`` (target ``[batch, d_out]``, default ``x``) -> :class:`Output`.
+
+        ``loss = <recon term> + sum(coef * term)``, the recon term being ``fvu`` for the TopK
+        family and ``mse`` for the penalty families (see docs/dictionaries.md).
+        """
+        target = x if target is None else target
+        flat_x, lead = self._flat_in(x)
+        flat_t = target.reshape(flat_x.shape[0], -1)
+        x_in = self.encoder_input(flat_x).reshape(flat_x.shape[0], -1)
+        code = self.activation.encode(self, x_in)
+        recon = self.decode_latents(code) + self.b_dec.reshape(-1)
+        skip = self.skip(flat_x)
+        if skip is not None:
+            recon = recon + skip
+        losses, loss = self.compute_losses(x_in, code, recon, flat_t)
+        out_shape = (*lead, *self.b_dec.shape)
+        sparse = code if isinstance(code, SparseCode) else None
+        return Output(
+            recon=recon.reshape(out_shape),
+            code=None if sparse is not None else code,
+            loss=loss,
+            losses=losses,
+            sparse=sparse,
+            extras=self.activation.extras(code),
+        )
+
+    def compute_losses(
+        self, x_in: Tensor, code: Tensor | SparseCode, recon: Tensor, target: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """Reconstruction terms + the activation's terms -> (losses dict, total loss)."""
+        losses = self.reconstruction_terms(recon, target)
+        loss = losses[self.activation.recon_loss]
+        for name, (coef, value) in self.activation.loss_terms(
+            self, x_in, code, recon, target
+        ).items():
+            losses[name] = value
+            loss = loss + coef * value
+        losses = {k: v.detach() if k != "loss" else v for k, v in losses.items()}
+        return losses, loss
+
+    # ---- training hooks ----------------------------------------------------------------------
+    @torch.no_grad()
+    def init_from_sample(self, x: Tensor, target: Tensor | None = None) -> None:
+        """``b_dec`` <- geometric median of the target sample (``x`` for an SAE)."""
+        target = x if target is None else target
+        flat = target.reshape(-1, self.b_dec.numel()).float()
+        self.b_dec.copy_(geometric_median(flat).reshape(self.b_dec.shape).to(self.b_dec.dtype))
+
+    def on_train_batch_end(self, out: Output) -> None:
+        super().on_train_batch_end(out)
+        self.activation.after_step(self, out)
+
+    # ---- normalization folding --------------------------------------------------------------
+    @torch.no_grad()
+    def fold_normalization_(
+        self,
+        mean: Tensor | float | list | None,
+        scale: Tensor | float | list,
+        target_mean: Tensor | float | list | None = None,
+        target_scale: Tensor | float | list | None = None,
+    ) -> None:
+        """Fold ``x' = (x - mean) / scale`` (and the target's normalization) into the weights so
+        the dictionary takes raw activations and reconstructs raw targets.
+
+        ``mean``: scalar or ``[d_in]`` (crosscoder ``[n_sources, d]``); ``scale``: positive scalar
+        or of the same shape. A scalar output scale is folded into the code (decoder rows stay
+        unit norm, thresholds scale); a per-dimension one into the decoder rows.
+        """
+        like = self.W_enc.data
+        in_shape = self.W_enc.shape[:-1]
+        m_in = _as_tensor(mean if mean is not None else 0.0, like)
+        s_in = _as_tensor(scale, like)
+        same = target_mean is None and target_scale is None
+        m_out = m_in if target_mean is None else _as_tensor(target_mean, like)
+        s_out = s_in if target_scale is None else _as_tensor(target_scale, like)
+        if self.apply_b_dec_to_input and not same:
+            raise PrismaError(
+                "fold_normalization_: with apply_b_dec_to_input the target must share the input's "
+                "normalization; pass target_mean/target_scale only for transcoders"
+            )
+        for name, t in (("scale", s_in), ("target_scale", s_out)):
+            if bool((t <= 0).any()):
+                raise PrismaError(f"fold_normalization_: {name} must be positive")
+        m_in = torch.broadcast_to(m_in, in_shape)
+        s_in_full = torch.broadcast_to(s_in, in_shape)
+        m_out = torch.broadcast_to(m_out, self.b_dec.shape)
+        code_scale = s_out if s_out.numel() == 1 else torch.ones((), dtype=like.dtype)
+        dec_scale = torch.broadcast_to(s_out / code_scale, self.b_dec.shape)
+
+        c = self.b_dec.data.clone() if self.apply_b_dec_to_input else torch.zeros_like(m_in)
+        # pre = W^T((x - m_in)/s_in - c) + b ; times code_scale to keep codes homogeneous
+        w_enc = self.W_enc.data / s_in_full.unsqueeze(-1)
+        shift = (m_in + s_in_full * c).reshape(-1)
+        new_b_dec = s_out * self.b_dec.data + m_out
+        if self.apply_b_dec_to_input:
+            # encoder centres on the new b_dec, which equals m_in + s_in * c here
+            b_enc = self.b_enc.data
+        else:
+            b_enc = self.b_enc.data - shift @ w_enc.reshape(-1, self.cfg.n_latents)
+        self.W_enc.copy_(w_enc * code_scale)
+        self.b_enc.copy_(b_enc * code_scale)
+        self.activation.scale_thresholds_(code_scale)
+        self.W_dec.mul_(dec_scale.unsqueeze(0))
+        skip = getattr(self, "W_skip", None)
+        if isinstance(skip, nn.Parameter):
+            w_skip = skip.data / s_in_full.reshape(-1, 1) * s_out.reshape(-1)
+            new_b_dec = new_b_dec - (m_in.reshape(-1) @ w_skip).reshape(self.b_dec.shape)
+            skip.copy_(w_skip)
+        self.b_dec.copy_(new_b_dec)
+
+        def _jsonable(t: Tensor) -> float | list:
+            return t.item() if t.numel() == 1 else t.tolist()
+
+        self.metadata["normalization"] = {
+            "mean": _jsonable(torch.as_tensor(mean if mean is not None else 0.0)),
+            "scale": _jsonable(torch.as_tensor(scale)),
+            "folded": True,
+        }
+        if not same:
+            self.metadata["normalization"]["target_mean"] = _jsonable(torch.as_tensor(m_out))
+            self.metadata["normalization"]["target_scale"] = _jsonable(torch.as_tensor(s_out))
+
+
+def check_finite(value: float, name: str) -> None:
+    """Raise a PrismaError when a hyper-parameter is not a finite number."""
+    if not math.isfinite(value):
+        raise PrismaError(f"{name} must be finite, got {value}")
