@@ -3,13 +3,14 @@ SigLIP): hooks on the image tower, ``encode_text`` through the text tower for ze
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from pathlib import Path
 
 import open_clip
 import torch
-from open_clip.transform import PreprocessCfg, image_transform_v2
+from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from torch import Tensor, nn
 
 from prisma_mm.errors import PrismaError
@@ -37,15 +38,22 @@ def _pair(value) -> tuple[int, int]:
     return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
-def _transform(visual: nn.Module, overrides: dict) -> object:
-    config = {**open_clip.get_model_preprocess_cfg(visual), **overrides}
+def _transform(visual: nn.Module, card: registry.ModelCard) -> object:
+    # open_clip merges a tag's preprocessing (SigLIP's mean/std 0.5, 'squash' resizing) only
+    # when it downloads that tag: merge it here too, so the transform is the same whatever
+    # the weights (tag, local file, random init, meta).
+    config = open_clip.get_model_preprocess_cfg(visual)
+    if card.pretrained and not card.pretrained.startswith("hf-hub:"):
+        tag_config = open_clip.get_pretrained_cfg(card.arch, card.pretrained)
+        config = {**merge_preprocess_dict(config, tag_config), "size": config["size"]}
+    config = {**config, **card.preprocess}
     return image_transform_v2(PreprocessCfg(**config), is_train=False)
 
 
 def clip_spec(model: nn.Module, card: registry.ModelCard) -> ModelSpec:
     """A :class:`ModelSpec` over an open_clip model's image tower (native ViT or timm trunk)."""
     visual = model.visual
-    transform = _transform(visual, card.preprocess)
+    transform = _transform(visual, card)
     if hasattr(visual, "trunk"):  # SigLIP & co: a timm ViT inside open_clip's TimmModel
         spec = vit_spec(visual.trunk, forward=visual, output_module=visual)
         spec.transform = transform
@@ -107,14 +115,18 @@ def _create(card: registry.ModelCard, pretrained: str | None, device: torch.devi
     level = quiet.level
     if pretrained is None:  # open_clip warns that random init is random init
         quiet.setLevel(logging.ERROR)
+    # open_clip builds on the CPU and moves afterwards: build a meta model under the meta
+    # device context instead, or a ViT-bigG allocates and initialises gigabytes first.
+    context = torch.device("meta") if device.type == "meta" else contextlib.nullcontext()
     try:
-        model = open_clip.create_model(
-            arch,
-            pretrained=pretrained,
-            device="meta" if device.type == "meta" else "cpu",
-            require_pretrained=pretrained is not None,
-            **card.kwargs,
-        )
+        with context:
+            model = open_clip.create_model(
+                arch,
+                pretrained=pretrained,
+                device="meta" if device.type == "meta" else "cpu",
+                require_pretrained=pretrained is not None,
+                **card.kwargs,
+            )
     except (OSError, RuntimeError, ValueError) as error:
         if isinstance(error, PrismaError) or pretrained is None and not arch.startswith("hf-hub:"):
             raise
