@@ -78,7 +78,11 @@ def _timm_name(card: registry.ModelCard) -> str:
 def _create(card: registry.ModelCard, pretrained: bool, hub_id: str | None, device) -> nn.Module:
     kwargs = dict(card.kwargs)
     if hub_id is not None:
-        kwargs["pretrained_cfg_overlay"] = {"hf_hub_id": hub_id}
+        # a checkpoint of this exact architecture: keep its head instead of timm's 1000 classes
+        overlay = {"hf_hub_id": hub_id}
+        if "num_classes" in kwargs:
+            overlay["num_classes"] = kwargs["num_classes"]
+        kwargs["pretrained_cfg_overlay"] = overlay
     context = torch.device(device) if device.type == "meta" else contextlib.nullcontext()
     with context:
         return timm.create_model(_timm_name(card), pretrained=pretrained, **kwargs)

@@ -1,0 +1,294 @@
+"""HookedModel on every tiny card: hook shapes, identities between hooks, bit-identical
+outputs against the native libraries, editing, attention patterns, early stopping, errors."""
+
+from __future__ import annotations
+
+import open_clip
+import pytest
+import timm
+import torch
+
+import prisma_mm
+from prisma_mm import PrismaError
+from prisma_mm.hooks import BLOCK_HOOKS
+
+TINY = ["tiny-vit", "tiny-dinov2-reg", "tiny-eva02", "tiny-siglip", "tiny-clip"]
+
+
+@pytest.fixture(scope="module", params=TINY)
+def model(request):
+    torch.manual_seed(0)
+    return prisma_mm.load_model(request.param, weights=None)
+
+
+def _input(model, batch=2, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, *model.layout.input_size, generator=generator)
+
+
+def _native(name: str, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The same architecture built straight from timm / open_clip, with the same weights."""
+    card = prisma_mm.model_card(name)
+    if card.family == "timm":
+        native = timm.create_model(card.arch, pretrained=False, **card.kwargs)
+    else:
+        native = open_clip.create_model(card.arch, pretrained=None)
+    native.load_state_dict(state)
+    return native.eval()
+
+
+def test_every_hook_fires_with_token_shape(model):
+    x = _input(model)
+    out, cache = model.run_with_cache(x, names=model.hook_names, full_forward=True)
+    assert out is not None and set(cache) == set(model.hook_names)
+    n_tokens, d = model.layout.n_tokens, model.d_model
+    n_heads = None
+    for name, value in cache.items():
+        if name.endswith("attn.hook_pattern"):
+            assert value.shape[0] == 2 and value.shape[2:] == (n_tokens, n_tokens)
+            n_heads = value.shape[1]
+            torch.testing.assert_close(value.sum(-1), torch.ones_like(value.sum(-1)))
+        elif name.endswith("mlp.hook_post"):
+            assert value.shape[:2] == (2, n_tokens) and value.shape[2] > d
+        elif name == "hook_output":
+            assert value.shape == (2, 1, out.shape[-1])
+            assert torch.equal(value[:, 0], out)
+        else:
+            assert value.shape == (2, n_tokens, d), name
+    assert n_heads == 2
+
+
+def test_residual_identities(model):
+    x = _input(model)
+    _, cache = model.run_with_cache(x, full_forward=True)
+    for i in range(model.n_layers):
+        pre, mid, post = (
+            cache[f"blocks.{i}.{h}"]
+            for h in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
+        )
+        assert torch.equal(mid, pre + cache[f"blocks.{i}.hook_attn_out"])
+        assert torch.equal(post, mid + cache[f"blocks.{i}.hook_mlp_out"])
+        if i + 1 < model.n_layers:
+            assert torch.equal(post, cache[f"blocks.{i + 1}.hook_resid_pre"])
+    last = cache[f"blocks.{model.n_layers - 1}.hook_resid_post"]
+    assert torch.equal(cache["ln_final.hook_normalized"], model.spec.final_norm(last))
+
+
+def test_outputs_bit_identical_to_native_library(model):
+    native = _native(model.card.name, model.module.state_dict())
+    x = _input(model)
+    with torch.no_grad():
+        expected = native(x) if model.card.family == "timm" else native.encode_image(x)
+        plain = model(x)
+        cached, _ = model.run_with_cache(x, names=model.hook_names[:-1], full_forward=True)
+    assert torch.equal(plain, expected)
+    # every hook but the patterns only reads: still bit-identical
+    pattern_free = [n for n in model.hook_names if not n.endswith("hook_pattern")]
+    with torch.no_grad():
+        cached, _ = model.run_with_cache(x, names=pattern_free, full_forward=True)
+    assert torch.equal(cached, expected)
+
+
+def test_attention_pattern_path_matches_fused_within_1e5(model):
+    x = _input(model)
+    with torch.no_grad():
+        clean = model(x)
+        out, cache = model.run_with_cache(
+            x,
+            names=[f"blocks.{i}.attn.hook_pattern" for i in range(model.n_layers)],
+            full_forward=True,
+        )
+    assert (out - clean).abs().max() < 1e-5
+    if model.spec.block_spec.pattern_style == "timm":
+        assert all(b.attn.fused_attn == timm.layers.use_fused_attn() for b in model.spec.blocks)
+
+
+def test_patching_the_stream_from_another_input_reproduces_its_output(model):
+    x_a, x_b = _input(model, seed=1), _input(model, seed=2)
+    with torch.no_grad():
+        out_b, cache_b = model.run_with_cache(x_b, full_forward=True)
+        for name, atol in [
+            ("blocks.0.hook_resid_pre", 0.0),
+            ("blocks.1.hook_resid_mid", 1e-5),
+            ("blocks.1.hook_resid_post", 0.0),
+            ("ln_final.hook_normalized", 0.0),
+        ]:
+            with model.hooks({name: lambda act, hook: cache_b[hook.name]}):
+                patched = model(x_a)
+            assert (patched - out_b).abs().max() <= atol, name
+
+
+def test_editing_a_branch_changes_downstream_exactly(model):
+    x = _input(model)
+    with torch.no_grad():
+        _, clean = model.run_with_cache(x, full_forward=True)
+        seen = {}
+
+        def zero(act, hook):
+            return torch.zeros_like(act)
+
+        def keep(act, hook):
+            seen[hook.name] = act.clone()
+
+        with model.hooks({"blocks.0.hook_mlp_out": zero, "blocks.0.hook_resid_post": keep}):
+            model(x)
+    assert torch.equal(seen["blocks.0.hook_resid_post"], clean["blocks.0.hook_resid_mid"])
+
+
+def test_mlp_hidden_edit_feeds_the_output_projection(model):
+    x = _input(model)
+    with torch.no_grad():
+        _, clean = model.run_with_cache(x, full_forward=True)
+        with model.hooks({"blocks.1.mlp.hook_post": lambda a, h: torch.zeros_like(a)}):
+            _, edited = model.run_with_cache(x, names=["blocks.1.hook_mlp_out"], full_forward=True)
+    proj = model.spec.blocks[1].get_submodule(model.spec.block_spec.mlp_proj)
+    expected = proj(torch.zeros_like(clean["blocks.1.mlp.hook_post"]))
+    if model.spec.block_spec.mlp_branch == "drop_path2" and hasattr(model.spec.blocks[1], "ls2"):
+        expected = model.spec.blocks[1].ls2(expected)
+    elif getattr(model.spec.blocks[1], "gamma_2", None) is not None:
+        expected = model.spec.blocks[1].gamma_2 * expected
+    elif hasattr(model.spec.blocks[1], "ls_2"):
+        expected = model.spec.blocks[1].ls_2(expected)
+    torch.testing.assert_close(edited["blocks.1.hook_mlp_out"], expected)
+
+
+def test_pattern_edit(model):
+    x = _input(model)
+    name = "blocks.0.attn.hook_pattern"
+    if model.spec.block_spec.pattern_style == "mha":
+        with (
+            pytest.raises(PrismaError, match="read but not replaced"),
+            model.hooks({name: lambda a, h: torch.full_like(a, 1.0 / a.shape[-1])}),
+        ):
+            model(x)
+        return
+    branch = ["blocks.0.hook_attn_out"]
+    with torch.no_grad():
+        _, clean = model.run_with_cache(x, names=branch)
+        with model.hooks({name: lambda a, h: torch.full_like(a, 1.0 / a.shape[-1])}):
+            _, uniform = model.run_with_cache(x, names=branch)
+    # a uniform pattern averages the values: every query then gets the same attention output
+    clean, uniform = clean[branch[0]], uniform[branch[0]]
+    torch.testing.assert_close(uniform, uniform[:, :1].expand_as(uniform))
+    assert (clean - uniform).norm() > 0.01 * clean.norm()
+
+
+def test_hooks_removed_on_exit_and_on_exception(model):
+    def count() -> int:
+        return sum(
+            len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.module.modules()
+        )
+
+    before = count()
+    with model.hooks({n: (lambda a, h: None) for n in model.hook_names}):
+        assert count() > before
+    assert count() == before
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        model.hooks({"blocks.0.hook_resid_post": lambda a, h: None}),
+    ):
+        raise RuntimeError("boom")
+    assert count() == before
+
+    def fail(act, hook):
+        raise ValueError("inside hook")
+
+    with pytest.raises(ValueError), model.hooks({"blocks.1.hook_resid_pre": fail}):
+        model(_input(model))
+    assert count() == before
+
+
+def test_early_stop_gives_same_activations_and_skips_later_blocks(model):
+    x = _input(model)
+    calls = []
+    handle = model.spec.blocks[-1].register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        _, full = model.run_with_cache(x, full_forward=True)
+        assert len(calls) == 1
+        out, early = model.run_with_cache(x, names=["hook_embed", "blocks.0.hook_resid_post"])
+        assert out is None and len(calls) == 1
+        assert torch.equal(early["blocks.0.hook_resid_post"], full["blocks.0.hook_resid_post"])
+        out, explicit = model.run_with_cache(
+            x, names=["blocks.0.ln2.hook_normalized"], stop_at_layer=1
+        )
+        assert out is None and len(calls) == 1
+        assert torch.equal(
+            explicit["blocks.0.ln2.hook_normalized"], full["blocks.0.ln2.hook_normalized"]
+        )
+    finally:
+        handle.remove()
+    with pytest.raises(PrismaError, match="fire at or after block 1"):
+        model.run_with_cache(x, names=["blocks.1.hook_resid_pre"], stop_at_layer=1)
+
+
+def test_unknown_hook_lists_nearest_and_block_range(model):
+    with pytest.raises(PrismaError) as error:
+        model.run_with_cache(_input(model), names=["blocks.7.hook_resid_post"])
+    message = str(error.value)
+    assert "blocks 0-1" in message and "blocks.1.hook_resid_post" in message
+    with pytest.raises(PrismaError, match="did you mean 'blocks.0.hook_resid_pre'"):
+        model.hooks({"blocks.0.hook_resid_pree": lambda a, h: None}).__enter__()
+
+
+def test_bad_input_messages(model):
+    height, width = model.layout.input_size
+    with pytest.raises(
+        PrismaError, match=rf"expected a float tensor \[batch, 3, {height}, {width}\]"
+    ):
+        model(torch.zeros(2, 1, height, width))
+    with pytest.raises(PrismaError, match="has shape"):
+        model(torch.zeros(3, height, width))
+    with pytest.raises(PrismaError, match="dtype torch.uint8"):
+        model(torch.zeros(1, 3, height, width, dtype=torch.uint8))
+    with pytest.raises(PrismaError, match="is a list"):
+        model([1, 2])
+    with pytest.raises(PrismaError, match="must return None or a tensor"):
+        with model.hooks({"blocks.0.hook_resid_post": lambda a, h: a[:, :1]}):
+            model(_input(model))
+
+
+def test_block_hook_names_complete(model):
+    expected = {f"blocks.{i}.{h}" for i in range(model.n_layers) for h in BLOCK_HOOKS}
+    expected |= {"hook_embed", "ln_final.hook_normalized", "hook_output"}
+    assert set(model.hook_names) == expected
+
+
+def test_layout_matches_token_count(model):
+    layout = model.layout
+    _, cache = model.run_with_cache(_input(model), names=["hook_embed"])
+    assert cache["hook_embed"].shape[1] == layout.n_tokens
+    assert layout.grid[1] * layout.patch_size[0] == layout.input_size[0]
+    assert layout.token_to_patch(layout.n_prefix) == (0, 0, 0)
+    assert layout.token_to_patch(layout.n_tokens - 1) == (0, layout.grid[1] - 1, layout.grid[2] - 1)
+    assert layout.patch_map(torch.arange(layout.n_tokens)).shape == layout.grid
+
+
+def test_prefix_tokens_per_family():
+    expected = {
+        "tiny-vit": 1,
+        "tiny-dinov2-reg": 5,
+        "tiny-eva02": 1,
+        "tiny-siglip": 0,
+        "tiny-clip": 1,
+    }
+    for name, n_prefix in expected.items():
+        assert prisma_mm.zoo.registry.build_on_meta(name).layout.n_prefix == n_prefix
+
+
+def test_encode_text_zero_shot_offline():
+    model = prisma_mm.load_model("tiny-clip", weights=None)
+    text = model.encode_text(["a photo of a cat", "a photo of a dog", "a photo of a cat"])
+    assert text.shape == (3, 16)
+    torch.testing.assert_close(text.norm(dim=-1), torch.ones(3))
+    assert torch.equal(text[0], text[2]) and not torch.equal(text[0], text[1])
+    with pytest.raises(PrismaError, match="has no text tower"):
+        prisma_mm.load_model("tiny-vit", weights=None).encode_text(["x"])
+
+
+def test_dtype_bfloat16():
+    model = prisma_mm.load_model("tiny-vit", weights=None, dtype="bfloat16")
+    assert model.dtype == torch.bfloat16
+    out, cache = model.run_with_cache(
+        _input(model), names=["blocks.1.hook_resid_post"], full_forward=True
+    )
+    assert out.dtype == torch.bfloat16 and cache["blocks.1.hook_resid_post"].dtype == torch.bfloat16
