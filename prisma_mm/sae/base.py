@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prisma_mm.errors import PrismaError
@@ -59,7 +58,9 @@ class DictionaryConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (tuples become lists)."""
         return {
-            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+            for f in dataclasses.fields(self)
+            if f.init
         }
 
 
@@ -160,7 +161,7 @@ class Output:
 
     def __repr__(self) -> str:
         terms = ", ".join(f"{k}={float(v):.4g}" for k, v in self.losses.items())
-        return f"Output(recon={tuple(self.recon.shape)}, loss={float(self.loss):.4g}, {terms})"
+        return f"Output(recon={tuple(self.recon.shape)}, loss={float(self.loss.detach()):.4g}, {terms})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,6 +429,8 @@ class Activation(nn.Module):
 
     name: ClassVar[str] = ""
     recon_loss: ClassVar[str] = "fvu"
+    unit_decoder: ClassVar[bool] = True  # False where a decoder-norm-weighted penalty is the method
+    decoder_init_norm: ClassVar[float] = 1.0
     registry: ClassVar[dict[str, type[Activation]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -484,21 +487,29 @@ class SparseAutoencoder(Dictionary):
     def __init__(self, cfg: DictionaryConfig | None = None, **kwargs: Any) -> None:
         super().__init__(cfg, **kwargs)
         cfg = self.cfg
-        d_in, n, d_out = cfg.d_in, cfg.n_latents, self.d_out
+        n = cfg.n_latents
         name = getattr(cfg, "activation", None) or self.activation_name
         if name not in Activation.registry:
             from prisma_mm.errors import unknown
 
             raise unknown("activation", str(name), Activation.registry)
         self.activation = Activation.registry[name](cfg)
-        self.W_enc = nn.Parameter(torch.empty(d_in, n))
+        self.W_enc = nn.Parameter(torch.empty(*self.encoder_shape()))
         self.b_enc = nn.Parameter(torch.zeros(n))
-        self.W_dec = nn.Parameter(torch.empty(n, d_out))
-        self.b_dec = nn.Parameter(torch.zeros(d_out))
+        self.W_dec = nn.Parameter(torch.empty(n, *self.output_shape()))
+        self.b_dec = nn.Parameter(torch.zeros(*self.output_shape()))
         self.tracker = FiringTracker(n)
         self.reset_parameters()
 
     # ---- geometry ----------------------------------------------------------------------------
+    def encoder_shape(self) -> tuple[int, ...]:
+        """Shape of ``W_enc``: ``(d_in, n_latents)`` (crosscoder ``(n_sources, d, n_latents)``)."""
+        return (self.cfg.d_in, self.cfg.n_latents)
+
+    def output_shape(self) -> tuple[int, ...]:
+        """Shape of one reconstruction (``b_dec``): ``(d_out,)`` (crosscoder ``(n_sources, d)``)."""
+        return (self.d_out,)
+
     @property
     def d_out(self) -> int:
         """Size of the reconstructed vector."""
@@ -509,23 +520,25 @@ class SparseAutoencoder(Dictionary):
         return bool(getattr(self.cfg, "apply_b_dec_to_input", True))
 
     def uses_unit_decoder(self) -> bool:
-        return bool(self.cfg.normalize_decoder) and self.activation.recon_loss == "fvu"
+        return bool(self.cfg.normalize_decoder) and self.activation.unit_decoder
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Decoder rows random unit vectors (norm ``decoder_init_norm`` if the config has it),
-        encoder = decoder transpose, biases zero."""
+        """Decoder rows random vectors of norm ``decoder_init_norm`` (config, else the
+        activation's default), encoder = decoder transpose, biases zero."""
         gen = torch.Generator().manual_seed(int(getattr(self.cfg, "seed", 0)))
         w = torch.randn(self.W_dec.shape, generator=gen)
         rows = self._decoder_rows(w)
         rows.div_(rows.norm(dim=1, keepdim=True))
-        rows.mul_(float(getattr(self.cfg, "decoder_init_norm", 1.0)))
+        init_norm = getattr(self.cfg, "decoder_init_norm", None)
+        rows.mul_(float(init_norm if init_norm is not None else self.activation.decoder_init_norm))
         self.W_dec.copy_(w)
-        if self.W_enc.shape[0] == self._decoder_rows(w).shape[1]:
-            self.W_enc.copy_(self._decoder_rows(w).T)
+        enc = self.encoder_weight()
+        if enc.shape[0] == rows.shape[1]:
+            enc.copy_(rows.T)
         else:  # transcoder: input and output differ, encoder gets its own random directions
-            enc = torch.randn(self.W_enc.shape, generator=gen)
-            self.W_enc.copy_(enc / enc.norm(dim=0, keepdim=True))
+            rand = torch.randn(enc.shape, generator=gen)
+            enc.copy_(rand / rand.norm(dim=0, keepdim=True) * rows.norm(dim=1))
         self.b_enc.zero_()
         self.b_dec.zero_()
 
@@ -540,11 +553,13 @@ class SparseAutoencoder(Dictionary):
             return x - self.b_dec.to(x.dtype)
         return x
 
+    def encoder_weight(self) -> Tensor:
+        """``W_enc`` viewed as ``[D, n_latents]`` (crosscoder: sources flattened)."""
+        return self.W_enc.reshape(-1, self.cfg.n_latents)
+
     def pre_acts(self, x_in: Tensor) -> Tensor:
-        """Dense pre-activations ``[batch, n_latents]`` (reference path)."""
-        return x_in @ self.W_enc.reshape(-1, self.cfg.n_latents).to(x_in.dtype) + self.b_enc.to(
-            x_in.dtype
-        )
+        """Dense pre-activations ``[batch, n_latents]`` from ``x_in [batch, D]``."""
+        return torch.addmm(self.b_enc, x_in, self.encoder_weight())
 
     def _flat_in(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         lead = x.shape[: x.ndim - self._in_dims]
@@ -561,15 +576,31 @@ class SparseAutoencoder(Dictionary):
         return code.reshape(*lead, self.cfg.n_latents)
 
     def decode_sparse(self, code: SparseCode) -> Tensor:
-        """Decode a sparse code without ``b_dec``: ``[batch, d_out_flat]`` via ``embedding_bag``."""
-        w = self._decoder_rows(self.W_dec)
-        return F.embedding_bag(
-            code.latents,
-            w,
-            code.offsets,
-            mode="sum",
-            per_sample_weights=code.values.to(w.dtype),
+        """Decode a sparse code without ``b_dec``: ``[batch, d_out_flat]`` (sparse kernel)."""
+        from prisma_mm.sae.kernels import sparse_decode
+
+        return sparse_decode(
+            code.values, code.latents, code.offsets, self._decoder_rows(self.W_dec)
         )
+
+    def nested_recons(self, code: SparseCode, group: Tensor, n_groups: int) -> Tensor:
+        """Cumulative reconstructions over nested groups, without ``b_dec``.
+
+        ``group [nnz]`` gives each entry's group (0..n_groups-1); returns ``[batch, n_groups, D]``
+        where slice ``g`` decodes the entries of groups ``0..g``.
+        """
+        from prisma_mm.sae.kernels import bag_offsets, sparse_decode
+
+        key = code.rows() * n_groups + group
+        order = torch.argsort(key, stable=True)
+        offsets = bag_offsets(key, code.batch * n_groups)
+        parts = sparse_decode(
+            code.values[order],
+            code.latents[order],
+            offsets,
+            self._decoder_rows(self.W_dec),
+        )
+        return parts.reshape(code.batch, n_groups, -1).cumsum(1)
 
     def decode_latents(self, code: Tensor | SparseCode) -> Tensor:
         """``W_dec^T code`` without biases, flat ``[batch, prod(d_out)]``."""
