@@ -1,1 +1,36 @@
-"""prisma_mm.train"""
+"""Training sparse dictionaries on cached activations with Lightning.
+
+:class:`SAEModule` (the step logic around any dictionary), :class:`ActivationDataModule`
+(batches of a cache, resumable), the callbacks of a run, and ``prisma-mm train`` (LightningCLI,
+:func:`run_train_cli`). See docs/training.md.
+"""
+
+from prisma_mm.train.callbacks import (
+    CheckpointEveryNTokens,
+    DecoderNormalization,
+    DictionaryUpdate,
+    FiringStats,
+    SaveDictionary,
+    TrainMetrics,
+    export_dictionary,
+)
+from prisma_mm.train.cli import run_train_cli, train_cli
+from prisma_mm.train.data import ActivationDataModule
+from prisma_mm.train.metrics import MetricSums, reconstruction_metrics
+from prisma_mm.train.module import SAEModule
+
+__all__ = [
+    "ActivationDataModule",
+    "CheckpointEveryNTokens",
+    "DecoderNormalization",
+    "DictionaryUpdate",
+    "FiringStats",
+    "MetricSums",
+    "SAEModule",
+    "SaveDictionary",
+    "TrainMetrics",
+    "export_dictionary",
+    "reconstruction_metrics",
+    "run_train_cli",
+    "train_cli",
+]

@@ -1,0 +1,310 @@
+"""Callbacks of dictionary training.
+
+:func:`default_callbacks` lists the ones every run needs; ``SAEModule.configure_callbacks``
+attaches those the trainer does not already have, so a recipe may configure any of them in
+``trainer.callbacks``. :class:`CheckpointEveryNTokens` and :class:`SaveDictionary` complete a
+run: periodic resumable checkpoints and the final dictionary (cfg.json + weights.safetensors,
+normalization folded in) in the run directory.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import Tensor
+
+from prisma_mm.errors import PrismaError
+from prisma_mm.sae.base import FiringTracker
+from prisma_mm.train.data import ActivationDataModule
+from prisma_mm.train.metrics import reconstruction_metrics
+
+__all__ = [
+    "CheckpointEveryNTokens",
+    "DecoderNormalization",
+    "DictionaryUpdate",
+    "FiringStats",
+    "SaveDictionary",
+    "TrainMetrics",
+    "default_callbacks",
+    "export_dictionary",
+    "fold_kwargs",
+]
+
+
+def _distributed() -> bool:
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
+
+
+class DecoderNormalization(Callback):
+    """Keeps decoder rows at unit norm: projects the gradient of ``W_dec`` orthogonal to its rows
+    before each optimizer step and renormalises the rows after it (both no-ops for families whose
+    method is a norm-weighted penalty)."""
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        pl_module.dictionary.remove_decoder_grad_parallel_()
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        pl_module.dictionary.normalize_decoder_()
+
+
+class DictionaryUpdate(Callback):
+    """Calls ``dictionary.on_train_batch_end(output)`` after each step: the dictionary's own
+    training state (BatchTopK inference threshold, the firing tracker its AuxK loss reads)."""
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        pl_module.dictionary.on_train_batch_end(outputs["output"])
+
+
+class FiringStats(Callback):
+    """Dead and dense latent fractions, measured in tokens over all processes.
+
+    A latent is dead when it has not fired for ``dead_window_tokens`` tokens; dense when it fired
+    on more than ``dense_threshold`` of the tokens of the current window of
+    ``dense_window_tokens``. Logs ``train/dead_fraction`` and ``train/dense_fraction``.
+    The counts are checkpointed, so a resumed run continues the same windows.
+    """
+
+    def __init__(
+        self,
+        dead_window_tokens: int = 10_000_000,
+        dense_threshold: float = 0.1,
+        dense_window_tokens: int = 10_000_000,
+    ) -> None:
+        if dead_window_tokens <= 0 or dense_window_tokens <= 0:
+            raise PrismaError("FiringStats windows must be positive numbers of tokens")
+        self.dead_window_tokens = int(dead_window_tokens)
+        self.dense_threshold = float(dense_threshold)
+        self.dense_window_tokens = int(dense_window_tokens)
+        self.tracker: FiringTracker | None = None
+        self._pending_state: dict[str, Any] | None = None
+        # dense fraction of the last completed window (None until one completes)
+        self._window_dense_fraction: float | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.tracker is None:
+            self.tracker = FiringTracker(int(pl_module.dictionary.cfg.n_latents))
+            if self._pending_state is not None:
+                self.tracker.load_state_dict(self._pending_state)
+                self._pending_state = None
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        assert self.tracker is not None
+        out = outputs["output"]
+        counts = out.fire_counts().to(torch.long)
+        n_tokens = torch.tensor(out.n_tokens, dtype=torch.long, device=counts.device)
+        if _distributed():
+            torch.distributed.all_reduce(counts)
+            torch.distributed.all_reduce(n_tokens)
+        tracker = self.tracker
+        counts, n = counts.cpu(), int(n_tokens)
+        # FiringTracker.update's bookkeeping, from counts summed over all processes
+        tracker.tokens_since_fired += n
+        tracker.tokens_since_fired[counts > 0] = 0
+        tracker.fire_count += counts
+        tracker.tokens_seen += n
+        if int(tracker.tokens_seen) >= self.dense_window_tokens:
+            self._window_dense_fraction = tracker.dense_fraction(self.dense_threshold)
+            tracker.reset_frequency()
+        dense = self._window_dense_fraction
+        if dense is None:  # first window still running: report it so far
+            dense = tracker.dense_fraction(self.dense_threshold)
+        pl_module.log_dict(
+            {
+                "train/dead_fraction": tracker.dead_fraction(self.dead_window_tokens),
+                "train/dense_fraction": dense,
+            },
+            batch_size=out.n_tokens,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.tracker is None:
+            return {}
+        state: dict[str, Any] = {k: v.clone() for k, v in self.tracker.state_dict().items()}
+        state["window_dense_fraction"] = self._window_dense_fraction
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        state = dict(state_dict)
+        self._window_dense_fraction = state.pop("window_dense_fraction", None)
+        if self.tracker is None:
+            self._pending_state = state
+        else:
+            self.tracker.load_state_dict(state)
+
+
+class TrainMetrics(Callback):
+    """Logs, every step, the batch's FVU, MSE, cosine similarity and L0, the loss and each of
+    its named terms, the learning rate and the tokens seen (``train/...``)."""
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        from prisma_mm.train.module import split_batch
+
+        out = outputs["output"]
+        x, target = split_batch(batch, pl_module.dictionary)
+        metrics: dict[str, Tensor | float] = dict(
+            reconstruction_metrics(x if target is None else target, out.recon)
+        )
+        metrics["l0"] = out.l0()
+        metrics["loss"] = out.loss.detach()
+        for name, value in out.losses.items():
+            metrics[f"loss/{name}"] = value.detach()
+        metrics["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+        metrics["tokens_seen"] = float(pl_module.tokens_seen)
+        pl_module.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=out.n_tokens)
+        pl_module.log("tokens_seen", float(pl_module.tokens_seen), prog_bar=True, logger=False)
+
+
+def fold_kwargs(
+    dictionary: Any, hooks: list[str], normalization: dict[str, dict[str, Any]]
+) -> dict[str, Any] | None:
+    """``fold_normalization_`` arguments for a dictionary trained on ``(x - mean) * scale`` per
+    hook (the cache reader's normalization): the first hook is the input, the second a
+    transcoder's target, all of them a crosscoder's sources. None when nothing was normalized.
+    """
+    if not normalization:
+        return None
+    means = [torch.as_tensor(normalization[h]["mean"], dtype=torch.float32) for h in hooks]
+    # the reader multiplies by its scale; fold_normalization_ divides by its own
+    scales = [1.0 / float(normalization[h]["scale"]) for h in hooks]
+    architecture = getattr(dictionary, "architecture", "")
+    if architecture == "transcoder":
+        return {
+            "mean": means[0],
+            "scale": scales[0],
+            "target_mean": means[1],
+            "target_scale": scales[1],
+        }
+    if architecture == "crosscoder":
+        return {"mean": torch.stack(means), "scale": torch.tensor(scales).unsqueeze(-1)}
+    return {"mean": means[0], "scale": scales[0]}
+
+
+def export_dictionary(
+    dictionary: Any,
+    path: str | Path,
+    normalization: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Save a float32 CPU copy of ``dictionary`` to ``path`` (cfg.json + weights.safetensors)
+    with the training normalization folded in (``fold_normalization_(**normalization)``) and
+    ``metadata`` added to its cfg.json. The trained module is left untouched."""
+    exported = copy.deepcopy(dictionary).to(device="cpu", dtype=torch.float32)
+    if normalization:
+        exported.fold_normalization_(**normalization)
+    exported.metadata.update(metadata or {})
+    path = Path(path)
+    exported.save(path)
+    return path
+
+
+class SaveDictionary(Callback):
+    """At the end of ``fit``, saves the trained dictionary with the data's normalization folded
+    in and the hook / model / cache metadata, to ``dirpath`` (default ``<run dir>/dictionary``).
+    """
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        self.dirpath = dirpath
+        self.saved_path: Path | None = None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # log_dir is broadcast from process 0, so every process asks for it
+        run_dir = trainer.log_dir or trainer.default_root_dir
+        path = Path(self.dirpath) if self.dirpath else Path(run_dir) / "dictionary"
+        if trainer.is_global_zero:
+            datamodule = trainer.datamodule
+            normalization = metadata = None
+            if isinstance(datamodule, ActivationDataModule):
+                normalization = fold_kwargs(
+                    pl_module.dictionary, datamodule.hooks, datamodule.normalization
+                )
+                metadata = datamodule.dictionary_metadata()
+            self.saved_path = export_dictionary(pl_module.dictionary, path, normalization, metadata)
+        trainer.strategy.barrier("prisma_mm_save_dictionary")
+
+
+class CheckpointEveryNTokens(ModelCheckpoint):
+    """A :class:`ModelCheckpoint` that saves every ``every_n_tokens`` training tokens (rounded
+    down to whole optimizer steps, at least one) instead of every N steps or epochs.
+
+    Other arguments are ModelCheckpoint's; by default it keeps the most recent checkpoint plus
+    ``last.ckpt`` (a link), which is what ``--ckpt_path`` resumes from.
+    """
+
+    def __init__(
+        self,
+        every_n_tokens: int,
+        dirpath: str | None = None,
+        filename: str | None = "{step}",
+        save_top_k: int = 1,
+        save_last: bool | str | None = "link",
+        **kwargs: Any,
+    ) -> None:
+        if every_n_tokens <= 0:
+            raise PrismaError(f"every_n_tokens must be positive, got {every_n_tokens}")
+        super().__init__(
+            dirpath=dirpath,
+            filename=filename,
+            save_top_k=save_top_k,
+            save_last=save_last,
+            every_n_train_steps=1,
+            **kwargs,
+        )
+        self.every_n_tokens = int(every_n_tokens)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            steps = max(1, self.every_n_tokens // pl_module.tokens_per_step())
+            self._every_n_train_steps = steps
+
+
+def default_callbacks() -> list[Callback]:
+    """The callbacks every dictionary training run needs."""
+    return [
+        DecoderNormalization(),
+        DictionaryUpdate(),
+        FiringStats(),
+        TrainMetrics(),
+        SaveDictionary(),
+    ]

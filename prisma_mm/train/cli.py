@@ -1,0 +1,275 @@
+"""``prisma-mm train {fit,validate} --config trainers/<recipe>.yaml``: LightningCLI over
+:class:`~prisma_mm.train.module.SAEModule` and :class:`~prisma_mm.train.data.ActivationDataModule`.
+
+What this adds to a plain LightningCLI:
+
+- the dictionary's ``d_in`` is linked from the data (``data.d_in``), so a recipe never repeats it;
+- every :class:`~prisma_mm.sae.base.Dictionary` family takes its config fields as ``init_args``;
+- a run directory ``<trainer.default_root_dir>/<run_name>/version_<n>`` (run_name defaults to the
+  recipe's file name) shared by the default CSV and TensorBoard loggers, the checkpoints, the
+  saved config and the final dictionary;
+- ``--config NAME`` also finds a recipe shipped in ``trainers/`` by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import pkgutil
+import re
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningCLI
+
+from prisma_mm.errors import PrismaError, unknown
+from prisma_mm.train.data import ActivationDataModule
+from prisma_mm.train.module import SAEModule
+
+__all__ = [
+    "TrainCLI",
+    "expose_config_signatures",
+    "list_recipes",
+    "recipe_dirs",
+    "resolve_recipe",
+    "run_train_cli",
+    "train_cli",
+]
+
+DEFAULT_LOGGERS = (
+    "lightning.pytorch.loggers.CSVLogger",
+    "lightning.pytorch.loggers.TensorBoardLogger",
+)
+
+
+# ---- recipes ------------------------------------------------------------------------------
+def recipe_dirs() -> list[Path]:
+    """Where shipped recipes live: ``trainers/`` of a source checkout, then of the wheel."""
+    package = Path(__file__).resolve().parents[1]
+    return [d for d in (package.parent / "trainers", package / "trainers") if d.is_dir()]
+
+
+def list_recipes() -> list[str]:
+    """Names (file stems) of the shipped recipes."""
+    return sorted({p.stem for d in recipe_dirs() for p in d.glob("*.yaml")})
+
+
+def resolve_recipe(name: str) -> str:
+    """A recipe path: ``name`` itself if it is a file, else the shipped recipe of that name."""
+    if Path(name).is_file():
+        return name
+    stem = Path(name).name.removesuffix(".yaml")
+    for directory in recipe_dirs():
+        candidate = directory / f"{stem}.yaml"
+        if candidate.is_file():
+            return str(candidate)
+    raise unknown("recipe", name, list_recipes(), hint=" (not a file, nor a recipe in trainers/)")
+
+
+def _resolve_config_args(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    expect_config = False
+    for arg in argv:
+        if expect_config:
+            out.append(resolve_recipe(arg))
+            expect_config = False
+        elif arg in ("--config", "-c"):
+            out.append(arg)
+            expect_config = True
+        elif arg.startswith("--config="):
+            out.append("--config=" + resolve_recipe(arg.split("=", 1)[1]))
+        else:
+            out.append(arg)
+    return out
+
+
+# ---- dictionary signatures ----------------------------------------------------------------
+def _config_signature(cls: type) -> inspect.Signature:
+    hints = typing.get_type_hints(cls.config_class)
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for field in dataclasses.fields(cls.config_class):
+        if not field.init:
+            continue
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        elif field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = field.default_factory()  # type: ignore[misc]
+        else:
+            default = inspect.Parameter.empty
+        params.append(
+            inspect.Parameter(
+                field.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=default,
+                annotation=hints.get(field.name, Any),
+            )
+        )
+    return inspect.Signature(params)
+
+
+def expose_config_signatures() -> None:
+    """Give every registered Dictionary family an ``__init__`` signature listing its config
+    fields, so jsonargparse accepts them as ``init_args`` (``Dictionary.__init__`` takes
+    ``**kwargs``, which jsonargparse cannot see through). Families that already spell their
+    fields out are left alone."""
+    import prisma_mm.sae
+    from prisma_mm.sae.base import Dictionary
+
+    for module in pkgutil.iter_modules(prisma_mm.sae.__path__):
+        importlib.import_module(f"prisma_mm.sae.{module.name}")
+
+    pending = list(Dictionary.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if not dataclasses.is_dataclass(getattr(cls, "config_class", None)):
+            continue
+        wanted = _config_signature(cls)
+        current = inspect.signature(cls.__init__)
+        if "__init__" in cls.__dict__ and set(wanted.parameters) <= set(current.parameters):
+            continue
+        cls.__init__ = _init_with_signature(cls.__init__, wanted)
+
+
+def _init_with_signature(init: Any, signature: inspect.Signature) -> Any:
+    def __init__(self: Any, cfg: Any = None, **kwargs: Any) -> None:
+        init(self, cfg, **kwargs)
+
+    __init__.__signature__ = signature  # type: ignore[attr-defined]
+    __init__.__doc__ = init.__doc__
+    __init__.__wrapped_init__ = init  # type: ignore[attr-defined]
+    return __init__
+
+
+# ---- run directory ------------------------------------------------------------------------
+def _next_version(root: Path) -> str:
+    numbers = [
+        int(m.group(1))
+        for p in (root.iterdir() if root.is_dir() else [])
+        if (m := re.fullmatch(r"version_(\d+)", p.name))
+    ]
+    return f"version_{max(numbers) + 1 if numbers else 0}"
+
+
+def _logger_entries(logger: Any) -> list[Any]:
+    if isinstance(logger, Namespace):
+        return [logger]
+    if isinstance(logger, list):
+        return [entry for entry in logger if isinstance(entry, Namespace)]
+    return []
+
+
+class TrainCLI(LightningCLI):
+    """LightningCLI for dictionary training (subcommands ``fit`` and ``validate``)."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {
+            "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+            "validate": {"model", "dataloaders", "datamodule"},
+        }
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument(
+            "--run_name",
+            type=str | None,
+            default=None,
+            help="run directory <trainer.default_root_dir>/<run_name>/version_<n> "
+            "(default: the recipe's file name, else 'sae')",
+        )
+        parser.link_arguments(
+            "data.d_in", "model.dictionary.init_args.d_in", apply_on="instantiate"
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        _fill_sources(config)
+        _share_run_dir(config)
+
+
+def _fill_sources(config: Namespace) -> None:
+    """A crosscoder's ``n_sources`` is the number of hooks the data reads."""
+    dictionary = config.get("model.dictionary")
+    hooks = config.get("data.hooks")
+    if not isinstance(dictionary, Namespace) or dictionary.get("init_args") is None:
+        return
+    if "n_sources" in dictionary.init_args and hooks is not None:
+        dictionary.init_args.n_sources = 1 if isinstance(hooks, str) else len(hooks)
+
+
+def _share_run_dir(config: Namespace) -> None:
+    """Point the loggers at one run directory ``<default_root_dir>/<run_name>/version_<n>``."""
+    trainer = config.trainer
+    root = Path(trainer.default_root_dir or "runs")
+    name = config.get("run_name")
+    if not name:
+        recipes = config.get("config") or []
+        name = Path(str(recipes[-1])).stem if recipes else "sae"
+    if trainer.logger in (None, True):
+        version = _next_version(root / name)
+        trainer.logger = [
+            Namespace(
+                class_path=path, init_args=Namespace(save_dir=str(root), name=name, version=version)
+            )
+            for path in DEFAULT_LOGGERS
+        ]
+        return
+    # loggers given in the recipe: those without a version share one directory per name
+    versions: dict[tuple[str, str], str] = {}
+    for entry in _logger_entries(trainer.logger):
+        args = entry.get("init_args")
+        if args is None or args.get("version") is not None or args.get("save_dir") is None:
+            continue
+        key = (str(args.save_dir), str(args.get("name", "lightning_logs")))
+        if key not in versions:
+            versions[key] = _next_version(Path(key[0]) / key[1])
+        args.version = versions[key]
+
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "default_root_dir": "runs",
+    # the train stream is endless: trainer.max_steps or model.total_tokens end training, and
+    # validation runs every val_check_interval steps
+    "max_epochs": -1,
+    "val_check_interval": 1000,
+    "check_val_every_n_epoch": None,
+    "log_every_n_steps": 10,
+}
+
+
+def train_cli(argv: list[str] | None = None, run: bool = True) -> TrainCLI:
+    """Run ``prisma-mm train <argv>`` (e.g. ``["fit", "--config", "trainers/x.yaml"]``) and
+    return the :class:`TrainCLI` (``.trainer``, ``.model``, ``.datamodule``).
+
+    ``--print_config`` prints the full config and exits (``SystemExit``), as LightningCLI does.
+    """
+    expose_config_signatures()
+    args = _resolve_config_args(list(sys.argv[1:] if argv is None else argv))
+    return TrainCLI(
+        SAEModule,
+        ActivationDataModule,
+        args=args,
+        run=run,
+        seed_everything_default=0,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+def run_train_cli(argv: list[str] | None = None) -> int:
+    """``prisma-mm train ...``: run the subcommand; 0 when it finished (errors raise)."""
+    train_cli(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    # `python -m prisma_mm.train.cli fit ...` (DDP relaunches the same command per process)
+    try:
+        sys.exit(run_train_cli())
+    except PrismaError as error:
+        print(f"prisma-mm: error: {error}", file=sys.stderr)
+        sys.exit(2)
