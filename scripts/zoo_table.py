@@ -59,6 +59,11 @@ def render() -> str:
         "- **task**: `classifier` (has an ImageNet head), `embedding` (image embedding only), "
         "`clip` (image and text towers; `model.encode_text` for zero-shot).",
         "",
+        "To add a checkpoint, append a card to its family's file in `model_zoo/` (name, arch, "
+        "pretrained tag, source, task, description) and run `python scripts/zoo_table.py`; "
+        "`tests/test_zoo_cards.py` then builds it on the meta device, runs every hook and checks "
+        "the card against timm's / open_clip's own registries.",
+        "",
     ]
     for file, file_cards in by_file.items():
         lines += [
