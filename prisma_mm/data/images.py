@@ -79,6 +79,8 @@ def to_pil_rgb(image: Any) -> Image.Image:
 def load_image(path: str | Path) -> Image.Image:
     """Open and fully decode an image file as RGB; a damaged file raises :class:`BadImage`."""
     path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise BadImage(f"{path}: empty file (0 bytes)")
     try:
         with Image.open(path) as handle:
             handle.load()

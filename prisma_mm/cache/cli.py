@@ -1,0 +1,124 @@
+"""``prisma-mm cache``: write an activation cache; ``prisma-mm cache verify DIR``: check one.
+
+The same functions as :func:`prisma_mm.cache.write_cache` and
+:func:`prisma_mm.cache.verify_cache`. Also runnable alone: ``python -m prisma_mm.cache.cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from prisma_mm.errors import PrismaError
+
+
+def _write(args: argparse.Namespace) -> int:
+    from prisma_mm.cache.writer import DEFAULT_SHARD_SIZE, write_cache
+
+    missing = [flag for flag in ("model", "hooks", "data", "out") if getattr(args, flag) is None]
+    if missing:
+        args.cache_parser.error(
+            "writing a cache needs "
+            + ", ".join(f"--{m}" for m in missing)
+            + " (or `prisma-mm cache verify DIR` to check one)"
+        )
+    weights = None if args.weights.lower() in ("none", "random") else args.weights
+    manifest = write_cache(
+        args.model,
+        args.data,
+        args.out,
+        args.hooks,
+        weights=weights,
+        tokens=args.tokens,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        shard_size=args.shard_size or DEFAULT_SHARD_SIZE,
+        device=args.device,
+        limit=args.limit,
+        progress=not args.quiet,
+    )
+    shapes = ", ".join(f"{h} {manifest['shapes'][h]}" for h in manifest["hooks"])
+    print(
+        f"cache {args.out}: {manifest['n_samples']} samples in {manifest['n_shards']} shards, "
+        f"{manifest['n_skipped']} inputs skipped; {manifest['dtype']} {shapes}"
+    )
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from prisma_mm.cache.manifest import verify_cache
+
+    report = verify_cache(args.dir)
+    for note in report.notes:
+        print(f"note: {note}")
+    for problem in report.problems:
+        print(f"DAMAGED: {problem}")
+    if report.ok:
+        print(f"OK {args.dir}: {report.n_shards} shards, {report.n_samples} samples")
+        return 0
+    print(f"{args.dir}: {len(report.problems)} problem(s) found", file=sys.stderr)
+    return 1
+
+
+def add_cache_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``cache`` (write) and ``cache verify DIR`` to a ``prisma-mm`` subparsers object;
+    each sets ``handler`` (called with the parsed args, returns the exit code)."""
+    parser = subparsers.add_parser(
+        "cache",
+        help="cache a model's activations over a data set (resumable webdataset shards)",
+        description="Stream a data set through a model and cache the activations at --hooks. "
+        "Re-running the same command resumes an interrupted cache.",
+    )
+    parser.add_argument("--model", help="model card name (see `prisma-mm zoo list`)")
+    parser.add_argument(
+        "--weights",
+        default="pretrained",
+        help="pretrained (default), none (random init), hf-hub:org/repo or a local path",
+    )
+    parser.add_argument(
+        "--hooks", help="comma-separated hook names, e.g. blocks.11.hook_resid_post"
+    )
+    parser.add_argument(
+        "--data",
+        help="image folder, class-folder tree, list file, tar shards (train-{000..099}.tar or "
+        "a URL); prefix folder:/classes:/list:/tar: to choose explicitly",
+    )
+    parser.add_argument("--out", help="output directory (created; resumed if it holds this cache)")
+    parser.add_argument(
+        "--tokens", default="all", help="all (default), cls, patches, or indices like 0,5,9"
+    )
+    parser.add_argument("--dtype", default="float16", help="float16 (default), bfloat16 or float32")
+    parser.add_argument("--batch-size", type=int, default=32, help="inputs per forward (32)")
+    parser.add_argument("--workers", type=int, default=4, help="DataLoader decode workers (4)")
+    parser.add_argument(
+        "--shard-size", type=int, default=None, help="inputs per shard (default 256)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, …")
+    parser.add_argument("--limit", type=int, default=None, help="read at most this many inputs")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=_write, cache_parser=parser)
+    actions = parser.add_subparsers(dest="cache_command", required=False, metavar="{verify}")
+    verify = actions.add_parser(
+        "verify", help="recompute checksums and counts of a cache and report any damage"
+    )
+    verify.add_argument("dir", help="cache directory")
+    verify.set_defaults(handler=_verify)
+    return parser
+
+
+def main_cache(argv: Sequence[str] | None = None) -> int:
+    """``prisma-mm cache ...`` on its own: one line and exit 2 on a user mistake."""
+    parser = argparse.ArgumentParser(prog="prisma-mm")
+    add_cache_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["cache", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return int(args.handler(args) or 0)
+    except PrismaError as error:
+        print(f"prisma-mm: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main_cache())

@@ -1,0 +1,333 @@
+"""Read an activation cache as a stream of token-row batches for training.
+
+:class:`ActivationDataset` is an ``IterableDataset``: it reads shards one sample at a time,
+keeps at most ``shuffle_buffer`` rows in memory, and yields ``[batch, d]`` (one hook) or
+``[batch, n_hooks, d]`` (several hooks, rows aligned: the same input and token for every
+hook). Rows are split disjointly across DataLoader workers and distributed ranks: by shard
+when there are at least as many shards as ``world_size * num_workers``, else by row, so
+every row is read once per epoch. See docs/cache.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+from prisma_mm.cache import manifest as fmt
+from prisma_mm.errors import PrismaError
+
+DEFAULT_SHUFFLE_BUFFER = 1 << 17  # rows; at d=768 fp16 that is 192 MiB
+SPLITS = (None, "train", "eval")
+NORMALIZATIONS = (False, True, "center_scale", "scale")
+
+
+def eval_score(key: str) -> float:
+    """A key's place in [0, 1): samples with ``eval_score(key) < eval_fraction`` are held out."""
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
+
+
+def normalization(
+    manifest: dict[str, Any], hook: str, mode: bool | str = True
+) -> tuple[np.ndarray, float]:
+    """``(mean [d], scale)`` with normalized rows ``(x - mean) * scale``.
+
+    ``center_scale`` (or True): mean = the cache's per-dimension mean μ and
+    scale = sqrt(d / Σ_j var_j), so E||x - μ||² · scale² = d. ``scale``: mean = 0 and
+    scale = sqrt(d / E||x||²), so E||x · scale||² = d.
+    """
+    stats = manifest.get("stats", {}).get(hook)
+    if not stats or not stats.get("count"):
+        raise PrismaError(f"the cache has no statistics for {hook!r}: it holds no samples yet")
+    mean = np.asarray(stats["mean"], np.float64)
+    d = mean.size
+    if mode == "scale":
+        return np.zeros(d), float(np.sqrt(d / stats["mean_sq_norm"]))
+    total_var = float(np.sum(stats["var"]))
+    if total_var <= 0:
+        raise PrismaError(f"hook {hook!r} has zero variance in this cache: cannot normalize")
+    return mean, float(np.sqrt(d / total_var))
+
+
+class _RowBuffer:
+    """Rows ``[capacity, n_hooks, d]`` in storage dtype, with their sample id and token index;
+    random batches leave by gathering and the tail fills the holes (no per-row Python)."""
+
+    def __init__(self, capacity: int, n_hooks: int, d: int, dtype: np.dtype) -> None:
+        self.data = np.empty((capacity, n_hooks, d), dtype)
+        self.sample = np.empty(capacity, np.int64)
+        self.token = np.empty(capacity, np.int64)
+        self.n = 0
+
+    def append(self, arrays: Sequence[np.ndarray], rows: np.ndarray | None, sample: int,
+               tokens: np.ndarray) -> None:  # fmt: skip
+        count = len(tokens) if rows is None else len(rows)
+        end = self.n + count
+        for h, array in enumerate(arrays):
+            self.data[self.n : end, h] = array if rows is None else array[rows]
+        self.sample[self.n : end] = sample
+        self.token[self.n : end] = tokens if rows is None else tokens[rows]
+        self.n = end
+
+    def take(self, count: int, rng: np.random.Generator | None) -> tuple[np.ndarray, ...]:
+        """Remove ``count`` rows: uniformly at random with ``rng``, else the oldest."""
+        n = self.n
+        if rng is None:
+            out = (self.data[:count].copy(), self.sample[:count].copy(), self.token[:count].copy())
+            rest = n - count
+            self.data[:rest] = self.data[count:n]
+            self.sample[:rest] = self.sample[count:n]
+            self.token[:rest] = self.token[count:n]
+            self.n = rest
+            return out
+        chosen = rng.choice(n, size=count, replace=False)
+        out = (self.data[chosen], self.sample[chosen], self.token[chosen])
+        rest = n - count
+        holes = chosen[chosen < rest]
+        keep = np.ones(count, bool)
+        keep[chosen[chosen >= rest] - rest] = False
+        movers = rest + np.flatnonzero(keep)
+        self.data[holes] = self.data[movers]
+        self.sample[holes] = self.sample[movers]
+        self.token[holes] = self.token[movers]
+        self.n = rest
+        return out
+
+
+class ActivationDataset(IterableDataset):
+    """Token rows of one or several hooks of a cache, in batches.
+
+    Yields ``Tensor [batch, d]`` when ``hooks`` is one name, ``[batch, n_hooks, d]`` when it
+    is a list (hook order kept), in ``dtype``; with ``provenance=True`` yields
+    ``(acts, keys: list[str], token_index: LongTensor [batch])``. Use it with
+    ``DataLoader(ds, batch_size=None, num_workers=...)``.
+
+    ``shuffle_buffer`` rows are held in memory and batches drawn from them at random
+    (0: read in order); the order is a function of ``seed``, the epoch (:meth:`set_epoch`),
+    the rank and the worker. ``split``: None (all rows), ``"train"`` or ``"eval"`` (the
+    samples whose key hash falls below ``eval_fraction``). ``normalize``: False, True /
+    ``"center_scale"`` or ``"scale"`` (see :func:`normalization`). ``rank`` /
+    ``world_size`` default to torch.distributed or the RANK / WORLD_SIZE variables.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        hooks: str | Sequence[str] | None = None,
+        batch_size: int = 4096,
+        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+        seed: int = 0,
+        split: str | None = None,
+        eval_fraction: float = 0.01,
+        normalize: bool | str = False,
+        provenance: bool = False,
+        drop_last: bool = False,
+        dtype: torch.dtype = torch.float32,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.cache_dir = Path(cache_dir)
+        self.manifest = fmt.read_manifest(self.cache_dir)
+        cached = list(self.manifest["hooks"])
+        if hooks is None:
+            if len(cached) != 1:
+                raise PrismaError(f"the cache holds hooks {cached}: pass hooks= to choose")
+            hooks = cached[0]
+        self.single = isinstance(hooks, str)
+        self.hooks = [hooks] if isinstance(hooks, str) else list(hooks)
+        if not self.hooks:
+            raise PrismaError("hooks is an empty list: name at least one cached hook")
+        for hook in self.hooks:
+            if hook not in cached:
+                raise _unknown_hook(hook, cached)
+        shapes = {tuple(self.manifest["shapes"][h]) for h in self.hooks}
+        if len(shapes) != 1:
+            detail = {h: self.manifest["shapes"][h] for h in self.hooks}
+            raise PrismaError(
+                f"hooks {self.hooks} have different [tokens, d] shapes {detail}: rows can only "
+                "be aligned across hooks of the same shape"
+            )
+        self.n_tokens, self.d = next(iter(shapes))
+        if split not in SPLITS:
+            raise PrismaError(f"split={split!r}: use None, 'train' or 'eval'")
+        if not 0.0 <= eval_fraction < 1.0:
+            raise PrismaError(f"eval_fraction={eval_fraction}: use a fraction in [0, 1)")
+        if normalize not in NORMALIZATIONS:
+            raise PrismaError(
+                f"normalize={normalize!r}: use False, True, 'center_scale' or 'scale'"
+            )
+        if batch_size < 1 or shuffle_buffer < 0:
+            raise PrismaError("batch_size must be >= 1 and shuffle_buffer >= 0")
+        self.batch_size = batch_size
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.split = split
+        self.eval_fraction = eval_fraction
+        self.provenance = provenance
+        self.drop_last = drop_last
+        self.dtype = dtype
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.normalize = normalize
+        self.normalization: dict[str, dict[str, Any]] = {}
+        if normalize:
+            for hook in self.hooks:
+                mean, scale = normalization(self.manifest, hook, normalize)
+                self.normalization[hook] = {"mean": mean, "scale": scale}
+            self._mean = torch.tensor(
+                np.stack([self.normalization[h]["mean"] for h in self.hooks]), dtype=dtype
+            )
+            self._scale = torch.tensor(
+                [[self.normalization[h]["scale"]] for h in self.hooks], dtype=dtype
+            )
+        self._members = [f"{self.manifest['hook_keys'][h]}.npy" for h in self.hooks]
+        self._token_index = np.asarray(self.manifest["token_index"][self.hooks[0]], np.int64)
+        self._storage = np.dtype(self.manifest["storage_dtype"])
+
+    # ----- sizes and partitions -------------------------------------------------------------
+    @property
+    def n_rows(self) -> int:
+        """Token rows in the chosen split: exact for ``split=None``, expected (by the held-out
+        fraction) for ``train`` / ``eval``."""
+        total = int(self.manifest["n_samples"]) * self.n_tokens
+        if self.split == "eval":
+            return round(total * self.eval_fraction)
+        if self.split == "train":
+            return total - round(total * self.eval_fraction)
+        return total
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for a new epoch (call before iterating, in every process)."""
+        self.epoch = int(epoch)
+
+    def partition(self) -> tuple[int, int]:
+        """``(index, count)`` of this reader among all ranks × DataLoader workers."""
+        from webdataset.utils import pytorch_worker_info
+
+        rank, world_size, worker, n_workers = pytorch_worker_info()
+        rank = rank if self.rank is None else self.rank
+        world_size = world_size if self.world_size is None else self.world_size
+        if not 0 <= rank < world_size:
+            raise PrismaError(f"rank {rank} is outside 0..{world_size - 1}")
+        return rank * n_workers + worker, world_size * n_workers
+
+    def shard_plan(self, part: int, n_parts: int) -> tuple[list[str], bool]:
+        """Shard names this partition reads, and whether it splits them by row (when there are
+        fewer shards than partitions) rather than taking whole shards."""
+        names = [s["name"] for s in self.manifest["shards"]]
+        if self.shuffle_buffer:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(names))
+            names = [names[i] for i in order]
+        if len(names) >= n_parts:
+            return names[part::n_parts], False
+        return names, n_parts > 1
+
+    # ----- iteration ----------------------------------------------------------------------------
+    def _samples(self, names: list[str], part: int, n_parts: int, by_row: bool):
+        """``(key, arrays per hook [tokens, d], rows kept or None)`` for this partition."""
+        n_tokens = self.n_tokens
+        offsets = np.arange(n_tokens)
+        wanted = set(self._members)
+        counter = 0
+        for name in names:
+            path = self.cache_dir / name
+            for key, members in read_shard(path, wanted):
+                number = counter
+                counter += 1
+                if self.split is not None:
+                    held_out = eval_score(key) < self.eval_fraction
+                    if held_out != (self.split == "eval"):
+                        continue
+                rows = None
+                if by_row:
+                    rows = np.flatnonzero((number * n_tokens + offsets) % n_parts == part)
+                    if rows.size == 0:
+                        continue
+                try:
+                    arrays = [fmt.decode_npy(members[m]) for m in self._members]
+                except KeyError as error:
+                    raise PrismaError(
+                        f"{path}: sample {key} lacks {error.args[0]}: the cache is damaged "
+                        "(run `prisma-mm cache verify`)"
+                    ) from error
+                yield key, arrays, rows
+
+    def __iter__(self) -> Iterator[Any]:
+        part, n_parts = self.partition()
+        names, by_row = self.shard_plan(part, n_parts)
+        shuffle = self.shuffle_buffer > 0
+        rng = np.random.default_rng([self.seed, self.epoch, part]) if shuffle else None
+        threshold = max(self.shuffle_buffer, self.batch_size) if shuffle else self.batch_size
+        buffer = _RowBuffer(threshold + self.n_tokens, len(self.hooks), self.d, self._storage)
+        keys: dict[int, str] = {}
+        key_limit = 2 * (threshold // max(self.n_tokens, 1) + 64)
+        for number, (key, arrays, rows) in enumerate(self._samples(names, part, n_parts, by_row)):
+            if self.provenance:
+                keys[number] = key
+            buffer.append(arrays, rows, number, self._token_index)
+            while buffer.n >= threshold:
+                yield self._emit(*buffer.take(self.batch_size, rng), keys)
+            if self.provenance and len(keys) > key_limit:
+                alive = set(np.unique(buffer.sample[: buffer.n]).tolist())
+                keys = {k: v for k, v in keys.items() if k in alive or k == number}
+        while buffer.n > 0:
+            count = min(self.batch_size, buffer.n)
+            if count < self.batch_size and self.drop_last:
+                break
+            yield self._emit(*buffer.take(count, rng), keys)
+
+    def _emit(self, data: np.ndarray, sample: np.ndarray, token: np.ndarray,
+              keys: dict[int, str]) -> Any:  # fmt: skip
+        acts = fmt.to_torch(data, self.manifest["dtype"]).to(self.dtype)
+        if self.normalize:
+            acts = (acts - self._mean) * self._scale
+        if self.single:
+            acts = acts[:, 0]
+        if not self.provenance:
+            return acts
+        return acts, [keys[s] for s in sample.tolist()], torch.from_numpy(token)
+
+
+def read_shard(path: Path, wanted: set[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Samples of a local shard as ``(key, {extension: bytes})``, reading only the members
+    whose extension is in ``wanted``. Random-access tar reading: one read per member."""
+    import tarfile
+
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                base = member.name.rsplit("/", 1)[-1]
+                name, _, extension = base.partition(".")
+                if name != key:
+                    if key is not None:
+                        yield key, members
+                    key, members = name, {}
+                if extension in wanted:
+                    handle = tar.extractfile(member)
+                    members[extension] = handle.read() if handle else b""
+            tar.members = []
+    except (tarfile.TarError, OSError) as error:
+        raise PrismaError(
+            f"cannot read shard {path} ({error.__class__.__name__}: {error}): the cache is "
+            "damaged or incomplete (run `prisma-mm cache verify`)"
+        ) from error
+    if key is not None:
+        yield key, members
+
+
+def _unknown_hook(hook: str, cached: list[str]) -> PrismaError:
+    from prisma_mm.errors import unknown
+
+    return unknown("hook", hook, cached, hint=" in this cache")
