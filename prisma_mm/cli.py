@@ -14,7 +14,17 @@ from collections.abc import Sequence
 from prisma_mm.errors import PrismaError
 
 # Subcommands whose parsers live beside the stage they run: (module, function adding the parser).
-STAGE_PARSERS: list[tuple[str, str]] = []
+STAGE_PARSERS: list[tuple[str, str]] = [
+    ("prisma_mm.cache.cli", "add_cache_parser"),
+    ("prisma_mm.cli", "_add_toyworld_parser"),
+]
+
+
+def _add_toyworld_parser(subparsers) -> None:
+    from prisma_mm.data.toyworld import add_toyworld_arguments, run_toyworld
+
+    parser = subparsers.add_parser("toyworld", help="render the toy world with ground-truth labels")
+    add_toyworld_arguments(parser).set_defaults(handler=run_toyworld)
 
 
 def _zoo_list(args: argparse.Namespace) -> int:

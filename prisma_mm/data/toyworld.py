@@ -637,7 +637,11 @@ def add_toyworld_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 def main_toyworld(argv: Sequence[str] | None = None) -> int:
     """``prisma-mm toyworld write OUT_DIR [--n N --seed S ...]`` / ``prisma-mm toyworld vocab``."""
     parser = add_toyworld_arguments(argparse.ArgumentParser(prog="prisma-mm toyworld"))
-    args = parser.parse_args(argv)
+    return run_toyworld(parser.parse_args(argv))
+
+
+def run_toyworld(args: argparse.Namespace) -> int:
+    """The handler of ``prisma-mm toyworld`` for parsed arguments."""
     if args.action == "vocab":
         for i, name in enumerate(VALUE_NAMES):
             print(i, name)
