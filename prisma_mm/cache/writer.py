@@ -103,6 +103,8 @@ class ShardFile:
         return self._hashing.digest.hexdigest(), self._hashing.size
 
     def discard(self) -> None:
+        """Drop the partial shard (after an error): close without finishing the tar."""
+        self._tar.tarstream.fileobj.closed = True  # the tar stream must not flush at exit
         try:
             self._handle.close()
         except OSError:

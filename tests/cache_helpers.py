@@ -1,0 +1,118 @@
+"""Shared helpers for the activation-cache tests: tiny images, a seeded tiny model, reading
+a cache's samples back directly from its tar shards."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from prisma_mm.cache.manifest import decode_npy, read_manifest, to_storage, to_torch
+
+HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+
+
+def random_image(seed: int, size: int = 40, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+def image_folder(root: Path, n: int, nested: bool = True) -> list[Path]:
+    """``n`` small PNG images under ``root`` (every other one in a sub-folder)."""
+    paths = []
+    for i in range(n):
+        folder = root / "sub" if nested and i % 2 else root
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"img{i:03d}.png"
+        random_image(i).save(path)
+        paths.append(path)
+    return paths
+
+
+def seeded_tiny_vit(seed: int = 0):
+    from prisma_mm.zoo.registry import load_model
+
+    torch.manual_seed(seed)
+    return load_model("tiny-vit", weights=None)
+
+
+class SlowImages(torch.utils.data.Dataset):
+    """Images from a folder, each load taking ``delay`` seconds (to kill a writer mid-way)."""
+
+    def __init__(self, folder: str, delay: float = 0.0) -> None:
+        self.paths = sorted(str(p) for p in Path(folder).rglob("*.png"))
+        self.delay = delay
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        import time
+
+        time.sleep(self.delay)
+        return Image.open(self.paths[index]).convert("RGB"), index % 3
+
+
+def read_samples(cache_dir: Path) -> dict[str, dict]:
+    """Every sample of a cache: ``{key: {"meta": dict, hook: float32 array [tokens, d]}}``."""
+    manifest = read_manifest(cache_dir)
+    out: dict[str, dict] = {}
+    for shard in manifest["shards"]:
+        with tarfile.open(cache_dir / shard["name"]) as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                data = tar.extractfile(member).read()
+                entry = out.setdefault(key, {})
+                if ext == "meta.json":
+                    entry["meta"] = json.loads(data)
+                else:
+                    hook = manifest["key_hooks"][ext.removesuffix(".npy")]
+                    array = decode_npy(data)
+                    entry[hook] = to_torch(array.copy(), manifest["dtype"]).float().numpy()
+    return out
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+SYNTHETIC_HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
+
+
+def synthetic_rows(sample: int, n_tokens: int, hook: int) -> np.ndarray:
+    """Rows that say where they come from: [sample, token, hook, sample * n_tokens + token]."""
+    rows = np.zeros((n_tokens, 4), np.float32)
+    rows[:, 0] = sample
+    rows[:, 1] = np.arange(n_tokens)
+    rows[:, 2] = hook
+    rows[:, 3] = sample * n_tokens + np.arange(n_tokens)
+    return rows
+
+
+def synthetic_cache(out: Path, n_samples: int = 40, n_tokens: int = 5, shard_size: int = 6,
+                    dtype: str = "float32") -> Path:  # fmt: skip
+    """A cache written by the writer's own sink, with rows from :func:`synthetic_rows`."""
+    from prisma_mm.cache.manifest import write_manifest
+    from prisma_mm.cache.writer import CacheSink, new_manifest
+
+    out.mkdir(parents=True, exist_ok=True)
+    shapes = {h: [n_tokens, 4] for h in SYNTHETIC_HOOKS}
+    manifest = new_manifest({"name": "synthetic"}, SYNTHETIC_HOOKS, shapes, dtype=dtype)
+    write_manifest(out, manifest)
+    sink = CacheSink(out, manifest, shard_size)
+    for i in range(n_samples):
+        arrays = {}
+        for h, hook in enumerate(SYNTHETIC_HOOKS):
+            tensor = torch.from_numpy(synthetic_rows(i, n_tokens, h)).to(getattr(torch, dtype))
+            arrays[hook] = to_storage(tensor, dtype)
+        sink.add({"index": i, "key": f"k{i:03d}", "source": f"s{i}"}, arrays)
+    sink.finish(n_samples, True)
+    return out
