@@ -30,7 +30,12 @@ __all__ = [
     "topk_encode",
 ]
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+def _csr_tensor(crow: Tensor, cols: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    # torch warns once that CSR support is "beta"; the few CSR ops used here are stable
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, cols, values, size, check_invariants=False)
 
 
 def _rows_from_offsets(offsets: Tensor, nnz: int) -> Tensor:
@@ -41,9 +46,7 @@ def _rows_from_offsets(offsets: Tensor, nnz: int) -> Tensor:
 def _csr(offsets: Tensor, cols: Tensor, values: Tensor, n_cols: int) -> Tensor:
     """CSR matrix ``[n_rows, n_cols]`` from row offsets (rows contiguous, cols sorted per row)."""
     crow = torch.cat([offsets, offsets.new_tensor([cols.numel()])])
-    return torch.sparse_csr_tensor(
-        crow, cols, values, (offsets.numel(), n_cols), check_invariants=False
-    )
+    return _csr_tensor(crow, cols, values, (offsets.numel(), n_cols))
 
 
 def _latent_major(
@@ -54,9 +57,7 @@ def _latent_major(
     counts = torch.bincount(latents, minlength=n_latents)
     crow = torch.zeros(n_latents + 1, dtype=torch.long, device=latents.device)
     crow[1:] = counts.cumsum(0)
-    return torch.sparse_csr_tensor(
-        crow, rows[order], values[order], (n_latents, n_rows), check_invariants=False
-    )
+    return _csr_tensor(crow, rows[order], values[order], (n_latents, n_rows))
 
 
 def _scatter_t_matmul(
