@@ -1,0 +1,338 @@
+"""Reconstruction and sparsity metrics of a dictionary, exact over any number of batches.
+
+Every formula here is written out in docs/metrics.md and pinned to a hand-computed value in
+tests/test_analysis_metrics.py. Over ``N`` evaluated tokens with targets ``x_n`` (flattened:
+``[D]``, ``D = d`` for an SAE, ``d_out`` for a transcoder, ``n_sources * d`` for a
+crosscoder), reconstructions ``x̂_n`` and codes ``z_n [n_latents]``:
+
+- ``fvu = Σ_n ||x_n - x̂_n||² / Σ_n ||x_n - x̄||²`` with ``x̄`` the per-dimension mean over
+  the evaluated set (not about zero, not per batch); ``explained_variance = 1 - fvu``;
+- ``mse = Σ_n ||x_n - x̂_n||² / (N D)`` (per element);
+- ``cosine_similarity = mean_n <x_n, x̂_n> / (||x_n|| ||x̂_n||)`` (0 where a norm is 0);
+- ``relative_reconstruction_bias = Σ_n ||x̂_n||² / Σ_n <x_n, x̂_n>``
+  (Rajamanoharan et al. 2024, eq. 10: ``γ = argmin_γ Σ_n ||x̂_n / γ - x_n||²``; < 1 is shrinkage);
+- ``l0 = Σ_n #{i: z_ni ≠ 0} / N``; ``firing_frequency_i = #{n: z_ni ≠ 0} / N``;
+  ``dead_fraction``: latents with frequency 0 over the N tokens; ``dense_fraction``: latents
+  with frequency > ``dense_threshold``.
+
+Sums are float64. The total variance is kept exactly while streaming through shifted sums
+``S1 = Σ (x - s)``, ``S2 = Σ (x - s)²`` per dimension (``s``: the first batch's mean, which
+avoids cancellation when the mean is large): ``Σ_n ||x_n - x̄||² = Σ_j (S2_j - S1_j² / N)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from prisma_mm.errors import PrismaError
+from prisma_mm.sae.base import Dictionary
+
+__all__ = [
+    "DEFAULT_DENSE_THRESHOLD",
+    "Metrics",
+    "MetricsAccumulator",
+    "evaluate",
+    "plot_density_histogram",
+    "split_batch",
+]
+
+DEFAULT_DENSE_THRESHOLD = 0.1
+
+
+@dataclass
+class Metrics:
+    """Metrics of one dictionary over ``n_tokens`` evaluated tokens (definitions: module doc).
+
+    ``firing_frequency [n_latents]`` (float64) is kept for the density histogram and left out
+    of :meth:`to_dict` unless asked for; ``fvu_per_source`` is set for crosscoders.
+    """
+
+    n_tokens: int
+    n_latents: int
+    d: int
+    fvu: float
+    explained_variance: float
+    mse: float
+    cosine_similarity: float
+    relative_reconstruction_bias: float
+    l0: float
+    dead_fraction: float
+    dense_fraction: float
+    dense_threshold: float
+    firing_frequency: np.ndarray = field(repr=False)
+    fvu_per_source: list[float] | None = None
+
+    def to_dict(self, frequencies: bool = False) -> dict[str, Any]:
+        """JSON-ready fields (``firing_frequency`` only with ``frequencies=True``)."""
+        out: dict[str, Any] = {
+            "n_tokens": self.n_tokens,
+            "n_latents": self.n_latents,
+            "d": self.d,
+            "fvu": self.fvu,
+            "explained_variance": self.explained_variance,
+            "mse": self.mse,
+            "cosine_similarity": self.cosine_similarity,
+            "relative_reconstruction_bias": self.relative_reconstruction_bias,
+            "l0": self.l0,
+            "dead_fraction": self.dead_fraction,
+            "dense_fraction": self.dense_fraction,
+            "dense_threshold": self.dense_threshold,
+            "n_dead": int((self.firing_frequency == 0).sum()),
+        }
+        if self.fvu_per_source is not None:
+            out["fvu_per_source"] = list(self.fvu_per_source)
+        if frequencies:
+            out["firing_frequency"] = self.firing_frequency.tolist()
+        return out
+
+    def rows(self) -> list[tuple[str, str]]:
+        """``(name, formatted value)`` pairs for a printed table."""
+        rows = [
+            ("tokens", f"{self.n_tokens}"),
+            ("latents", f"{self.n_latents}"),
+            ("fvu", f"{self.fvu:.4f}"),
+            ("explained variance", f"{self.explained_variance:.4f}"),
+            ("mse (per element)", f"{self.mse:.4g}"),
+            ("cosine similarity", f"{self.cosine_similarity:.4f}"),
+            ("relative recon. bias", f"{self.relative_reconstruction_bias:.4f}"),
+            ("l0", f"{self.l0:.2f}"),
+            ("dead fraction", f"{self.dead_fraction:.4f}"),
+            (f"dense fraction (>{self.dense_threshold:g})", f"{self.dense_fraction:.4f}"),
+        ]
+        for s, value in enumerate(self.fvu_per_source or []):
+            rows.append((f"fvu source {s}", f"{value:.4f}"))
+        return rows
+
+
+class MetricsAccumulator:
+    """Float64 running sums over batches; :meth:`compute` gives the exact :class:`Metrics`
+    of everything added, however it was cut into batches.
+
+    ``n_sources``: crosscoders, for the per-source FVU (targets ``[batch, n_sources, d]``).
+    """
+
+    def __init__(
+        self,
+        n_latents: int,
+        dense_threshold: float = DEFAULT_DENSE_THRESHOLD,
+        n_sources: int | None = None,
+    ) -> None:
+        if not 0.0 <= dense_threshold <= 1.0:
+            raise PrismaError(f"dense_threshold must be in [0, 1], got {dense_threshold}")
+        self.n_latents = int(n_latents)
+        self.dense_threshold = float(dense_threshold)
+        self.n_sources = n_sources
+        self.n_tokens = 0
+        self.fire_count = torch.zeros(self.n_latents, dtype=torch.float64)
+        self.shift: Tensor | None = None
+        self.sum_shifted: Tensor | None = None  # [D]  Σ (x - s)
+        self.sumsq_shifted: Tensor | None = None  # [D]  Σ (x - s)²
+        self.sq_error: Tensor | None = None  # [D]  Σ (x - x̂)²
+        self.recon_sq = 0.0  # Σ ||x̂||²
+        self.dot = 0.0  # Σ <x, x̂>
+        self.cos_sum = 0.0
+
+    @torch.no_grad()
+    def update(self, target: Tensor, recon: Tensor, fire_counts: Tensor) -> None:
+        """Add one batch. ``target, recon [batch, ...]`` (rows flattened to ``[batch, D]``);
+        ``fire_counts [n_latents]``: in how many of the batch's rows each latent is non-zero."""
+        x = target.detach().reshape(target.shape[0], -1).to("cpu", torch.float64)
+        x_hat = recon.detach().reshape(recon.shape[0], -1).to("cpu", torch.float64)
+        if x.shape != x_hat.shape:
+            raise PrismaError(
+                f"target {tuple(target.shape)} and reconstruction {tuple(recon.shape)} differ"
+            )
+        if fire_counts.numel() != self.n_latents:
+            raise PrismaError(
+                f"fire_counts has {fire_counts.numel()} entries for {self.n_latents} latents"
+            )
+        n = x.shape[0]
+        if n == 0:
+            return
+        if self.shift is None:
+            self.shift = x.mean(0)
+            zeros = torch.zeros_like(self.shift)
+            self.sum_shifted, self.sumsq_shifted, self.sq_error = (
+                zeros.clone(),
+                zeros.clone(),
+                zeros.clone(),
+            )
+        elif x.shape[1] != self.shift.numel():
+            raise PrismaError(
+                f"batch rows have {x.shape[1]} values; earlier batches had {self.shift.numel()}"
+            )
+        assert self.sum_shifted is not None and self.sumsq_shifted is not None
+        assert self.sq_error is not None
+        centred = x - self.shift
+        self.sum_shifted += centred.sum(0)
+        self.sumsq_shifted += centred.pow(2).sum(0)
+        self.sq_error += (x - x_hat).pow(2).sum(0)
+        dots = (x * x_hat).sum(1)
+        self.dot += float(dots.sum())
+        recon_norm_sq = x_hat.pow(2).sum(1)
+        self.recon_sq += float(recon_norm_sq.sum())
+        norms = x.pow(2).sum(1).sqrt() * recon_norm_sq.sqrt()
+        cos = torch.where(norms > 0, dots / norms.clamp_min(1e-300), torch.zeros_like(dots))
+        self.cos_sum += float(cos.sum())
+        self.fire_count += fire_counts.detach().to("cpu", torch.float64)
+        self.n_tokens += n
+
+    def total_variance_per_dim(self) -> Tensor:
+        """``[D]``: ``Σ_n (x_nj - x̄_j)²`` for each flattened dimension ``j``."""
+        if self.n_tokens == 0:
+            raise PrismaError("no tokens were evaluated: the data yielded no rows")
+        assert self.sumsq_shifted is not None and self.sum_shifted is not None
+        return (self.sumsq_shifted - self.sum_shifted.pow(2) / self.n_tokens).clamp_min(0.0)
+
+    def compute(self) -> Metrics:
+        """The metrics of every row added so far."""
+        variance = self.total_variance_per_dim()
+        assert self.sq_error is not None
+        total_variance = float(variance.sum())
+        sq_error = float(self.sq_error.sum())
+        fvu = sq_error / total_variance if total_variance > 0 else math.inf
+        per_source = None
+        if self.n_sources:
+            err_s = self.sq_error.reshape(self.n_sources, -1).sum(1)
+            var_s = variance.reshape(self.n_sources, -1).sum(1)
+            per_source = [
+                float(e / v) if v > 0 else math.inf for e, v in zip(err_s.tolist(), var_s.tolist())
+            ]
+        frequency = (self.fire_count / self.n_tokens).numpy()
+        d = int(variance.numel())
+        return Metrics(
+            n_tokens=self.n_tokens,
+            n_latents=self.n_latents,
+            d=d,
+            fvu=fvu,
+            explained_variance=1.0 - fvu,
+            mse=sq_error / (self.n_tokens * d),
+            cosine_similarity=self.cos_sum / self.n_tokens,
+            relative_reconstruction_bias=self.recon_sq / self.dot if self.dot != 0 else math.nan,
+            l0=float(self.fire_count.sum()) / self.n_tokens,
+            dead_fraction=float((frequency == 0).mean()),
+            dense_fraction=float((frequency > self.dense_threshold).mean()),
+            dense_threshold=self.dense_threshold,
+            firing_frequency=frequency,
+            fvu_per_source=per_source,
+        )
+
+
+def split_batch(dictionary: Dictionary, batch: Any) -> tuple[Tensor, Tensor | None]:
+    """``(input, target)`` of an evaluation batch for ``dictionary``.
+
+    Accepts ``(x, target)`` pairs, or one tensor as the cache reader yields it: SAE
+    ``[batch, d]``; transcoder ``[batch, 2, d]`` (input hook, output hook); crosscoder
+    ``[batch, n_sources, d]``.
+    """
+    architecture = getattr(dictionary, "architecture", "")
+    if isinstance(batch, (tuple, list)):
+        if len(batch) != 2 or not all(isinstance(t, Tensor) for t in batch):
+            raise PrismaError("evaluation batches must be tensors or (input, target) tensor pairs")
+        return batch[0], batch[1]
+    if not isinstance(batch, Tensor):
+        raise PrismaError(f"evaluation batches must be tensors, got {type(batch).__name__}")
+    if architecture == "transcoder":
+        if batch.ndim == 3 and batch.shape[1] == 2:
+            return batch[:, 0], batch[:, 1]
+        raise PrismaError(
+            f"a transcoder is evaluated on (input, target) pairs or [batch, 2, d] batches of its "
+            f"[input_hook, output_hook]; got {tuple(batch.shape)}"
+        )
+    if architecture == "crosscoder":
+        return batch, None
+    if batch.ndim == 3 and batch.shape[1] == 1:
+        batch = batch[:, 0]
+    if batch.ndim != 2:
+        raise PrismaError(
+            f"a {architecture or 'dictionary'} is evaluated on [batch, d] rows of one hook; "
+            f"got {tuple(batch.shape)}"
+        )
+    return batch, None
+
+
+@torch.no_grad()
+def evaluate(
+    dictionary: Dictionary,
+    batches: Iterable[Any],
+    *,
+    dense_threshold: float = DEFAULT_DENSE_THRESHOLD,
+    max_tokens: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> Metrics:
+    """Metrics of ``dictionary`` over ``batches`` (see :func:`split_batch` for their shapes),
+    stopping after ``max_tokens`` rows when given. The dictionary runs in eval mode (its
+    inference encoding: e.g. BatchTopK's learned threshold) and is restored afterwards."""
+    if max_tokens is not None and max_tokens <= 0:
+        raise PrismaError(f"max_tokens must be positive, got {max_tokens}")
+    n_sources = getattr(dictionary.cfg, "n_sources", None)
+    if getattr(dictionary, "architecture", "") != "crosscoder":
+        n_sources = None
+    acc = MetricsAccumulator(dictionary.cfg.n_latents, dense_threshold, n_sources)
+    param = next(dictionary.parameters(), None)
+    device = (
+        torch.device(device)
+        if device is not None
+        else (param.device if param is not None else "cpu")
+    )
+    dtype = param.dtype if param is not None else torch.float32
+    was_training = dictionary.training
+    dictionary.eval()
+    bar = tqdm(total=max_tokens, desc="evaluate", unit="tok", unit_scale=True, disable=not progress)
+    try:
+        for batch in batches:
+            x, target = split_batch(dictionary, batch)
+            if max_tokens is not None:
+                room = max_tokens - acc.n_tokens
+                if room <= 0:
+                    break
+                x = x[:room]
+                target = None if target is None else target[:room]
+            x = x.to(device, dtype)
+            target = None if target is None else target.to(device, dtype)
+            out = dictionary(x, target)
+            acc.update(x if target is None else target, out.recon, out.fire_counts())
+            bar.update(x.shape[0])
+    finally:
+        bar.close()
+        dictionary.train(was_training)
+    return acc.compute()
+
+
+def plot_density_histogram(
+    metrics: Metrics | np.ndarray, path: str | Path, title: str | None = None, bins: int = 50
+) -> Path:
+    """Histogram of ``log10(firing frequency)`` over the latents that fired, written as a PNG;
+    the number of dead latents (frequency 0, no logarithm) is given in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frequency = metrics.firing_frequency if isinstance(metrics, Metrics) else np.asarray(metrics)
+    alive = frequency[frequency > 0]
+    n_dead = int((frequency == 0).sum())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if alive.size:
+        ax.hist(np.log10(alive), bins=bins, color="#3b6ea5", label=f"{alive.size} alive")
+    ax.plot([], [], " ", label=f"{n_dead} dead (never fired)")
+    ax.set_xlabel("log10(firing frequency)")
+    ax.set_ylabel("latents")
+    ax.set_title(title or "feature density")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

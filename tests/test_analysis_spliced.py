@@ -1,0 +1,169 @@
+"""Spliced-in evaluation on tiny random models: the error-term identity for SAEs,
+transcoders and crosscoders; exact and empty dictionaries pin the score to 1 and 0; CLIP
+zero-shot; token selection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import prisma_mm
+from prisma_mm.analysis.spliced import Splice, reconstruct, spliced_eval, task_head
+from prisma_mm.errors import PrismaError
+from prisma_mm.sae import Crosscoder, ReLUSAE, TopKSAE, Transcoder
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def vit():
+    torch.manual_seed(0)
+    return prisma_mm.load_model("tiny-vit", weights=None)
+
+
+@pytest.fixture(scope="module")
+def batches():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 3, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (8,), generator=gen)
+    return [(x[:4], y[:4]), (x[4:], y[4:])]
+
+
+def exact_sae(d: int) -> ReLUSAE:
+    """recon = relu(x) - relu(-x) = x exactly: latents +e_j and -e_j."""
+    sae = ReLUSAE(d_in=d, n_latents=2 * d)
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    sae.metadata["hook"] = HOOK
+    return sae.eval()
+
+
+def test_error_term_reproduces_clean_outputs_sae(vit, batches):
+    sae = TopKSAE(d_in=32, n_latents=64, k=4)
+    sae.metadata["hook"] = HOOK
+    result = spliced_eval(vit, sae, batches, progress=False)
+    assert result.max_abs_error_with_error < 1e-5
+    assert result.modes["with_error"].kl < 1e-8
+    assert result.modes["with_error"].top1_agreement == 1.0
+    # the random SAE itself does change the outputs (so the identity is not vacuous)
+    assert result.modes["spliced"].kl > 1e-4
+    assert result.n_images == 8 and result.replaced == [HOOK]
+
+
+def test_error_term_identity_transcoder_and_crosscoder(vit, batches):
+    tc = Transcoder(d_in=32, n_latents=64, k=4)
+    tc.metadata["hook"] = ["blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"]
+    r_tc = spliced_eval(vit, tc, batches, progress=False, modes=("spliced", "with_error"))
+    assert r_tc.replaced == ["blocks.0.hook_mlp_out"]
+    assert r_tc.max_abs_error_with_error < 1e-5
+    assert r_tc.modes["spliced"].kl > 0
+    cc = Crosscoder(d_in=32, n_sources=2, n_latents=64, k=4)
+    cc.metadata["hook"] = [HOOK, "blocks.1.hook_resid_post"]
+    r_cc = spliced_eval(vit, cc, batches, progress=False)
+    assert r_cc.replaced == cc.metadata["hook"]
+    assert r_cc.max_abs_error_with_error < 1e-5
+    assert r_cc.modes["spliced"].kl > 1e-4
+
+
+def test_exact_dictionary_scores_one_and_empty_dictionary_scores_zero(vit, batches):
+    exact = spliced_eval(vit, exact_sae(32), batches, progress=False)
+    assert exact.modes["spliced"].ce == pytest.approx(exact.modes["clean"].ce, abs=1e-6)
+    assert exact.modes["spliced"].kl < 1e-10
+    assert exact.score_zero == pytest.approx(1.0, abs=1e-4)
+    assert exact.score_mean == pytest.approx(1.0, abs=1e-4)
+    assert exact.kl_score_zero == pytest.approx(1.0, abs=1e-6)
+    empty = exact_sae(32)
+    with torch.no_grad():
+        empty.W_dec.zero_()
+    zero = spliced_eval(vit, empty, batches, progress=False)
+    assert zero.modes["spliced"].ce == pytest.approx(zero.modes["zero"].ce, abs=1e-6)
+    assert zero.score_zero == pytest.approx(0.0, abs=1e-4)
+    # cross-entropy of the clean run, by hand from the logits
+    with torch.no_grad():
+        logits = torch.cat([vit(x) for x, _ in batches])
+    labels = torch.cat([y for _, y in batches])
+    assert zero.modes["clean"].ce == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-5)
+    acc = float((logits.argmax(-1) == labels).float().mean())
+    assert zero.modes["clean"].accuracy == pytest.approx(acc)
+
+
+def test_mean_ablation_uses_the_given_means(vit, batches):
+    sae = exact_sae(32)
+    means = {HOOK: torch.zeros(32)}
+    r = spliced_eval(vit, sae, batches, means=means, modes=("zero", "mean"), progress=False)
+    assert r.modes["mean"].ce == pytest.approx(r.modes["zero"].ce, abs=1e-6)
+    computed = Splice(vit, sae).means(batches, progress=False)[HOOK]
+    _, cache = vit.run_with_cache(torch.cat([x for x, _ in batches]), names=[HOOK])
+    torch.testing.assert_close(computed, cache[HOOK].double().mean((0, 1)))
+
+
+def test_token_index_replaces_only_those_tokens(vit, batches):
+    sae = exact_sae(32)
+    with torch.no_grad():
+        sae.W_dec.zero_()
+    x = batches[0][0]
+    n_tokens = vit.layout.n_tokens
+    seen = {}
+    splice = Splice(vit, sae, token_index=[0, 2])
+    _, acts = splice.clean(x)
+    fns = splice.hook_fns(splice.values("spliced", acts))
+
+    def read(act, hook):
+        seen["after"] = act.clone()
+
+    with vit.hooks({HOOK: fns[HOOK], "blocks.1.hook_resid_pre": read}):
+        vit(x)
+    after = seen["after"]  # resid_pre of block 1 is resid_post of block 0, after the splice
+    assert torch.all(after[:, [0, 2]] == 0)
+    torch.testing.assert_close(after[:, 1], acts[HOOK][:, 1])
+    assert after.shape[1] == n_tokens
+    all_tokens = spliced_eval(vit, sae, batches, token_index=range(n_tokens), progress=False)
+    none = spliced_eval(vit, sae, batches, progress=False)
+    assert all_tokens.modes["spliced"].ce == pytest.approx(none.modes["spliced"].ce, abs=1e-7)
+
+
+def test_clip_zero_shot(batches):
+    torch.manual_seed(0)
+    clip = prisma_mm.load_model("tiny-clip", weights=None)
+    names = ["cat", "dog", "car"]
+    templates = ("a photo of a {}.", "a {}")
+    head = task_head(clip, names, templates=templates)
+    assert head.kind == "clip" and head.text.shape == (3, clip.encode_text(["x"]).shape[1])
+    torch.testing.assert_close(head.text.norm(dim=-1), torch.ones(3))
+    images = torch.cat([x for x, _ in batches])
+    with torch.no_grad():
+        embedding = clip(images)
+    logits = head.logits(embedding)
+    scale = float(clip.module.logit_scale.exp())
+    want = scale * F.normalize(embedding, dim=-1) @ head.text.T
+    torch.testing.assert_close(logits, want)
+    sae = TopKSAE(d_in=clip.d_model, n_latents=64, k=4)
+    sae.metadata["hook"] = "blocks.1.hook_resid_post"
+    labelled = [(x, y % 3) for x, y in batches]
+    r = spliced_eval(clip, sae, labelled, class_names=names, templates=templates, progress=False)
+    assert r.task == "clip"
+    assert r.max_abs_error_with_error < 1e-4
+    labels = torch.cat([y % 3 for _, y in batches])
+    assert r.modes["clean"].ce == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-5)
+    with pytest.raises(PrismaError, match="class names"):
+        spliced_eval(clip, sae, labelled, progress=False)
+
+
+def test_reconstruct_and_errors(vit):
+    sae = exact_sae(32)
+    x = torch.randn(10, 32)
+    torch.testing.assert_close(reconstruct(sae, x, chunk=3), x)
+    sae.metadata.pop("hook")
+    with pytest.raises(PrismaError, match="hook"):
+        Splice(vit, sae)
+    tc = Transcoder(d_in=32, n_latents=8, k=2)
+    tc.metadata["hook"] = ["blocks.1.hook_mlp_out", "blocks.0.ln2.hook_normalized"]
+    with pytest.raises(PrismaError, match="after its input hook"):
+        Splice(vit, tc)
+    with pytest.raises(PrismaError, match="unknown mode"):
+        spliced_eval(vit, exact_sae(32), [], modes=("bogus",), progress=False)
