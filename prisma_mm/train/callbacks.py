@@ -267,8 +267,9 @@ class CheckpointEveryNTokens(ModelCheckpoint):
     """A :class:`ModelCheckpoint` that saves every ``every_n_tokens`` training tokens (rounded
     down to whole optimizer steps, at least one) instead of every N steps or epochs.
 
-    Other arguments are ModelCheckpoint's; by default it keeps the most recent checkpoint plus
-    ``last.ckpt`` (a link), which is what ``--ckpt_path`` resumes from.
+    The last step of training is saved too. Other arguments are ModelCheckpoint's; by default it
+    keeps the most recent checkpoint plus ``last.ckpt`` (a link), which ``--ckpt_path`` resumes
+    from.
     """
 
     def __init__(
@@ -297,6 +298,23 @@ class CheckpointEveryNTokens(ModelCheckpoint):
         if stage == "fit":
             steps = max(1, self.every_n_tokens // pl_module.tokens_per_step())
             self._every_n_train_steps = steps
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        last_step = trainer.global_step == trainer.max_steps
+        if last_step and trainer.global_step % self._every_n_train_steps:
+            # the final step as well, so a finished fit always leaves its end state to resume
+            # (with a larger budget) or validate
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
 
 
 def default_callbacks() -> list[Callback]:

@@ -1,0 +1,363 @@
+"""`prisma-mm train` end to end on a real tiny-vit cache written here: every recipe parses, every
+tiny recipe trains and saves its dictionary, `validate` reproduces the last validation, a run
+killed mid-way and resumed from its checkpoint ends with the same weights as an uninterrupted
+one, and DDP on 2 CPU processes reads disjoint rows and matches a single process."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback
+from safetensors.torch import load_file
+
+import prisma_mm.sae
+from prisma_mm.train.cli import list_recipes, resolve_recipe, train_cli
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+HOOKS = [
+    "blocks.0.hook_resid_post",
+    "blocks.1.hook_resid_post",
+    "blocks.1.ln2.hook_normalized",
+    "blocks.1.hook_mlp_out",
+]
+TINY_FAMILIES = ["topk", "batchtopk", "relu", "jumprelu", "matryoshka", "transcoder", "crosscoder"]
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+# ---- callbacks the training subprocesses load by class_path (PYTHONPATH=tests) ----------------
+class KillAtStep(Callback):
+    """Ends the process abruptly (no cleanup, like a kill) once the optimizer step given by
+    $PRISMA_TEST_KILL_AT_STEP is done."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = int(os.environ.get("PRISMA_TEST_KILL_AT_STEP", "0"))
+        if step and trainer.global_step == step:
+            os._exit(17)
+
+
+class RecordBatches(Callback):
+    """Saves every train batch this process stepped on to $PRISMA_TEST_RECORD_DIR/rank<r>.pt."""
+
+    def __init__(self) -> None:
+        self.batches: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batches.append(batch.detach().cpu().clone())
+
+    def on_train_end(self, trainer, pl_module):
+        out = Path(os.environ["PRISMA_TEST_RECORD_DIR"])
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(self.batches, out / f"rank{trainer.global_rank}.pt")
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+class _Images(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(index))
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory) -> Path:
+    """64 random images through tiny-vit (17 tokens, d 32) at the four hooks the tiny recipes
+    read: 1088 rows, one shard (so DDP splits rows, not shards)."""
+    from prisma_mm.cache import write_cache
+
+    out = tmp_path_factory.mktemp("cache") / "tiny-vit"
+    write_cache("tiny-vit", _Images(), out, HOOKS, weights=None, shard_size=1000, progress=False)
+    return out
+
+
+def _fit(recipe: str, cache: Path, root: Path, *extra: str, subcommand: str = "fit"):
+    args = [
+        subcommand,
+        "--config",
+        recipe,
+        f"--data.cache_dir={cache}",
+        f"--trainer.default_root_dir={root}",
+        *QUIET,
+        *extra,
+    ]
+    return train_cli(args)
+
+
+def _metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _last(rows: list[dict[str, str]], key: str) -> float:
+    return float([r[key] for r in rows if r.get(key)][-1])
+
+
+def _subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS), env.get("PYTHONPATH", "")])
+    env.update(extra)
+    return env
+
+
+# ---- recipes ----------------------------------------------------------------------------------
+def test_every_recipe_parses_and_its_dictionary_config_is_valid():
+    recipes = list_recipes()
+    for family in TINY_FAMILIES:
+        assert f"tiny-vit-{family}" in recipes
+    real = [r for r in recipes if not r.startswith("tiny-vit-")]
+    for name in ("clip-b32-topk-l8", "dinov2-b14-matryoshka-l11", "clip-b32-transcoder-l8"):
+        assert name in real
+    assert "clip-b32-crosscoder" in real
+    for name in recipes:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as done:
+            train_cli(["fit", "--config", name, "--print_config"])
+        assert done.value.code == 0, name
+        config = yaml.safe_load(out.getvalue())
+        spec = config["model"]["dictionary"]
+        module_name, _, class_name = spec["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module_name), class_name)
+        assert cls in prisma_mm.sae.ARCHITECTURES.values()
+        init_args = dict(spec["init_args"])
+        assert "d_in" not in init_args  # linked from the data at instantiation
+        init_args.pop("n_sources", None)
+        hooks = config["data"]["hooks"]
+        # the family's own checks (k, group sizes, activation) without allocating weights
+        cfg = cls.config_class(d_in=32 if name.startswith("tiny") else 768, **init_args)
+        assert cfg.n_latents > 0
+        if cls.architecture == "transcoder":
+            assert len(hooks) == 2 and hooks[0].endswith("ln2.hook_normalized")
+        if cls.architecture == "crosscoder":
+            assert len(hooks) == (2 if name.startswith("tiny") else 12)
+        # a real recipe tells how to make its cache
+        assert "prisma-mm cache" in Path(resolve_recipe(name)).read_text()
+
+
+def test_unknown_recipe_is_a_clear_error():
+    with pytest.raises(
+        prisma_mm.PrismaError, match="unknown recipe 'tiny-vit-topc'.*tiny-vit-topk"
+    ):
+        train_cli(["fit", "--config", "tiny-vit-topc"])
+
+
+# ---- training ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_tiny_recipe_trains_logs_and_saves_its_dictionary(family, tiny_cache, tmp_path):
+    cli = _fit(
+        f"tiny-vit-{family}",
+        tiny_cache,
+        tmp_path,
+        "--trainer.max_steps=6",
+        "--trainer.val_check_interval=3",
+        "--trainer.log_every_n_steps=1",
+    )
+    run_dir = tmp_path / f"tiny-vit-{family}" / "version_0"
+    assert Path(cli.trainer.log_dir) == run_dir
+    assert cli.trainer.global_step == 6
+    assert int(cli.model.tokens_seen) == 6 * 256
+    assert cli.model.dictionary.cfg.d_in == 32  # linked from the cache
+    rows = _metrics(run_dir)
+    for key in ("fvu", "mse", "cos_sim", "l0", "loss", "dead_fraction", "dense_fraction", "lr"):
+        assert f"train/{key}" in rows[0], key
+    for key in ("fvu", "mse", "cos_sim", "l0", "loss/total"):
+        assert f"val/{key}" in rows[0], key
+    assert _last(rows, "train/tokens_seen") == 6 * 256
+    val_steps = [int(r["step"]) for r in rows if r.get("val/fvu")]
+    assert val_steps == [2, 5]  # after optimizer steps 3 and 6
+    assert all(0.0 < float(r["val/fvu"]) < 10.0 for r in rows if r.get("val/fvu"))
+    assert list((run_dir).glob("events.out.tfevents.*"))  # TensorBoard beside the CSV
+    assert (run_dir / "config.yaml").is_file()
+
+    saved = prisma_mm.sae.load(run_dir / "dictionary")
+    assert saved.architecture == cli.model.dictionary.architecture
+    meta = saved.metadata
+    assert meta["model"] == "tiny-vit" and meta["normalization"]["folded"] is True
+    hooks = cli.datamodule.hooks
+    assert meta["hook"] == (hooks[0] if len(hooks) == 1 else hooks)
+    if family == "crosscoder":
+        assert saved.cfg.n_sources == 2
+    # the saved dictionary takes raw activations: on raw rows it gives what the trained one
+    # gives on normalized rows, mapped back to raw units
+    from prisma_mm.cache import ActivationDataset
+
+    raw = next(iter(ActivationDataset(tiny_cache, hooks, batch_size=64, shuffle_buffer=0)))
+    normalization = cli.datamodule.normalization
+    mean = torch.stack([torch.as_tensor(normalization[h]["mean"]).float() for h in hooks])
+    scale = torch.tensor([float(normalization[h]["scale"]) for h in hooks]).unsqueeze(-1)
+    normed = (raw - mean) * scale  # [64, n_hooks, 32]
+    if family == "transcoder":
+        x_raw, x_norm, out = raw[:, 0], normed[:, 0], 1
+    elif family == "crosscoder":
+        x_raw, x_norm, out = raw, normed, slice(None)
+    else:
+        x_raw, x_norm, out = raw[:, 0], normed[:, 0], 0
+    with torch.no_grad():
+        expected = cli.model.dictionary.eval()(x_norm).recon / scale[out] + mean[out]
+        got = saved.eval()(x_raw).recon
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_validate_reproduces_the_last_validation_of_fit(tiny_cache, tmp_path):
+    _fit(
+        "tiny-vit-topk",
+        tiny_cache,
+        tmp_path,
+        "--trainer.max_steps=4",
+        "--trainer.val_check_interval=4",
+    )
+    run_dir = tmp_path / "tiny-vit-topk" / "version_0"
+    fit_fvu = _last(_metrics(run_dir), "val/fvu")
+    ckpt = run_dir / "checkpoints" / "step=4.ckpt"
+    assert ckpt.is_file()
+    cli = _fit("tiny-vit-topk", tiny_cache, tmp_path, f"--ckpt_path={ckpt}", subcommand="validate")
+    assert Path(cli.trainer.log_dir).name == "version_1"
+    validated = cli.trainer.callback_metrics["val/fvu"].item()
+    assert validated == pytest.approx(fit_fvu, rel=1e-5)
+
+
+def test_resume_after_a_kill_gives_the_weights_of_an_uninterrupted_run(tiny_cache, tmp_path):
+    # 12 steps of 256 rows: 3 batches per pass over the cache, so passes end mid-run;
+    # checkpoints every 4 steps, validation every 5, killed after step 6 (2 steps lost)
+    common = [
+        "--config",
+        "tiny-vit-batchtopk",
+        f"--data.cache_dir={tiny_cache}",
+        "--data.shuffle_buffer=512",
+        "--model.total_tokens=3072",
+        "--trainer.val_check_interval=5",
+        "--trainer.callbacks.every_n_tokens=1024",
+        "--trainer.callbacks.save_top_k=-1",
+        *QUIET,
+    ]
+    _fit_args = ["fit", *common, f"--trainer.default_root_dir={tmp_path / 'whole'}"]
+    whole = train_cli(_fit_args)
+    assert whole.trainer.global_step == 12
+
+    killed_root = tmp_path / "killed"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prisma_mm.train.cli",
+            "fit",
+            *common,
+            f"--trainer.default_root_dir={killed_root}",
+            "--trainer.callbacks+=test_train_cli.KillAtStep",
+        ],
+        env=_subprocess_env(PRISMA_TEST_KILL_AT_STEP="6"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 17, proc.stderr[-3000:]
+    run_dir = killed_root / "tiny-vit-batchtopk" / "version_0"
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step=*.ckpt")) == ["step=4.ckpt"]
+    assert not (run_dir / "dictionary").exists()
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 4
+    assert state["ActivationDataModule"]["trained_batches"] == 4
+    assert state["ActivationDataModule"]["pass_lengths"] == [[3]]
+
+    resumed = train_cli(
+        [
+            "fit",
+            *common,
+            f"--trainer.default_root_dir={killed_root}",
+            f"--ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+        ]
+    )
+    assert resumed.trainer.global_step == 12
+    assert int(resumed.model.tokens_seen) == int(whole.model.tokens_seen) == 12 * 256
+    expected = load_file(
+        tmp_path
+        / "whole"
+        / "tiny-vit-batchtopk"
+        / "version_0"
+        / "dictionary"
+        / "weights.safetensors"
+    )
+    got = load_file(
+        killed_root / "tiny-vit-batchtopk" / "version_1" / "dictionary" / "weights.safetensors"
+    )
+    assert set(got) == set(expected)
+    assert "threshold" in " ".join(got)  # BatchTopK's inference threshold came through too
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)
+
+
+def test_ddp_on_two_cpu_processes_reads_disjoint_rows_and_matches_one_process(tiny_cache, tmp_path):
+    # ReLU SAE: its loss is a mean over rows, so DDP's averaged gradient over two halves of a
+    # batch equals the one-process gradient; no shuffle and one shard: rank r reads rows r::2
+    common = [
+        "--config",
+        "tiny-vit-relu",
+        f"--data.cache_dir={tiny_cache}",
+        "--data.shuffle_buffer=0",
+        "--data.eval_fraction=0",
+        "--data.batch_size=64",
+        "--model.init_sample_rows=256",
+        "--model.lr_warmup_steps=2",
+        "--trainer.max_steps=8",
+        "--trainer.limit_val_batches=0",
+        "--trainer.callbacks+=test_train_cli.RecordBatches",
+        *QUIET,
+    ]
+    ddp_records = tmp_path / "ddp_batches"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prisma_mm.train.cli",
+            "fit",
+            *common,
+            f"--trainer.default_root_dir={tmp_path / 'ddp'}",
+            "--trainer.strategy=ddp",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=2",
+        ],
+        env=_subprocess_env(PRISMA_TEST_RECORD_DIR=str(ddp_records)),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    os.environ["PRISMA_TEST_RECORD_DIR"] = str(tmp_path / "single_batches")
+    try:
+        train_cli(["fit", *common, f"--trainer.default_root_dir={tmp_path / 'single'}"])
+    finally:
+        del os.environ["PRISMA_TEST_RECORD_DIR"]
+
+    rank0 = torch.load(ddp_records / "rank0.pt", weights_only=True)
+    rank1 = torch.load(ddp_records / "rank1.pt", weights_only=True)
+    single = torch.load(tmp_path / "single_batches" / "rank0.pt", weights_only=True)
+    assert len(rank0) == len(rank1) == len(single) == 8
+    rows = lambda batch: {row.numpy().tobytes() for row in batch}  # noqa: E731
+    seen0 = set().union(*(rows(b) for b in rank0))
+    seen1 = set().union(*(rows(b) for b in rank1))
+    assert len(seen0) == len(seen1) == 8 * 32  # 32 distinct rows per process and step
+    assert not seen0 & seen1
+    for step in range(8):
+        assert rank0[step].shape == rank1[step].shape == (32, 32)
+        assert rows(rank0[step]) | rows(rank1[step]) == rows(single[step])
+
+    ddp = load_file(
+        tmp_path / "ddp" / "tiny-vit-relu" / "version_0" / "dictionary" / "weights.safetensors"
+    )
+    one = load_file(
+        tmp_path / "single" / "tiny-vit-relu" / "version_0" / "dictionary" / "weights.safetensors"
+    )
+    for name in one:
+        torch.testing.assert_close(ddp[name], one[name], rtol=1e-4, atol=1e-5)
+        assert not torch.equal(one[name], torch.zeros_like(one[name]))
