@@ -454,7 +454,7 @@ class StitchResult:
     family: str
     classes: LatentClasses
     steps: list[StitchStep]
-    curve: list[dict[str, float]]
+    curve: list[dict[str, Any]]
     monotone: bool
     n_increases: int
     max_relative_increase: float
@@ -533,14 +533,14 @@ def stitch(
     cos = decoder_cosines(large, small)
     steps = stitch_plan(classes, cos, use)
     points = _points(len(steps) + 1, max_points)
-    curve: list[dict[str, float]] = []
+    curve: list[dict[str, Any]] = []
     batches = list(x.split(batch_size))
     for t in tqdm(points, desc="stitching curve", unit="sae", disable=not progress):
         sae = stitcher.member(steps, t)
         m = evaluate(sae, batches, progress=False)
-        row = {
-            "step": float(t),
-            "n_latents": float(sae.cfg.n_latents),
+        row: dict[str, Any] = {
+            "step": t,
+            "n_latents": sae.cfg.n_latents,
             "mse": m.mse,
             "fvu": m.fvu,
             "l0": m.l0,
