@@ -1,0 +1,261 @@
+"""Units of prisma_mm.train without a cache: metric formulas pinned to hand-computed values, the
+learning-rate schedule, batch splitting, dictionary specs and signatures, firing statistics,
+the datamodule's arguments and resume state, and bf16 autocast with fp32 master weights."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+from jsonargparse import ArgumentParser
+from lightning.pytorch import Trainer
+from torch.utils.data import DataLoader
+
+import prisma_mm.sae
+from prisma_mm.errors import PrismaError
+from prisma_mm.sae import Dictionary, MatryoshkaSAE, Output, TopKSAE, Transcoder
+from prisma_mm.train import (
+    ActivationDataModule,
+    FiringStats,
+    MetricSums,
+    SAEModule,
+    reconstruction_metrics,
+)
+from prisma_mm.train.cli import expose_config_signatures
+from prisma_mm.train.module import build_dictionary, dictionary_spec, lr_factor, split_batch
+
+
+# ---- metrics ----------------------------------------------------------------------------------
+def test_reconstruction_metrics_match_hand_computed_values():
+    target = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 2.0]])
+    recon = torch.tensor([[1.0, 0.0], [0.0, 2.0], [2.0, 1.0]])
+    m = reconstruction_metrics(target, recon)
+    # squared errors 1, 0, 1; variance about the batch mean (4/3, 4/3): 20/9 + 20/9 + 8/9
+    assert m["fvu"].item() == pytest.approx(2.0 / (48.0 / 9.0))  # 0.375, not 2/16 about zero
+    assert m["mse"].item() == pytest.approx(2.0 / 6.0)
+    assert m["cos_sim"].item() == pytest.approx((1.0 + 1.0 + 6.0 / math.sqrt(40.0)) / 3.0)
+
+
+def test_metric_sums_give_the_metrics_of_the_whole_split():
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(10, 2, 3, generator=gen) + 1.0
+    recon = target + 0.3 * torch.randn(10, 2, 3, generator=gen)
+    code = (torch.rand(10, 8, generator=gen) > 0.6).float()
+    losses = torch.rand(10, generator=gen)
+    sums = MetricSums()
+    for rows in (slice(0, 3), slice(3, 10)):
+        active = (code[rows] != 0).sum()
+        sums.update(target[rows], recon[rows], active, {"aux": losses[rows].mean()})
+    sums.all_reduce()  # no process group: nothing to do
+    got = sums.compute()
+    whole = reconstruction_metrics(target, recon)
+    for name in ("fvu", "mse", "cos_sim"):
+        assert got[name].item() == pytest.approx(whole[name].item(), rel=1e-6)
+    assert got["l0"].item() == pytest.approx((code != 0).sum(-1).float().mean().item())
+    assert got["loss/aux"].item() == pytest.approx(losses.mean().item(), rel=1e-6)
+    assert MetricSums().compute() == {}
+
+
+# ---- schedule and batches -----------------------------------------------------------------------
+def test_lr_factor_warmup_plateau_and_decays():
+    assert lr_factor(0, 100, warmup_steps=10) == pytest.approx(0.1)
+    assert lr_factor(9, 100, warmup_steps=10) == pytest.approx(1.0)
+    assert lr_factor(50, 100, warmup_steps=10) == 1.0
+    assert lr_factor(90, 100, decay="linear", decay_start=0.8) == pytest.approx(0.5)
+    assert lr_factor(90, 100, decay="linear", decay_start=0.8, min_lr_ratio=0.1) == pytest.approx(
+        0.55
+    )
+    assert lr_factor(100, 100, decay="linear", decay_start=0.8) == pytest.approx(0.0)
+    assert lr_factor(90, 100, decay="cosine", decay_start=0.8) == pytest.approx(0.5)
+    assert lr_factor(85, 100, decay="cosine", decay_start=0.8) == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * 0.25))
+    )
+    assert lr_factor(99, 100, decay="constant") == 1.0
+    with pytest.raises(PrismaError, match="unknown lr decay"):
+        lr_factor(90, 100, decay="step")
+
+
+def test_split_batch_per_family():
+    sae = TopKSAE(d_in=4, n_latents=8, k=2)
+    transcoder = Transcoder(d_in=4, n_latents=8, k=2)
+    crosscoder = prisma_mm.sae.Crosscoder(d_in=4, n_sources=3, n_latents=8, k=2)
+    x, target = split_batch(torch.zeros(5, 4), sae)
+    assert x.shape == (5, 4) and target is None
+    pair = torch.arange(40.0).reshape(5, 2, 4)
+    x, target = split_batch(pair, transcoder)
+    assert torch.equal(x, pair[:, 0]) and torch.equal(target, pair[:, 1])
+    x, target = split_batch(torch.zeros(5, 3, 4), crosscoder)
+    assert x.shape == (5, 3, 4) and target is None
+    with pytest.raises(PrismaError, match="single hook"):
+        split_batch(torch.zeros(5, 2, 4), sae)
+    with pytest.raises(PrismaError, match=r"\[input_hook, output_hook\]"):
+        split_batch(torch.zeros(5, 4), transcoder)
+
+
+# ---- dictionaries in recipes and checkpoints -----------------------------------------------------
+def test_dictionary_spec_round_trips_every_family():
+    for architecture, cls in prisma_mm.sae.ARCHITECTURES.items():
+        kwargs = {"d_in": 8, "n_latents": 16}
+        if architecture != "relu" and architecture != "jumprelu":
+            kwargs["k"] = 4
+        if architecture == "matryoshka":
+            kwargs["group_sizes"] = [4, 4, 8]  # its `activation` field is derived, not init
+        dictionary = cls(**kwargs)
+        spec = dictionary_spec(dictionary)
+        assert spec["class_path"] == f"{cls.__module__}.{cls.__name__}"
+        rebuilt = build_dictionary(spec)
+        assert type(rebuilt) is cls and rebuilt.cfg == dictionary.cfg
+    with pytest.raises(PrismaError, match="not a prisma_mm Dictionary"):
+        build_dictionary({"class_path": "torch.nn.Linear", "init_args": {}})
+
+
+def test_every_family_exposes_its_config_fields_to_jsonargparse():
+    expose_config_signatures()
+    for cls in prisma_mm.sae.ARCHITECTURES.values():
+        params = inspect.signature(cls).parameters
+        assert {"d_in", "n_latents", "normalize_decoder", "seed"} <= set(params), cls
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(Dictionary, "dictionary")
+    cfg = parser.parse_args(
+        [
+            "--dictionary=prisma_mm.sae.MatryoshkaSAE",
+            "--dictionary.init_args.d_in=8",
+            "--dictionary.init_args.n_latents=16",
+            "--dictionary.init_args.k=4",
+            "--dictionary.init_args.group_sizes=[8, 8]",
+        ]
+    )
+    built = parser.instantiate(cfg).dictionary
+    assert isinstance(built, MatryoshkaSAE) and built.cfg.group_sizes == [8, 8]
+    with pytest.raises(Exception, match="k_typo"):
+        parser.parse_args(["--dictionary=prisma_mm.sae.TopKSAE", "--dictionary.init_args.k_typo=3"])
+
+
+# ---- firing statistics --------------------------------------------------------------------------
+class _Module:
+    def __init__(self, n_latents: int) -> None:
+        self.dictionary = TopKSAE(d_in=2, n_latents=n_latents, k=1)
+        self.logged: dict[str, float] = {}
+
+    def log_dict(self, values, batch_size=None):
+        self.logged.update(values)
+
+
+def _step(stats: FiringStats, module: _Module, code: torch.Tensor) -> dict[str, float]:
+    out = Output(recon=torch.zeros(code.shape[0], 2), code=code)
+    stats.on_train_batch_end(None, module, {"output": out}, None, 0)
+    return dict(module.logged)
+
+
+def test_firing_stats_count_dead_and_dense_latents_in_tokens():
+    module = _Module(n_latents=4)
+    stats = FiringStats(dead_window_tokens=6, dense_threshold=0.3, dense_window_tokens=100)
+    stats.setup(None, module, "fit")
+    first = torch.tensor([[1.0, 1, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0]])
+    logged = _step(stats, module, first)
+    assert logged["train/dead_fraction"] == 0.0  # 4 tokens < window of 6
+    second = torch.tensor([[1.0, 0, 0, 0]] * 4)
+    logged = _step(stats, module, second)
+    # tokens since fired: [0, 4, 8, 8] -> latents 2 and 3 dead; frequencies [1, 1/8, 0, 0]
+    assert logged["train/dead_fraction"] == pytest.approx(0.5)
+    assert logged["train/dense_fraction"] == pytest.approx(0.25)
+
+    resumed = FiringStats(dead_window_tokens=6, dense_threshold=0.3, dense_window_tokens=100)
+    resumed.load_state_dict(stats.state_dict())
+    resumed.setup(None, module, "fit")
+    third = torch.tensor([[0.0, 1, 0, 0]] * 2)
+    assert _step(resumed, module, third)["train/dead_fraction"] == pytest.approx(0.5)
+    assert int(resumed.tracker.tokens_since_fired[1]) == 0
+    assert int(resumed.tracker.tokens_since_fired[0]) == 2
+
+
+# ---- datamodule arguments and resume state --------------------------------------------------------
+def test_datamodule_rejects_bad_arguments_with_one_line(tmp_path):
+    with pytest.raises(PrismaError, match="data.hooks is empty"):
+        ActivationDataModule(str(tmp_path), hooks=[])
+    with pytest.raises(PrismaError, match="eval_fraction"):
+        ActivationDataModule(str(tmp_path), hooks="blocks.0.hook_resid_post", eval_fraction=1.0)
+    dm = ActivationDataModule(str(tmp_path / "nowhere"), hooks="blocks.0.hook_resid_post")
+    with pytest.raises(PrismaError, match="no manifest.json.*prisma-mm cache"):
+        _ = dm.d_in
+
+
+def test_datamodule_resume_state_with_other_settings_restarts_at_a_pass(tmp_path):
+    dm = ActivationDataModule(str(tmp_path), hooks="h", batch_size=64, seed=3)
+    state = {
+        "seed": 3,
+        "batch_size": 64,
+        "world_size": 1,
+        "trained_batches": 10,
+        "pass_lengths": [[4, 4]],
+    }
+    dm.load_state_dict(state)
+    assert dm._resume_batches == 10 and dm._resume_pass_lengths == [4, 4]
+    other = ActivationDataModule(str(tmp_path), hooks="h", batch_size=128, seed=3)
+    with pytest.warns(UserWarning, match="data order differs"):
+        other.load_state_dict(state)
+    assert other._resume_batches == 0 and other._resume_pass_lengths == [0, 0]
+
+
+# ---- the module ---------------------------------------------------------------------------------
+def test_bf16_autocast_keeps_fp32_master_weights_and_normalized_decoder(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(64, 16, generator=gen)
+    loader = DataLoader(rows, batch_size=16)
+    module = SAEModule(
+        TopKSAE(d_in=16, n_latents=32, k=4),
+        lr=1e-2,
+        lr_warmup_steps=0,
+        autocast_dtype="bfloat16",
+    )
+    before = module.dictionary.W_dec.detach().clone()
+    autocast_seen: list[tuple[bool, torch.dtype]] = []
+    module.dictionary.register_forward_pre_hook(
+        lambda mod, args: autocast_seen.append(
+            (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+        )
+    )
+    trainer = Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    assert autocast_seen == [(True, torch.bfloat16)] * 4  # the dictionary ran under autocast
+    for name, param in module.dictionary.named_parameters():
+        assert param.dtype == torch.float32, name
+    w_dec = module.dictionary.W_dec.detach()
+    assert not torch.allclose(w_dec, before)  # it trained
+    torch.testing.assert_close(w_dec.norm(dim=1), torch.ones(32), rtol=0, atol=1e-5)
+    assert int(module.tokens_seen) == 64 and bool(module.initialized)
+    # no datamodule: nothing to initialise from, and the dictionary is saved all the same
+    saved = prisma_mm.sae.load(tmp_path / "dictionary")
+    torch.testing.assert_close(saved.W_dec, w_dec)
+
+
+def test_module_needs_a_training_length(tmp_path):
+    module = SAEModule(TopKSAE(d_in=4, n_latents=8, k=2), lr_warmup_steps=0)
+    trainer = Trainer(
+        max_epochs=-1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
+    endless = DataLoader(_Endless(), batch_size=None)
+    with pytest.raises(PrismaError, match="trainer.max_steps or model.total_tokens"):
+        trainer.fit(module, train_dataloaders=endless)
+    assert module.lr == pytest.approx(2e-4 / math.sqrt(8 / 2**14))  # the default scaling rule
+
+
+class _Endless(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        while True:
+            yield torch.zeros(4, 4)
