@@ -129,13 +129,15 @@ def test_stitch_meta_sae_compare(world, capsys):
     root = world["root"]
     assert run(
         ["stitch", str(root / "small"), str(root / "large"), "--cache", str(world["cache"]),
-         "--split", "all", "--out", str(root / "stitch"), "--max-points", "8", "--quiet"]
+         "--split", "all", "--out", str(root / "stitch"), "--max-points", "4", "--quiet",
+         "--data", str(world["images"]), "--weights", str(world["weights"])]
     ) == 0  # fmt: skip
     report = json.loads((root / "stitch" / "stitch.json").read_text())
     confusion = report["classes"]["confusion"]
     assert sum(confusion.values()) == 32
     assert report["curve"][0]["n_latents"] == 16 and report["curve"][-1]["n_latents"] == 32
     assert isinstance(report["monotone"], bool)
+    assert len(report["curve"]) == 4 and all(row["loss"] > 0 for row in report["curve"])
     assert (root / "stitch" / "stitch.png").is_file()
 
     assert run(["meta-sae", str(root / "large"), "--steps", "30", "--quiet"]) == 0

@@ -139,7 +139,7 @@ def test_clip_zero_shot(batches):
     with torch.no_grad():
         embedding = clip(images)
     logits = head.logits(embedding)
-    scale = float(clip.module.logit_scale.exp())
+    scale = float(clip.module.logit_scale.detach().exp())
     want = scale * F.normalize(embedding, dim=-1) @ head.text.T
     torch.testing.assert_close(logits, want)
     sae = TopKSAE(d_in=clip.d_model, n_latents=64, k=4)
@@ -167,3 +167,18 @@ def test_reconstruct_and_errors(vit):
         Splice(vit, tc)
     with pytest.raises(PrismaError, match="unknown mode"):
         spliced_eval(vit, exact_sae(32), [], modes=("bogus",), progress=False)
+
+
+def test_spliced_loss_function(vit, batches):
+    from prisma_mm.analysis.spliced import make_spliced_loss
+
+    loss = make_spliced_loss(vit, batches, hooks=HOOK)
+    exact = exact_sae(32)
+    clean_ce = spliced_eval(vit, exact, batches, modes=("spliced",), progress=False)
+    assert loss(exact) == pytest.approx(clean_ce.modes["clean"].ce, abs=1e-6)
+    sae = TopKSAE(d_in=32, n_latents=64, k=4)
+    sae.metadata["hook"] = HOOK
+    want = spliced_eval(vit, sae, batches, modes=("spliced",), progress=False)
+    assert loss(sae) == pytest.approx(want.modes["spliced"].ce, rel=1e-6)
+    kl = make_spliced_loss(vit, batches, hooks=HOOK, metric="kl")
+    assert kl(sae) == pytest.approx(want.modes["spliced"].kl, rel=1e-6)

@@ -251,10 +251,9 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _spliced(args: argparse.Namespace, dictionary: Any, hooks: list[str],
-             manifest: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+def _task_data(args: argparse.Namespace, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The cache's model (or ``--model`` / ``--weights``) and ``--data``'s labelled batches."""
     import prisma_mm
-    from prisma_mm.analysis.spliced import spliced_eval
     from prisma_mm.cache.writer import weights_fingerprint
 
     cached_model = manifest.get("model") or {}
@@ -279,6 +278,21 @@ def _spliced(args: argparse.Namespace, dictionary: Any, hooks: list[str],
     batches, class_names = image_batches(
         model, args.data, args.image_batch_size, args.max_images, _class_names(args.class_names)
     )
+    return {
+        "model": model,
+        "name": name,
+        "weights": weights,
+        "batches": batches,
+        "class_names": class_names,
+        "templates": tuple(args.template or ("a photo of a {}.",)),
+    }
+
+
+def _spliced(args: argparse.Namespace, dictionary: Any, hooks: list[str],
+             manifest: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    from prisma_mm.analysis.spliced import spliced_eval
+
+    task = _task_data(args, manifest)
     token_index = (manifest.get("token_index") or {}).get(hooks[0])
     replaced = [hooks[1]] if dictionary.architecture == "transcoder" else hooks
     stats = manifest.get("stats") or {}
@@ -286,19 +300,22 @@ def _spliced(args: argparse.Namespace, dictionary: Any, hooks: list[str],
     if all(h in stats and stats[h].get("count") for h in replaced):
         means = {h: torch.tensor(stats[h]["mean"], dtype=torch.float64) for h in replaced}
     result = spliced_eval(
-        model,
+        task["model"],
         dictionary,
-        batches,
+        task["batches"],
         hooks=hooks,
         token_index=token_index,
-        class_names=class_names,
-        templates=args.template or ("a photo of a {}.",),
+        class_names=task["class_names"],
+        templates=task["templates"],
         means=means,
         progress=not args.quiet,
     )
-    _print_table(f"spliced into {name} ({result.task})", result.rows())
+    _print_table(f"spliced into {task['name']} ({result.task})", result.rows())
     out = result.to_dict()
-    out.update({"model": name, "weights": weights, "mean_source": "cache" if means else "data"})
+    out.update(
+        {"model": task["name"], "weights": task["weights"],
+         "mean_source": "cache" if means else "data"}
+    )  # fmt: skip
     return out
 
 
@@ -316,6 +333,21 @@ def run_stitch(args: argparse.Namespace) -> int:
             f"{large.metadata.get('hook')!r}): stitch SAEs of the same hook"
         )
     x = load_cache_rows(args.cache, hooks, args.max_tokens, args.split, args.eval_fraction)
+    loss_fn = None
+    if args.data is not None:
+        from prisma_mm.analysis.spliced import make_spliced_loss
+        from prisma_mm.cache import read_manifest
+
+        manifest = read_manifest(args.cache)
+        task = _task_data(args, manifest)
+        loss_fn = make_spliced_loss(
+            task["model"],
+            list(task["batches"]),  # read and preprocessed once for every stitched SAE
+            hooks=hooks,
+            token_index=(manifest.get("token_index") or {}).get(hooks[0]),
+            class_names=task["class_names"],
+            templates=task["templates"],
+        )
     result = stitch(
         small,
         large,
@@ -323,6 +355,7 @@ def run_stitch(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         use=args.use,
         max_points=args.max_points,
+        loss_fn=loss_fn,
         progress=not args.quiet,
     )
     out = Path(args.out) if args.out else Path(args.large) / f"stitch_{Path(args.small).name}"
@@ -433,6 +466,31 @@ def _cache_args(parser: argparse.ArgumentParser, max_tokens: int | None) -> None
     )
 
 
+def _spliced_args(parser: argparse.ArgumentParser, title: str) -> None:
+    group = parser.add_argument_group(title)
+    group.add_argument(
+        "--data", default=None, help="labelled images: class-folder tree root/<class>/<image>"
+    )
+    group.add_argument(
+        "--class-names",
+        default=None,
+        help="file (one per line) or comma list: the classifier's classes in index order, or "
+        "the CLIP/SigLIP zero-shot classes (default: the class folders)",
+    )
+    group.add_argument(
+        "--template",
+        action="append",
+        default=None,
+        help="zero-shot prompt template with {} (repeatable; default 'a photo of a {}.')",
+    )
+    group.add_argument("--model", default=None, help="model card (default: the cache's)")
+    group.add_argument(
+        "--weights", default=None, help="model weights (default: the cache's; 'none' = random)"
+    )
+    group.add_argument("--max-images", type=_positive_int, default=None)
+    group.add_argument("--image-batch-size", type=_positive_int, default=32)
+
+
 def add_analysis_parsers(subparsers: Any) -> None:
     """Add ``eval``, ``stitch``, ``meta-sae`` and ``compare`` to a ``prisma-mm`` subparsers."""
     ev = subparsers.add_parser(
@@ -450,28 +508,7 @@ def add_analysis_parsers(subparsers: Any) -> None:
     )
     ev.add_argument("--out", default=None, help="report path (default DICT/eval.json)")
     ev.add_argument("--histogram", default=None, help="density PNG (default beside the report)")
-    spliced = ev.add_argument_group("spliced-in evaluation")
-    spliced.add_argument(
-        "--data", default=None, help="labelled images: class-folder tree root/<class>/<image>"
-    )
-    spliced.add_argument(
-        "--class-names",
-        default=None,
-        help="file (one per line) or comma list: the classifier's classes in index order, or "
-        "the CLIP/SigLIP zero-shot classes (default: the class folders)",
-    )
-    spliced.add_argument(
-        "--template",
-        action="append",
-        default=None,
-        help="zero-shot prompt template with {} (repeatable; default 'a photo of a {}.')",
-    )
-    spliced.add_argument("--model", default=None, help="model card (default: the cache's)")
-    spliced.add_argument(
-        "--weights", default=None, help="model weights (default: the cache's; 'none' = random)"
-    )
-    spliced.add_argument("--max-images", type=_positive_int, default=None)
-    spliced.add_argument("--image-batch-size", type=_positive_int, default=32)
+    _spliced_args(ev, "spliced-in evaluation")
     _common(ev)
     ev.set_defaults(handler=run_eval)
 
@@ -496,6 +533,7 @@ def add_analysis_parsers(subparsers: Any) -> None:
         "--max-points", type=_positive_int, default=64, help="stitched SAEs measured on the curve"
     )
     st.add_argument("--out", default=None, help="output folder (default LARGE/stitch_<SMALL>)")
+    _spliced_args(st, "spliced-in loss along the curve (optional)")
     _common(st)
     st.set_defaults(handler=run_stitch)
 

@@ -132,21 +132,20 @@ class MetricsAccumulator:
         self.dense_threshold = float(dense_threshold)
         self.n_sources = n_sources
         self.n_tokens = 0
-        self.fire_count = torch.zeros(self.n_latents, dtype=torch.float64)
+        self.fire_count: Tensor | None = None  # [n_latents]
         self.shift: Tensor | None = None
         self.sum_shifted: Tensor | None = None  # [D]  Σ (x - s)
         self.sumsq_shifted: Tensor | None = None  # [D]  Σ (x - s)²
         self.sq_error: Tensor | None = None  # [D]  Σ (x - x̂)²
-        self.recon_sq = 0.0  # Σ ||x̂||²
-        self.dot = 0.0  # Σ <x, x̂>
-        self.cos_sum = 0.0
+        self.scalars: Tensor | None = None  # [3]: Σ ||x̂||², Σ <x, x̂>, Σ cos
 
     @torch.no_grad()
     def update(self, target: Tensor, recon: Tensor, fire_counts: Tensor) -> None:
         """Add one batch. ``target, recon [batch, ...]`` (rows flattened to ``[batch, D]``);
         ``fire_counts [n_latents]``: in how many of the batch's rows each latent is non-zero."""
-        x = target.detach().reshape(target.shape[0], -1).to("cpu", torch.float64)
-        x_hat = recon.detach().reshape(recon.shape[0], -1).to("cpu", torch.float64)
+        # sums stay on the batch's device (no transfer per batch), in float64
+        x = target.detach().reshape(target.shape[0], -1).to(torch.float64)
+        x_hat = recon.detach().reshape(recon.shape[0], -1).to(x.device, torch.float64)
         if x.shape != x_hat.shape:
             raise PrismaError(
                 f"target {tuple(target.shape)} and reconstruction {tuple(recon.shape)} differ"
@@ -166,24 +165,27 @@ class MetricsAccumulator:
                 zeros.clone(),
                 zeros.clone(),
             )
+            self.scalars = torch.zeros(3, dtype=torch.float64, device=x.device)
+            self.fire_count = torch.zeros(self.n_latents, dtype=torch.float64, device=x.device)
         elif x.shape[1] != self.shift.numel():
             raise PrismaError(
                 f"batch rows have {x.shape[1]} values; earlier batches had {self.shift.numel()}"
             )
         assert self.sum_shifted is not None and self.sumsq_shifted is not None
-        assert self.sq_error is not None
+        assert self.sq_error is not None and self.scalars is not None
+        assert self.fire_count is not None
+        x = x.to(self.shift.device)
+        x_hat = x_hat.to(self.shift.device)
         centred = x - self.shift
         self.sum_shifted += centred.sum(0)
         self.sumsq_shifted += centred.pow(2).sum(0)
         self.sq_error += (x - x_hat).pow(2).sum(0)
         dots = (x * x_hat).sum(1)
-        self.dot += float(dots.sum())
         recon_norm_sq = x_hat.pow(2).sum(1)
-        self.recon_sq += float(recon_norm_sq.sum())
         norms = x.pow(2).sum(1).sqrt() * recon_norm_sq.sqrt()
         cos = torch.where(norms > 0, dots / norms.clamp_min(1e-300), torch.zeros_like(dots))
-        self.cos_sum += float(cos.sum())
-        self.fire_count += fire_counts.detach().to("cpu", torch.float64)
+        self.scalars += torch.stack([recon_norm_sq.sum(), dots.sum(), cos.sum()])
+        self.fire_count += fire_counts.detach().to(self.fire_count.device, torch.float64)
         self.n_tokens += n
 
     def total_variance_per_dim(self) -> Tensor:
@@ -195,19 +197,22 @@ class MetricsAccumulator:
 
     def compute(self) -> Metrics:
         """The metrics of every row added so far."""
-        variance = self.total_variance_per_dim()
-        assert self.sq_error is not None
+        variance = self.total_variance_per_dim().cpu()
+        assert self.sq_error is not None and self.scalars is not None
+        assert self.fire_count is not None
+        recon_sq, dot, cos_sum = self.scalars.tolist()
+        sq_error_per_dim = self.sq_error.cpu()
         total_variance = float(variance.sum())
-        sq_error = float(self.sq_error.sum())
+        sq_error = float(sq_error_per_dim.sum())
         fvu = sq_error / total_variance if total_variance > 0 else math.inf
         per_source = None
         if self.n_sources:
-            err_s = self.sq_error.reshape(self.n_sources, -1).sum(1)
+            err_s = sq_error_per_dim.reshape(self.n_sources, -1).sum(1)
             var_s = variance.reshape(self.n_sources, -1).sum(1)
             per_source = [
                 float(e / v) if v > 0 else math.inf for e, v in zip(err_s.tolist(), var_s.tolist())
             ]
-        frequency = (self.fire_count / self.n_tokens).numpy()
+        frequency = (self.fire_count / self.n_tokens).cpu().numpy()
         d = int(variance.numel())
         return Metrics(
             n_tokens=self.n_tokens,
@@ -216,9 +221,9 @@ class MetricsAccumulator:
             fvu=fvu,
             explained_variance=1.0 - fvu,
             mse=sq_error / (self.n_tokens * d),
-            cosine_similarity=self.cos_sum / self.n_tokens,
-            relative_reconstruction_bias=self.recon_sq / self.dot if self.dot != 0 else math.nan,
-            l0=float(self.fire_count.sum()) / self.n_tokens,
+            cosine_similarity=cos_sum / self.n_tokens,
+            relative_reconstruction_bias=recon_sq / dot if dot != 0 else math.nan,
+            l0=float(frequency.sum()),
             dead_fraction=float((frequency == 0).mean()),
             dense_fraction=float((frequency > self.dense_threshold).mean()),
             dense_threshold=self.dense_threshold,

@@ -49,6 +49,7 @@ __all__ = [
     "SplicedResult",
     "TaskHead",
     "dictionary_hooks",
+    "make_spliced_loss",
     "reconstruct",
     "spliced_eval",
     "task_head",
@@ -529,3 +530,38 @@ def spliced_eval(
         max_abs_error_with_error=max_identity_error,
         extras={"token_index": splice.token_index},
     )
+
+
+def make_spliced_loss(
+    model: Any,
+    batches: Iterable[Any],
+    *,
+    hooks: str | Sequence[str] | None = None,
+    token_index: Sequence[int] | None = None,
+    class_names: Sequence[str] | None = None,
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    task: str | None = None,
+    metric: str = "ce",
+) -> Callable[[Dictionary], float]:
+    """A function ``dictionary -> float``: the spliced-in ``metric`` (``"ce"`` or ``"kl"``) of
+    the dictionary on ``batches`` (re-iterable), e.g. the ``loss_fn`` of
+    :func:`~prisma_mm.analysis.stitching.stitch`. The task head is built once."""
+    if metric not in ("ce", "kl"):
+        raise PrismaError(f"metric must be 'ce' or 'kl', got {metric!r}")
+    head = task_head(model, class_names, templates, task)
+
+    def loss(dictionary: Dictionary) -> float:
+        splice = Splice(model, dictionary, hooks, token_index)
+        sums = _Sums()
+        for batch in batches:
+            images, labels = _images_labels(batch)
+            output, acts = splice.clean(images)
+            logits = head.logits(splice.run(images, splice.values("spliced", acts)))
+            sums.add(logits, head.logits(output), labels)
+        result = sums.result()
+        value = result.ce if metric == "ce" else result.kl
+        if value is None:
+            raise PrismaError("a cross-entropy needs labelled batches (images, labels)")
+        return float(value)
+
+    return loss
