@@ -10,8 +10,8 @@ n_B)``, also relative to each side (``n_shared / n_A``, ``n_shared / n_B``), the
 cosine, and the mean over A's latents of their best cosine in B (no one-to-one constraint;
 likewise B in A).
 
-Cost: the dense ``[n_A, n_B]`` matrix in float64 and the assignment, roughly cubic in the
-size; fine up to a few tens of thousands of latents.
+Cost: the dense ``[n_A, n_B]`` float64 matrix (2 GiB at 16k x 16k) and the assignment,
+cubic in the size in the worst case.
 """
 
 from __future__ import annotations
