@@ -165,6 +165,8 @@ def test_reconstruct_and_errors(vit):
     tc.metadata["hook"] = ["blocks.1.hook_mlp_out", "blocks.0.ln2.hook_normalized"]
     with pytest.raises(PrismaError, match="after its input hook"):
         Splice(vit, tc)
+    with pytest.raises(PrismaError, match="one-shot iterator"):
+        spliced_eval(vit, exact_sae(32), iter([]), progress=False)
     with pytest.raises(PrismaError, match="unknown mode"):
         spliced_eval(vit, exact_sae(32), [], modes=("bogus",), progress=False)
 

@@ -439,6 +439,11 @@ def _score(ablated: float | None, spliced: float | None, clean: float | None) ->
     return (ablated - spliced) / gap if abs(gap) > 1e-12 else math.nan
 
 
+def _require_reiterable(batches: Iterable[Any], why: str) -> None:
+    if iter(batches) is batches:
+        raise PrismaError(f"{why}: pass a list or a DataLoader, not a one-shot iterator")
+
+
 def _images_labels(batch: Any) -> tuple[Tensor, Tensor | None]:
     if isinstance(batch, Tensor):
         return batch, None
@@ -480,6 +485,7 @@ def spliced_eval(
     splice = Splice(model, dictionary, hooks, token_index)
     head = task_head(model, class_names, templates, task)
     if "mean" in modes and means is None:
+        _require_reiterable(batches, "mean ablation without means= reads the batches twice")
         means = splice.means(batches, progress=progress)
     sums = {mode: _Sums() for mode in ("clean", *modes)}
     max_identity_error = 0.0
@@ -548,6 +554,7 @@ def make_spliced_loss(
     :func:`~prisma_mm.analysis.stitching.stitch`. The task head is built once."""
     if metric not in ("ce", "kl"):
         raise PrismaError(f"metric must be 'ce' or 'kl', got {metric!r}")
+    _require_reiterable(batches, "the loss function reads the batches once per dictionary")
     head = task_head(model, class_names, templates, task)
 
     def loss(dictionary: Dictionary) -> float:
