@@ -22,6 +22,17 @@ from prisma_mm.errors import PrismaError
 from prisma_mm.sae import BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE
 
 D = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny tensors: one thread avoids OpenMP contention on a shared 2-core machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 E = torch.eye(D)
 # the world: a "parent" direction e0 that comes with one of two children (e10 or e11), nine
 # plain features e1..e9 and five features e20..e24 the small SAE lacks
