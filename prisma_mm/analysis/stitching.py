@@ -262,9 +262,11 @@ def classify_latents(
     large: Dictionary,
     x: Tensor,
     threshold: float = DEFAULT_THRESHOLD,
+    cos: Tensor | None = None,
 ) -> LatentClasses:
     """Novel / reconstruction split of ``large``'s latents against ``small`` (module doc) on the
-    sample ``x [N, d]`` (raw activations of the hook both SAEs were trained on)."""
+    sample ``x [N, d]`` (raw activations of the hook both SAEs were trained on); ``cos``:
+    :func:`decoder_cosines` ``(large, small)`` when already computed."""
     s, lg = _latents(small, "small SAE"), _latents(large, "large SAE")
     _stitched_family(s, lg)
     if not 0.0 < threshold <= 1.0:
@@ -278,7 +280,7 @@ def classify_latents(
     device = s.w_enc.device
     lg = _Latents(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in vars(lg).items()})
     x = x.to(device)
-    cos = decoder_cosines(large, small)  # [n_L, n_S]
+    cos = decoder_cosines(large, small) if cos is None else cos  # [n_L, n_S]
     max_cos, best = cos.max(dim=1)
     delta_sse, sse = _insertion_deltas(s, lg, x)
     n_elements = x.shape[0] * x.shape[1]
@@ -529,8 +531,8 @@ def stitch(
     from prisma_mm.analysis.metrics import evaluate
 
     stitcher = Stitcher(small, large)
-    classes = classify_latents(small, large, x, threshold)
     cos = decoder_cosines(large, small)
+    classes = classify_latents(small, large, x, threshold, cos)
     steps = stitch_plan(classes, cos, use)
     points = _points(len(steps) + 1, max_points)
     curve: list[dict[str, Any]] = []
