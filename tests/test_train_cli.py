@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
 import prisma_mm.sae
+from prisma_mm.train import SAEModule
 from prisma_mm.train.cli import list_recipes, resolve_recipe, train_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,11 +145,18 @@ def test_every_recipe_parses_and_its_dictionary_config_is_valid():
         assert "prisma-mm cache" in Path(resolve_recipe(name)).read_text()
 
 
-def test_unknown_recipe_is_a_clear_error():
-    with pytest.raises(
-        prisma_mm.PrismaError, match="unknown recipe 'tiny-vit-topc'.*tiny-vit-topk"
-    ):
-        train_cli(["fit", "--config", "tiny-vit-topc"])
+def test_prisma_mm_train_reports_user_mistakes_in_one_line(capsys, tmp_path):
+    from prisma_mm.cli import main
+
+    assert main(["train", "fit", "--config", "tiny-vit-topc"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1 and "unknown recipe 'tiny-vit-topc'" in err[0] and "tiny-vit-topk" in err[0]
+    )
+    missing = tmp_path / "no-cache"
+    assert main(["train", "fit", "--config", "tiny-vit-topk", f"--data.cache_dir={missing}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("prisma-mm: error: data.cache_dir") and "prisma-mm cache" in err[-1]
 
 
 # ---- training ---------------------------------------------------------------------------------
@@ -268,6 +276,9 @@ def test_resume_after_a_kill_gives_the_weights_of_an_uninterrupted_run(tiny_cach
     assert state["global_step"] == 4
     assert state["ActivationDataModule"]["trained_batches"] == 4
     assert state["ActivationDataModule"]["pass_lengths"] == [[3]]
+    restored = SAEModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert type(restored.dictionary).__name__ == "BatchTopKSAE"
+    assert torch.equal(restored.dictionary.W_dec, state["state_dict"]["dictionary.W_dec"])
 
     resumed = train_cli(
         [

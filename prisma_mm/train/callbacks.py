@@ -22,6 +22,7 @@ from prisma_mm.errors import PrismaError
 from prisma_mm.sae.base import FiringTracker
 from prisma_mm.train.data import ActivationDataModule
 from prisma_mm.train.metrics import reconstruction_metrics
+from prisma_mm.train.module import build_dictionary, dictionary_spec, split_batch
 
 __all__ = [
     "CheckpointEveryNTokens",
@@ -178,8 +179,6 @@ class TrainMetrics(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        from prisma_mm.train.module import split_batch
-
         out = outputs["output"]
         x, target = split_batch(batch, pl_module.dictionary)
         metrics: dict[str, Tensor | float] = dict(
@@ -229,7 +228,15 @@ def export_dictionary(
     """Save a float32 CPU copy of ``dictionary`` to ``path`` (cfg.json + weights.safetensors)
     with the training normalization folded in (``fold_normalization_(**normalization)``) and
     ``metadata`` added to its cfg.json. The trained module is left untouched."""
-    exported = copy.deepcopy(dictionary).to(device="cpu", dtype=torch.float32)
+    # a fresh CPU instance: no second copy of the weights on the training device
+    exported = build_dictionary(dictionary_spec(dictionary))
+    exported.load_state_dict(
+        {
+            k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
+            for k, v in dictionary.state_dict().items()
+        }
+    )
+    exported.metadata = copy.deepcopy(dictionary.metadata)
     if normalization:
         exported.fold_normalization_(**normalization)
     exported.metadata.update(metadata or {})

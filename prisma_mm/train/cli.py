@@ -20,6 +20,7 @@ import pkgutil
 import re
 import sys
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -249,15 +250,18 @@ def train_cli(argv: list[str] | None = None, run: bool = True) -> TrainCLI:
     """
     expose_config_signatures()
     args = _resolve_config_args(list(sys.argv[1:] if argv is None else argv))
-    return TrainCLI(
-        SAEModule,
-        ActivationDataModule,
-        args=args,
-        run=run,
-        seed_everything_default=0,
-        trainer_defaults=TRAINER_DEFAULTS,
-        save_config_kwargs={"overwrite": True},
-    )
+    with warnings.catch_warnings():
+        # `prisma-mm train fit ...` hands LightningCLI its own argv, which differs from sys.argv
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return TrainCLI(
+            SAEModule,
+            ActivationDataModule,
+            args=args,
+            run=run,
+            seed_everything_default=0,
+            trainer_defaults=TRAINER_DEFAULTS,
+            save_config_kwargs={"overwrite": True},
+        )
 
 
 def run_train_cli(argv: list[str] | None = None) -> int:

@@ -227,6 +227,13 @@ class ActivationDataModule(pl.LightningDataModule):
         self._train_stream = _TrainStream(self)
         return self._train_stream
 
+    def teardown(self, stage: str) -> None:
+        """Close the train stream at the end of ``fit`` (stops its DataLoader workers)."""
+        stream = self._train_stream
+        if stage == "fit" and stream is not None and stream._batches is not None:
+            stream._batches.close()  # type: ignore[attr-defined]
+            stream._batches = None
+
     def val_dataloader(self) -> DataLoader | list:
         """The eval split, read once in cache order (empty when ``eval_fraction`` is 0)."""
         if self.eval_fraction == 0:
