@@ -26,31 +26,35 @@ def _inputs(seed: int, batch: int = 9, d: int = 6, n: int = 40):
     w_enc = torch.randn(d, n, generator=gen, dtype=torch.float64)
     b_enc = 0.1 * torch.randn(n, generator=gen, dtype=torch.float64)
     w_dec = torch.randn(n, d, generator=gen, dtype=torch.float64)
-    return [t.requires_grad_() for t in (x, w_enc, b_enc, w_dec)]
+    center = torch.randn(d, generator=gen, dtype=torch.float64)
+    return [t.requires_grad_() for t in (x, w_enc, b_enc, w_dec, center)]
 
 
 @pytest.mark.parametrize("mode", ["topk", "batchtopk"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_sparse_path_matches_dense_reference_values_and_gradients(mode, seed):
-    x, w_enc, b_enc, w_dec = _inputs(seed)
+@pytest.mark.parametrize("centred", [False, True])
+def test_sparse_path_matches_dense_reference_values_and_gradients(mode, seed, centred):
+    x, w_enc, b_enc, w_dec, center = _inputs(seed)
     k = 3
     grad_out = torch.randn(x.shape[0], w_dec.shape[1], dtype=torch.float64)
+    c = center if centred else None
+    wrt = [x, w_enc, b_enc, w_dec] + ([center] if centred else [])
 
     if mode == "topk":
-        code = topk_encode(x, w_enc, b_enc, k)
+        code = topk_encode(x, w_enc, b_enc, k, center=c)
     else:
-        code = batchtopk_encode(x, w_enc, b_enc, k)
+        code = batchtopk_encode(x, w_enc, b_enc, k, center=c)
     recon = sparse_decode(code.values, code.latents, code.offsets, w_dec)
-    fast = torch.autograd.grad((recon * grad_out).sum(), [x, w_enc, b_enc, w_dec])
+    fast = torch.autograd.grad((recon * grad_out).sum(), wrt)
 
-    pre = x @ w_enc + b_enc
+    pre = ((x - center) if centred else x) @ w_enc + b_enc
     dense = _dense_topk(pre, k) if mode == "topk" else _dense_batchtopk(pre, k)
     ref_recon = dense @ w_dec
-    ref = torch.autograd.grad((ref_recon * grad_out).sum(), [x, w_enc, b_enc, w_dec])
+    ref = torch.autograd.grad((ref_recon * grad_out).sum(), wrt)
 
     torch.testing.assert_close(code.dense(), dense.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(recon, ref_recon, rtol=1e-12, atol=1e-12)
-    for name, got, want in zip(["x", "W_enc", "b_enc", "W_dec"], fast, ref):
+    for name, got, want in zip(["x", "W_enc", "b_enc", "W_dec", "center"], fast, ref):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
     # layout: rows contiguous and in order, latents ascending inside a row
     rows = code.rows()
@@ -60,13 +64,26 @@ def test_sparse_path_matches_dense_reference_values_and_gradients(mode, seed):
 
 
 def test_topk_gradcheck_small():
-    x, w_enc, b_enc, w_dec = _inputs(3, batch=4, d=3, n=10)
+    x, w_enc, b_enc, w_dec, center = _inputs(3, batch=4, d=3, n=10)
 
-    def f(x, w_enc, b_enc, w_dec):
-        code = topk_encode(x, w_enc, b_enc, 2)
+    def f(x, w_enc, b_enc, w_dec, center):
+        code = topk_encode(x, w_enc, b_enc, 2, center=center)
         return sparse_decode(code.values, code.latents, code.offsets, w_dec)
 
-    assert torch.autograd.gradcheck(f, (x, w_enc, b_enc, w_dec), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(f, (x, w_enc, b_enc, w_dec, center), eps=1e-6, atol=1e-6)
+
+
+def test_data_input_needs_no_input_gradient():
+    x, w_enc, b_enc, w_dec, center = _inputs(6)
+    x = x.detach()  # activations are data: the backward skips grad x
+    code = topk_encode(x, w_enc, b_enc, 3, center=center)
+    recon = sparse_decode(code.values, code.latents, code.offsets, w_dec)
+    recon.sum().backward()
+    pre = (x - center) @ w_enc + b_enc
+    ref = _dense_topk(pre, 3) @ w_dec
+    want = torch.autograd.grad(ref.sum(), [center, b_enc])
+    torch.testing.assert_close(center.grad, want[0])
+    torch.testing.assert_close(b_enc.grad, want[1])
 
 
 def test_batchtopk_exact_when_one_row_takes_most_of_the_budget():
@@ -85,7 +102,7 @@ def test_batchtopk_exact_when_one_row_takes_most_of_the_budget():
 
 
 def test_rank_orders_entries_by_value_within_row():
-    x, w_enc, b_enc, _ = _inputs(4)
+    x, w_enc, b_enc, _, _ = _inputs(4)
     code = topk_encode(x, w_enc, b_enc, 5, with_rank=True)
     dense = code.dense().detach()
     for row in range(x.shape[0]):

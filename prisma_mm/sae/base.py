@@ -441,14 +441,15 @@ class Activation(nn.Module):
     def __init__(self, cfg: DictionaryConfig) -> None:
         super().__init__()
 
-    def encode(self, sae: SparseAutoencoder, x_in: Tensor) -> Tensor | SparseCode:
-        """``x_in [batch, D]`` (encoder input, already centred) -> code (dense or sparse)."""
+    def encode(self, sae: SparseAutoencoder, x: Tensor) -> Tensor | SparseCode:
+        """``x [batch, D]`` (flat input; centring on ``sae.encoder_center()`` is done by
+        ``sae.pre_acts`` or the sparse kernels) -> code (dense or sparse)."""
         raise NotImplementedError
 
     def loss_terms(
         self,
         sae: SparseAutoencoder,
-        x_in: Tensor,
+        x: Tensor,
         code: Tensor | SparseCode,
         recon: Tensor,
         target: Tensor,
@@ -547,19 +548,23 @@ class SparseAutoencoder(Dictionary):
         return self._decoder_rows(self.W_dec).norm(dim=1)
 
     # ---- encode / decode --------------------------------------------------------------------
+    def encoder_center(self) -> Tensor | None:
+        """``b_dec`` flattened when inputs are centred on it (``apply_b_dec_to_input``), else
+        None."""
+        return self.b_dec.reshape(-1) if self.apply_b_dec_to_input else None
+
     def encoder_input(self, x: Tensor) -> Tensor:
-        """``x [batch, d_in]`` -> the vector the encoder multiplies, ``[batch, d_in]``."""
-        if self.apply_b_dec_to_input:
-            return x - self.b_dec.to(x.dtype)
-        return x
+        """Flat ``x [batch, D]`` -> the vector the encoder multiplies, ``[batch, D]``."""
+        center = self.encoder_center()
+        return x if center is None else x - center.to(x.dtype)
 
     def encoder_weight(self) -> Tensor:
         """``W_enc`` viewed as ``[D, n_latents]`` (crosscoder: sources flattened)."""
         return self.W_enc.reshape(-1, self.cfg.n_latents)
 
     def pre_acts(self, x_in: Tensor) -> Tensor:
-        """Dense pre-activations ``[batch, n_latents]`` from ``x_in [batch, D]``."""
-        return torch.addmm(self.b_enc, x_in, self.encoder_weight())
+        """Dense pre-activations ``[batch, n_latents]`` from flat ``x [batch, D]``."""
+        return torch.addmm(self.b_enc, self.encoder_input(x_in), self.encoder_weight())
 
     def _flat_in(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         lead = x.shape[: x.ndim - self._in_dims]
@@ -570,7 +575,7 @@ class SparseAutoencoder(Dictionary):
     def encode(self, x: Tensor) -> Tensor:
         """``x [..., d_in]`` -> dense code ``[..., n_latents]`` (inference encoding)."""
         flat, lead = self._flat_in(x)
-        code = self.activation.encode(self, self.encoder_input(flat).reshape(flat.shape[0], -1))
+        code = self.activation.encode(self, flat.reshape(flat.shape[0], -1))
         if isinstance(code, SparseCode):
             code = code.dense()
         return code.reshape(*lead, self.cfg.n_latents)
@@ -636,7 +641,7 @@ class SparseAutoencoder(Dictionary):
         target = x if target is None else target
         flat_x, lead = self._flat_in(x)
         flat_t = target.reshape(flat_x.shape[0], -1)
-        x_in = self.encoder_input(flat_x).reshape(flat_x.shape[0], -1)
+        x_in = flat_x.reshape(flat_x.shape[0], -1)
         code = self.activation.encode(self, x_in)
         recon = self.decode_latents(code) + self.b_dec.reshape(-1)
         skip = self.skip(flat_x)

@@ -66,7 +66,9 @@ class BatchTopKActivation(Activation):
 
     def encode(self, sae: SparseAutoencoder, x_in: Tensor) -> Tensor | SparseCode:
         if sae.training or not self.calibrated:
-            return batchtopk_encode(x_in, sae.encoder_weight(), sae.b_enc, self.k)
+            return batchtopk_encode(
+                x_in, sae.encoder_weight(), sae.b_enc, self.k, center=sae.encoder_center()
+            )
         pre = sae.pre_acts(x_in)
         return pre * (pre > self.threshold.to(pre.dtype))
 

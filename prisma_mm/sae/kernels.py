@@ -128,36 +128,43 @@ def _select_batchtopk(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tens
 
 
 class _SparseEncode(torch.autograd.Function):
-    """``(x [B, D], W [D, N], b [N]) -> values [nnz], latents [nnz], offsets [B], rank``."""
+    """``(x [B, D], W [D, N], b [N], c [D] | None) -> values [nnz], latents [nnz], offsets [B],
+    rank`` for ``pre = (x - c) @ W + b``. Centering inside the function lets the backward give
+    ``grad c = -W @ grad b`` (a mat-vec) instead of a per-row ``grad x`` when ``x`` is data."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mode, k, with_rank):  # type: ignore[override]
-        pre = _pre_acts(x, weight, bias)
+    def forward(ctx, x, weight, bias, center, mode, k, with_rank):  # type: ignore[override]
+        x_c = x if center is None else x - center.to(x.dtype)
+        pre = _pre_acts(x_c, weight, bias)
         if mode == "topk":
             vals, latents, offsets, rank = _select_topk(pre, k, with_rank)
         else:
             vals, latents, offsets, rank = _select_batchtopk(pre, k)
         vals = vals.relu()
-        ctx.save_for_backward(x, weight, vals, latents, offsets)
+        ctx.save_for_backward(x_c, weight, vals, latents, offsets)
         ctx.mark_non_differentiable(latents, offsets, rank)
         return vals, latents, offsets, rank
 
     @staticmethod
     def backward(ctx, grad_vals, *_):  # type: ignore[override]
-        x, weight, vals, latents, offsets = ctx.saved_tensors
+        x_c, weight, vals, latents, offsets = ctx.saved_tensors
         n = weight.shape[1]
         g = grad_vals.to(weight.dtype) * (vals > 0)
-        rows = _rows_from_offsets(offsets, latents.numel())
-        grad_x = grad_w = grad_b = None
+        grad_x = grad_w = grad_b = grad_c = None
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(
                 latents, weight.T.contiguous(), offsets, mode="sum", per_sample_weights=g
-            ).to(x.dtype)
+            ).to(x_c.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = _scatter_t_matmul(rows, latents, g, x.to(weight.dtype), n).T
-        if ctx.needs_input_grad[2]:
+            rows = _rows_from_offsets(offsets, latents.numel())
+            grad_w = _scatter_t_matmul(rows, latents, g, x_c.to(weight.dtype), n).T
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             grad_b = torch.zeros(n, dtype=weight.dtype, device=g.device).index_add_(0, latents, g)
-        return grad_x, grad_w, grad_b, None, None, None
+        if ctx.needs_input_grad[3]:
+            grad_c = -(weight @ grad_b)
+        if not ctx.needs_input_grad[2]:
+            grad_b = None
+        return grad_x, grad_w, grad_b, grad_c, None, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -194,25 +201,36 @@ class _SparseDecode(torch.autograd.Function):
 
 
 def topk_encode(
-    x: Tensor, weight: Tensor, bias: Tensor, k: int, with_rank: bool = False
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    k: int,
+    with_rank: bool = False,
+    center: Tensor | None = None,
 ) -> SparseCode:
-    """Per-row top-k of ``relu(x @ weight + bias)``.
+    """Per-row top-k of ``relu((x - center) @ weight + bias)``.
 
-    ``x [B, D]``, ``weight [D, N]``, ``bias [N]`` -> :class:`SparseCode` with ``k`` entries per
-    row (values may be 0 where fewer than k pre-activations are positive). ``with_rank`` fills
-    ``rank`` with each entry's position in its row by decreasing value.
+    ``x [B, D]``, ``weight [D, N]``, ``bias [N]``, ``center [D]`` or None -> :class:`SparseCode`
+    with ``k`` entries per row (values may be 0 where fewer than k pre-activations are
+    positive). ``with_rank`` fills ``rank`` with each entry's position in its row by
+    decreasing value.
     """
     k = min(k, weight.shape[1])
-    vals, latents, offsets, rank = _SparseEncode.apply(x, weight, bias, "topk", k, with_rank)
+    vals, latents, offsets, rank = _SparseEncode.apply(
+        x, weight, bias, center, "topk", k, with_rank
+    )
     return SparseCode(
         vals, latents, offsets, x.shape[0], weight.shape[1], rank if with_rank else None
     )
 
 
-def batchtopk_encode(x: Tensor, weight: Tensor, bias: Tensor, k: int) -> SparseCode:
-    """Top ``batch * k`` positive entries of ``relu(x @ weight + bias)`` over the whole batch
-    (exact). ``x [B, D]`` -> :class:`SparseCode` with a variable number of entries per row."""
-    vals, latents, offsets, _ = _SparseEncode.apply(x, weight, bias, "batchtopk", k, False)
+def batchtopk_encode(
+    x: Tensor, weight: Tensor, bias: Tensor, k: int, center: Tensor | None = None
+) -> SparseCode:
+    """Top ``batch * k`` positive entries of ``relu((x - center) @ weight + bias)`` over the
+    whole batch (exact). ``x [B, D]`` -> :class:`SparseCode` with a variable number of entries
+    per row."""
+    vals, latents, offsets, _ = _SparseEncode.apply(x, weight, bias, center, "batchtopk", k, False)
     return SparseCode(vals, latents, offsets, x.shape[0], weight.shape[1])
 
 

@@ -105,7 +105,7 @@ class MatryoshkaSAE(SparseAutoencoder):
         target = x if target is None else target
         flat_x, lead = self._flat_in(x)
         flat_t = target.reshape(flat_x.shape[0], -1)
-        x_in = self.encoder_input(flat_x).reshape(flat_x.shape[0], -1)
+        x_in = flat_x.reshape(flat_x.shape[0], -1)
         code = self.activation.encode(self, x_in)
         sizes = torch.tensor(self.cfg.group_sizes, device=x_in.device)
         group = torch.bucketize(code.latents, sizes.cumsum(0), right=True)

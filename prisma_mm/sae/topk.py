@@ -68,7 +68,7 @@ def auxk_term(
 
     ``e = (target - recon).detach()``; the top ``k_aux`` pre-activations among dead latents
     are decoded WITHOUT ``b_dec`` (so the bias is not counted twice) into ``e_hat``;
-    ``auxk = sum (e_hat - e)^2 / sum (e - mean_batch(e))^2``. ``x_in [B, D]``,
+    ``auxk = sum (e_hat - e)^2 / sum (e - mean_batch(e))^2``. ``x_in [B, D]`` (flat, uncentred),
     ``recon, target [B, d_out]`` (flat).
     """
     if not sae.training:
@@ -78,7 +78,7 @@ def auxk_term(
         return None
     k = min(k_aux or max(1, target.shape[-1] // 2), dead.numel())
     weight = sae.encoder_weight()
-    aux = topk_encode(x_in, weight[:, dead], sae.b_enc[dead], k)
+    aux = topk_encode(x_in, weight[:, dead], sae.b_enc[dead], k, center=sae.encoder_center())
     # map sub-matrix columns back to latent ids (dead is ascending, so rows stay sorted)
     aux = SparseCode(aux.values, dead[aux.latents], aux.offsets, aux.batch, sae.cfg.n_latents)
     e_hat = sae.decode_sparse(aux).float()
@@ -101,7 +101,9 @@ class TopKActivation(Activation):
         self.auxk_coefficient = float(cfg.auxk_coefficient)
 
     def encode(self, sae: SparseAutoencoder, x_in: Tensor) -> SparseCode:
-        return topk_encode(x_in, sae.encoder_weight(), sae.b_enc, self.k)
+        return topk_encode(
+            x_in, sae.encoder_weight(), sae.b_enc, self.k, center=sae.encoder_center()
+        )
 
     def loss_terms(self, sae, x_in, code, recon, target):  # type: ignore[override]
         aux = auxk_term(sae, x_in, recon, target, self.k_aux)
@@ -142,10 +144,12 @@ def nested_k_forward(
     target = x if target is None else target
     flat_x, lead = sae._flat_in(x)
     flat_t = target.reshape(flat_x.shape[0], -1)
-    x_in = sae.encoder_input(flat_x).reshape(flat_x.shape[0], -1)
+    x_in = flat_x.reshape(flat_x.shape[0], -1)
     n = sae.cfg.n_latents
     ks = [min(k, n) for k in ks]
-    code = topk_encode(x_in, sae.encoder_weight(), sae.b_enc, max(ks), with_rank=True)
+    code = topk_encode(
+        x_in, sae.encoder_weight(), sae.b_enc, max(ks), True, center=sae.encoder_center()
+    )
     assert code.rank is not None
     bounds = torch.tensor(ks, device=code.rank.device)
     group = torch.bucketize(code.rank, bounds, right=True)
