@@ -119,6 +119,9 @@ def test_eval_split_and_mistakes(world):
     assert code == 0
     report = json.loads((root / "large" / "eval.json").read_text())
     assert 0 < report["metrics"]["n_tokens"] < 12 * 17
+    with pytest.raises(PrismaError, match="try --split all"):
+        run(["eval", str(root / "large"), "--cache", str(world["cache"]), "--split", "eval",
+             "--eval-fraction", "0.0", "--quiet"])  # fmt: skip
     with pytest.raises(PrismaError, match="not a saved dictionary"):
         run(["eval", str(root), "--cache", str(world["cache"])])
     with pytest.raises(PrismaError, match="hook"):

@@ -215,21 +215,22 @@ def image_batches(
 # ----- eval ----------------------------------------------------------------------------------
 def run_eval(args: argparse.Namespace) -> int:
     """``prisma-mm eval DICT --cache CACHE``: metrics JSON + table (+ spliced with --data)."""
-    from prisma_mm.analysis.metrics import evaluate, plot_density_histogram
+    from prisma_mm.analysis.metrics import EmptyEvaluation, evaluate, plot_density_histogram
 
     dictionary = _load_dictionary(args.dictionary, args.device)
     hooks = _hooks_of(dictionary, args.hook)
     ds = _dataset(args.cache, hooks, args.split, args.eval_fraction, args.batch_size)
-    metrics = evaluate(
-        dictionary,
-        ds,
-        dense_threshold=args.dense_threshold,
-        max_tokens=args.max_tokens,
-        device=args.device,
-        progress=not args.quiet,
-    )
-    if metrics.n_tokens == 0:
-        raise PrismaError(_no_rows(args.cache, args.split))
+    try:
+        metrics = evaluate(
+            dictionary,
+            ds,
+            dense_threshold=args.dense_threshold,
+            max_tokens=args.max_tokens,
+            device=args.device,
+            progress=not args.quiet,
+        )
+    except EmptyEvaluation:
+        raise PrismaError(_no_rows(args.cache, args.split)) from None
     report: dict[str, Any] = {
         "dictionary": str(Path(args.dictionary).resolve()),
         "architecture": dictionary.architecture,

@@ -38,6 +38,7 @@ from prisma_mm.sae.base import Dictionary
 
 __all__ = [
     "DEFAULT_DENSE_THRESHOLD",
+    "EmptyEvaluation",
     "Metrics",
     "MetricsAccumulator",
     "evaluate",
@@ -46,6 +47,10 @@ __all__ = [
 ]
 
 DEFAULT_DENSE_THRESHOLD = 0.1
+
+
+class EmptyEvaluation(PrismaError):
+    """The evaluated data held no rows."""
 
 
 @dataclass
@@ -191,7 +196,7 @@ class MetricsAccumulator:
     def total_variance_per_dim(self) -> Tensor:
         """``[D]``: ``Σ_n (x_nj - x̄_j)²`` for each flattened dimension ``j``."""
         if self.n_tokens == 0:
-            raise PrismaError("no tokens were evaluated: the data yielded no rows")
+            raise EmptyEvaluation("no tokens were evaluated: the data yielded no rows")
         assert self.sumsq_shifted is not None and self.sum_shifted is not None
         return (self.sumsq_shifted - self.sum_shifted.pow(2) / self.n_tokens).clamp_min(0.0)
 
