@@ -178,7 +178,7 @@ def test_tiny_recipe_trains_logs_and_saves_its_dictionary(family, tiny_cache, tm
     rows = _metrics(run_dir)
     for key in ("fvu", "mse", "cos_sim", "l0", "loss", "dead_fraction", "dense_fraction", "lr"):
         assert f"train/{key}" in rows[0], key
-    for key in ("fvu", "mse", "cos_sim", "l0", "loss/total"):
+    for key in ("fvu", "mse", "cos_sim", "l0", "dead_fraction", "dense_fraction", "loss/total"):
         assert f"val/{key}" in rows[0], key
     assert _last(rows, "train/tokens_seen") == 6 * 256
     val_steps = [int(r["step"]) for r in rows if r.get("val/fvu")]

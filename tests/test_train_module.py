@@ -45,15 +45,22 @@ def test_metric_sums_give_the_metrics_of_the_whole_split():
     code = (torch.rand(10, 8, generator=gen) > 0.6).float()
     losses = torch.rand(10, generator=gen)
     sums = MetricSums()
+    code[:, 7] = 0  # never fires
+    code[:, 6] = 1  # fires on every row
     for rows in (slice(0, 3), slice(3, 10)):
-        active = (code[rows] != 0).sum()
-        sums.update(target[rows], recon[rows], active, {"aux": losses[rows].mean()})
+        counts = (code[rows] != 0).sum(0)
+        sums.update(target[rows], recon[rows], counts, {"aux": losses[rows].mean()})
     sums.all_reduce()  # no process group: nothing to do
     got = sums.compute()
     whole = reconstruction_metrics(target, recon)
     for name in ("fvu", "mse", "cos_sim"):
         assert got[name].item() == pytest.approx(whole[name].item(), rel=1e-6)
     assert got["l0"].item() == pytest.approx((code != 0).sum(-1).float().mean().item())
+    frequency = (code != 0).float().mean(0)
+    assert got["dead_fraction"].item() == pytest.approx((frequency == 0).float().mean().item())
+    assert got["dead_fraction"].item() >= 1 / 8
+    assert got["dense_fraction"].item() == pytest.approx((frequency > 0.1).float().mean().item())
+    assert sums.compute(dense_threshold=0.99)["dense_fraction"].item() == pytest.approx(1 / 8)
     assert got["loss/aux"].item() == pytest.approx(losses.mean().item(), rel=1e-6)
     assert MetricSums().compute() == {}
 

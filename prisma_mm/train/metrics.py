@@ -52,12 +52,12 @@ class MetricSums:
         self,
         target: Tensor,
         recon: Tensor,
-        active: Tensor | float,
+        fire_counts: Tensor,
         losses: dict[str, Tensor] | None = None,
     ) -> None:
-        """Add one batch. target, recon: ``[batch, ...]``; ``active``: total number of non-zero
-        latents over the batch's rows (for L0); ``losses``: named scalar terms of the batch
-        (weighted by its row count)."""
+        """Add one batch. target, recon: ``[batch, ...]``; ``fire_counts [n_latents]``: rows of
+        the batch each latent is active in (L0, dead and dense fractions); ``losses``: named
+        scalar terms of the batch (weighted by its row count)."""
         target = target.detach().to(torch.float64).flatten(1)
         recon = recon.detach().to(torch.float64).flatten(1)
         rows = torch.tensor(float(target.shape[0]), dtype=torch.float64, device=target.device)
@@ -67,7 +67,7 @@ class MetricSums:
         self._add("sum_x", target.sum(0))
         self._add("sum_sq_x", target.pow(2).sum())
         self._add("cos_sim", torch.nn.functional.cosine_similarity(target, recon, dim=-1).sum())
-        self._add("l0", torch.as_tensor(active, dtype=torch.float64, device=target.device))
+        self._add("fire_counts", fire_counts.to(device=target.device))
         for name, value in (losses or {}).items():
             self._add(f"loss/{name}", value.detach().to(torch.float64) * rows)
 
@@ -93,9 +93,11 @@ class MetricSums:
                 self.sums[name] = torch.zeros(union[name], dtype=torch.float64, device=device)
             torch.distributed.all_reduce(self.sums[name])
 
-    def compute(self) -> dict[str, Tensor]:
+    def compute(self, dense_threshold: float = 0.1) -> dict[str, Tensor]:
         """Metrics over everything added so far (0-dim float32 tensors); empty if nothing was:
-        ``fvu``, ``mse``, ``cos_sim``, ``l0`` and ``loss/<name>`` (row-weighted means)."""
+        ``fvu``, ``mse``, ``cos_sim``, ``l0``, ``dead_fraction`` (latents active on no row),
+        ``dense_fraction`` (active on more than ``dense_threshold`` of the rows) and
+        ``loss/<name>`` (row-weighted means)."""
         if not self.sums:
             return {}
         s = self.sums
@@ -105,7 +107,9 @@ class MetricSums:
             "fvu": s["sq_error"] / total_variance.clamp_min(torch.finfo(torch.float64).tiny),
             "mse": s["sq_error"] / s["elements"],
             "cos_sim": s["cos_sim"] / rows,
-            "l0": s["l0"] / rows,
+            "l0": s["fire_counts"].sum() / rows,
+            "dead_fraction": (s["fire_counts"] == 0).double().mean(),
+            "dense_fraction": (s["fire_counts"] / rows > dense_threshold).double().mean(),
         }
         for name, value in s.items():
             if name.startswith("loss/"):

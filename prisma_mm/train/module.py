@@ -315,8 +315,7 @@ class SAEModule(pl.LightningModule):
         x, target = split_batch(batch, self.dictionary)
         out = self(batch)
         losses = {"total": out.loss, **out.losses}
-        active = out.fire_counts().sum()
-        self._val_sums.update(x if target is None else target, out.recon, active, losses)
+        self._val_sums.update(x if target is None else target, out.recon, out.fire_counts(), losses)
 
     def on_validation_epoch_end(self) -> None:
         sums = self._val_sums
