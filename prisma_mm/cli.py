@@ -17,6 +17,7 @@ from prisma_mm.errors import PrismaError
 STAGE_PARSERS: list[tuple[str, str]] = [
     ("prisma_mm.cache.cli", "add_cache_parser"),
     ("prisma_mm.cli", "_add_toyworld_parser"),
+    ("prisma_mm.analysis.cli", "add_analysis_parsers"),
     ("prisma_mm.demo", "add_demo_parser"),
 ]
 
