@@ -274,7 +274,7 @@ class SAEModule(pl.LightningModule):
             x, target = split_batch(sample, self.dictionary)
             self.dictionary.init_from_sample(x, target)
             self.dictionary.normalize_decoder_()
-            # every process read its own sample: take process 0's initialisation everywhere
+            # every process read the same sample; process 0's result makes it exact everywhere
             self._broadcast_dictionary()
         self.initialized.fill_(True)
 
