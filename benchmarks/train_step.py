@@ -15,6 +15,7 @@ be imported (they are installed in a separate venv: run this file with that venv
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -40,7 +41,13 @@ def _ours(arch: str, args, x: torch.Tensor, bf16: bool) -> Callable[[], None]:
     kwargs = dict(d_in=args.d_in, n_latents=args.n_latents, k=args.k)
     if arch == "matryoshka":
         n = args.n_latents
-        kwargs["group_sizes"] = [n // 16, n // 16, n // 8, n // 4, n - n // 16 * 2 - n // 8 - n // 4]
+        kwargs["group_sizes"] = [
+            n // 16,
+            n // 16,
+            n // 8,
+            n // 4,
+            n - n // 16 * 2 - n // 8 - n // 4,
+        ]
     sae = S.build(arch, **kwargs).train()
     sae.init_from_sample(x[:1024])
     opt = adam(sae.parameters(), 1e-4)
@@ -59,6 +66,8 @@ def _ours(arch: str, args, x: torch.Tensor, bf16: bool) -> Callable[[], None]:
 
 
 def _sparsify(args, x: torch.Tensor) -> Callable[[], None]:
+    # its Triton decoder needs a GPU; on CPU sparsify's own eager embedding_bag path is the one
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
     from sparsify import SparseCoder, SparseCoderConfig
 
     sae = SparseCoder(args.d_in, SparseCoderConfig(num_latents=args.n_latents, k=args.k))
@@ -83,12 +92,14 @@ def _saelens(args, x: torch.Tensor) -> Callable[[], None]:
     sae = TopKTrainingSAE(cfg)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
 
+    # TrainStepInput's fields vary across SAELens versions: fill the ones this version has
+    known = {"sae_in": x, "coefficients": {}, "dead_neuron_mask": None}
+    known.update(n_training_steps=0, is_logging_step=False)
+    fields = TrainStepInput.__dataclass_fields__
+    step_input = TrainStepInput(**{k: v for k, v in known.items() if k in fields})
+
     def step() -> None:
-        out = sae.training_forward_pass(
-            TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0)
-            if "n_training_steps" in TrainStepInput.__dataclass_fields__
-            else TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None)
-        )
+        out = sae.training_forward_pass(step_input)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
@@ -145,7 +156,6 @@ def main(argv: list[str] | None = None) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         roof_bf16 = _time(lambda: x @ w, args.repeats)
     print(f"{'roofline matmul bf16 autocast':<34s} {roof_bf16 * 1e3:9.1f} ms")
-    del w
 
     ours: dict[tuple[str, bool], float] = {}
     for bf16 in (False, True):

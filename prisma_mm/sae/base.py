@@ -180,6 +180,15 @@ def fvu(recon: Tensor, target: Tensor) -> Tensor:
     return err / var.clamp_min(torch.finfo(torch.float32).tiny)
 
 
+def prefix_fvus(prefixes: Tensor, target: Tensor) -> Tensor:
+    """FVU of each of several reconstructions at once: ``prefixes [batch, G, d]``,
+    ``target [batch, d]`` -> ``[G]`` (the target's variance is computed once)."""
+    target = target.float()
+    err = (prefixes.float() - target[:, None]).pow(2).sum((0, 2))
+    var = (target - target.mean(0, keepdim=True)).pow(2).sum()
+    return err / var.clamp_min(torch.finfo(torch.float32).tiny)
+
+
 def warmup(progress: float, fraction: float) -> float:
     """Linear warm-up factor in [0, 1]: ``min(1, progress / fraction)`` (1 when fraction is 0)."""
     if fraction <= 0:
@@ -365,8 +374,9 @@ class Dictionary(nn.Module):
             return
         rows = self._decoder_rows(self.W_dec.data)
         grad = self._decoder_rows(self.W_dec.grad)
-        unit = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-8)
-        grad.sub_((grad * unit).sum(1, keepdim=True) * unit)
+        # grad -= (<grad, row> / |row|^2) row, without [n, d] temporaries
+        coef = torch.linalg.vecdot(grad, rows) / torch.linalg.vecdot(rows, rows).clamp_min(1e-16)
+        grad.addcmul_(coef.unsqueeze(1), rows, value=-1.0)
 
     def set_progress(self, fraction: float) -> None:
         """Tell the dictionary how far training is (0..1), for coefficient warm-ups."""

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from prisma_mm.errors import PrismaError
-from prisma_mm.sae.base import DictionaryConfig, Output, SparseAutoencoder
+from prisma_mm.sae.base import DictionaryConfig, Output, SparseAutoencoder, prefix_fvus
 from prisma_mm.sae.batchtopk import BatchTopKParams
 from prisma_mm.sae.topk import auxk_term, nested_k_forward
 
@@ -110,11 +110,9 @@ class MatryoshkaSAE(SparseAutoencoder):
         sizes = torch.tensor(self.cfg.group_sizes, device=x_in.device)
         group = torch.bucketize(code.latents, sizes.cumsum(0), right=True)
         prefixes = self.nested_recons(code, group, len(sizes)) + self.b_dec.reshape(-1)
-        losses: dict[str, Tensor] = {}
-        loss = prefixes.new_zeros(())
-        for g in range(len(sizes)):
-            losses[f"fvu_prefix_{g}"] = self.reconstruction_terms(prefixes[:, g], flat_t)["fvu"]
-            loss = loss + losses[f"fvu_prefix_{g}"]
+        fvus = prefix_fvus(prefixes, flat_t)
+        loss = fvus.sum()
+        losses = {f"fvu_prefix_{g}": fvus[g] for g in range(len(sizes))}
         recon = prefixes[:, -1]
         losses.update(self.reconstruction_terms(recon, flat_t))
         aux = auxk_term(self, x_in, recon, flat_t, self.cfg.k_aux)

@@ -20,6 +20,7 @@ from prisma_mm.sae.base import (
     Output,
     SparseAutoencoder,
     SparseCode,
+    prefix_fvus,
 )
 from prisma_mm.sae.kernels import topk_encode
 
@@ -159,11 +160,9 @@ def nested_k_forward(
     if skip is not None:
         prefixes = prefixes + skip[:, None]
     names = names or [f"fvu_k{k}" for k in ks]
-    losses: dict[str, Tensor] = {}
-    loss = prefixes.new_zeros(())
-    for i, (name, w) in enumerate(zip(names, weights)):
-        losses[name] = sae.reconstruction_terms(prefixes[:, i], flat_t)["fvu"]
-        loss = loss + w * losses[name]
+    fvus = prefix_fvus(prefixes, flat_t)
+    loss = (fvus * torch.tensor(weights, dtype=fvus.dtype, device=fvus.device)).sum()
+    losses: dict[str, Tensor] = {name: fvus[i] for i, name in enumerate(names)}
     code_k = ks[0] if code_k is None else min(code_k, max(ks))
     which = ks.index(code_k) if code_k in ks else None
     recon = (
