@@ -478,3 +478,23 @@ def test_fit_simple_calls_the_training_hooks_in_trainer_order():
     assert history[-1]["step"] == 3.0 and "fvu" in history[-1]
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(16))
     assert not sae.training
+
+
+def test_matryoshka_reports_prefix_fvus_in_eval_mode_too():
+    sae = _randomise(S.MatryoshkaSAE(d_in=8, n_latents=16, k=3, group_sizes=[2, 4, 10]))
+    sae.activation.threshold.fill_(0.2)
+    x = _x()
+    out = sae.eval()(x)
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    code = pre * (pre > 0.2)
+    torch.testing.assert_close(out.code, code)
+    for g, end in enumerate([2, 6, 16]):
+        masked = code.clone()
+        masked[:, end:] = 0
+        want = fvu(masked @ sae.W_dec + sae.b_dec, x)
+        torch.testing.assert_close(out.losses[f"fvu_prefix_{g}"], want.detach())
+    nested = _randomise(S.MatryoshkaSAE(d_in=8, n_latents=16, nesting="k", ks=[1, 3], k=2))
+    out = nested.eval()(x)
+    torch.testing.assert_close(out.code, _dense_code(nested, x, 2))
+    f1 = fvu(_dense_code(nested, x, 1) @ nested.W_dec + nested.b_dec, x)
+    torch.testing.assert_close(out.losses["fvu_prefix_0"], f1.detach())

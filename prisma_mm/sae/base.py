@@ -80,6 +80,15 @@ class SparseCode:
     n_latents: int
     rank: Tensor | None = None
 
+    @classmethod
+    def from_dense(cls, code: Tensor) -> SparseCode:
+        """The non-zero entries of a dense ``code [batch, n_latents]`` (values keep autograd)."""
+        rows, latents = code.nonzero(as_tuple=True)  # row-major: rows grouped, latents ascending
+        counts = torch.bincount(rows, minlength=code.shape[0])
+        offsets = torch.zeros(code.shape[0], dtype=torch.long, device=code.device)
+        offsets[1:] = counts.cumsum(0)[:-1]
+        return cls(code[rows, latents], latents, offsets, code.shape[0], code.shape[1])
+
     def rows(self) -> Tensor:
         """Row index of every entry, ``[nnz]``."""
         counts = torch.diff(

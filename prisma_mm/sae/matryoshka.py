@@ -20,7 +20,13 @@ import torch
 from torch import Tensor
 
 from prisma_mm.errors import PrismaError
-from prisma_mm.sae.base import DictionaryConfig, Output, SparseAutoencoder, prefix_fvus
+from prisma_mm.sae.base import (
+    DictionaryConfig,
+    Output,
+    SparseAutoencoder,
+    SparseCode,
+    prefix_fvus,
+)
 from prisma_mm.sae.batchtopk import BatchTopKParams
 from prisma_mm.sae.topk import auxk_term, nested_k_forward
 
@@ -94,8 +100,8 @@ class MatryoshkaSAE(SparseAutoencoder):
     cfg: MatryoshkaConfig
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> Output:
-        if not self.training:
-            return super().forward(x, target)
+        """Training and eval both report ``fvu_prefix_*`` (eval encodes with the inference
+        threshold, or the inference k)."""
         if self.cfg.nesting == "k":
             assert self.cfg.ks is not None and self.cfg.k_weights is not None
             names = [f"fvu_prefix_{i}" for i in range(len(self.cfg.ks))]
@@ -107,6 +113,8 @@ class MatryoshkaSAE(SparseAutoencoder):
         flat_t = target.reshape(flat_x.shape[0], -1)
         x_in = flat_x.reshape(flat_x.shape[0], -1)
         code = self.activation.encode(self, x_in)
+        if not isinstance(code, SparseCode):  # eval: the threshold code is dense
+            code = SparseCode.from_dense(code)
         sizes = torch.tensor(self.cfg.group_sizes, device=x_in.device)
         group = torch.bucketize(code.latents, sizes.cumsum(0), right=True)
         prefixes = self.nested_recons(code, group, len(sizes)) + self.b_dec.reshape(-1)
