@@ -12,7 +12,6 @@ Shapes: ``x [batch, d_in]``, ``code [batch, n_latents]``, ``recon [batch, d_out]
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -773,9 +772,3 @@ class SparseAutoencoder(Dictionary):
         if not same:
             self.metadata["normalization"]["target_mean"] = _jsonable(torch.as_tensor(m_out))
             self.metadata["normalization"]["target_scale"] = _jsonable(torch.as_tensor(s_out))
-
-
-def check_finite(value: float, name: str) -> None:
-    """Raise a PrismaError when a hyper-parameter is not a finite number."""
-    if not math.isfinite(value):
-        raise PrismaError(f"{name} must be finite, got {value}")

@@ -58,7 +58,9 @@ class TranscoderConfig(JumpReLUParams, ReLUParams, BatchTopKParams, DictionaryCo
 
 class Transcoder(SparseAutoencoder):
     """``Transcoder(d_in=768, n_latents=12288, d_out=768, activation="topk", k=32, skip=True)``;
-    ``forward(x [B, d_in], target [B, d_out])``. Parameters as an SAE plus ``W_skip``."""
+    ``forward(x [B, d_in], target [B, d_out])``. Parameters as an SAE plus ``W_skip``.
+    ``decode(code)`` is the decoder half only (``W_dec^T code + b_dec``): the skip term needs
+    ``x``, which ``forward`` adds."""
 
     config_class = TranscoderConfig
     architecture = "transcoder"
@@ -74,10 +76,6 @@ class Transcoder(SparseAutoencoder):
         if not self.cfg.skip:
             return None
         return x @ self.W_skip.to(x.dtype)
-
-    def decode(self, code: Tensor) -> Tensor:
-        """Decoder half only (``W_dec^T code + b_dec``; the skip term needs ``x``)."""
-        return super().decode(code)
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> Output:
         if target is None and self.d_out != self.cfg.d_in:
