@@ -28,6 +28,7 @@ class DemoConfig:
     """Sizes of the demo run; the defaults take a few minutes on 2 CPU cores."""
 
     out: Path = Path("prisma-demo")
+    model: str = "toyvit"
     n_train: int = 6000
     n_eval: int = 600
     hook: str = "blocks.3.hook_resid_post"
@@ -37,6 +38,8 @@ class DemoConfig:
     n_latents: int = 1536
     small_latents: int = 384
     k: int = 16
+    meta_steps: int = 1500
+    stitch_points: int = 24
     progress: bool = True
     sae_names: list[str] = field(default_factory=lambda: ["topk", "matryoshka", "topk-small"])
 
@@ -152,10 +155,10 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     started = time.perf_counter()
     config.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    model = prisma_mm.load_model("toyvit")
+    model = prisma_mm.load_model(config.model)
     grid = model.layout.grid[1]
 
-    print(f"[1/4] caching toyvit {config.hook} over {config.n_train} toy-world images")
+    print(f"[1/4] caching {config.model} {config.hook} over {config.n_train} toy-world images")
     cache_dir = config.out / "cache"
     write_cache(
         model,
@@ -223,6 +226,14 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         "model": {"clean_accuracy": clean_accuracy, "mean_ablated_accuracy": ablated_accuracy},
         "saes": results,
     }
+    if "topk" in saved and "topk-small" in saved:
+        print("[3b] stitching topk-small into topk, and a meta-SAE of topk")
+        small, large = load_dictionary(saved["topk-small"]), load_dictionary(saved["topk"])
+        summary["stitching"] = stitching_stage(config, small, large, flat)
+        patch_flat = acts[:, model.layout.n_prefix :].reshape(-1, d)
+        summary["meta_sae"] = meta_sae_stage(
+            config, large, patch_flat, data["patch_labels"].reshape(-1, len(VALUE_NAMES))
+        )
 
     print("[4/4] writing the summary")
     summary["seconds"] = round(time.perf_counter() - started, 1)
@@ -231,6 +242,84 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     (config.out / "summary.md").write_text(table + "\n")
     print(table)
     return summary
+
+
+def stitching_stage(config: DemoConfig, small: Any, large: Any, rows: Tensor) -> dict[str, Any]:
+    """Stitch the small TopK SAE into the large one; plot MSE against size."""
+    from prisma_mm.analysis.stitching import plot_stitching, stitch
+
+    sample = rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))[:8192]]
+    result = stitch(small, large, sample, max_points=config.stitch_points)
+    plot_stitching(result, config.out / "stitching.png")
+    (config.out / "stitching.json").write_text(
+        json.dumps(result.to_dict(per_latent=False), indent=1)
+    )
+    classes = result.classes
+    return {
+        "n_novel_test": int(classes.novel_test.sum()),
+        "n_novel_proxy": int(classes.novel_proxy.sum()),
+        "test_proxy_agreement": float((classes.novel_test == classes.novel_proxy).mean()),
+        "monotone": bool(result.monotone),
+        "n_increases": int(result.n_increases),
+        "mse_small": float(classes.mse_small),
+        "mse_large": float(result.mse_large),
+        "points": len(result.curve),
+    }
+
+
+def factor_of_latents(codes: Tensor, labels: Tensor, min_auroc: float = 0.75) -> list[str | None]:
+    """Each latent's factor (shape, colour …): that of the value it detects best by AUROC
+    over patches, or None when no value reaches ``min_auroc``."""
+    from prisma_mm.analysis.ground_truth import auroc
+    from prisma_mm.data.toyworld import VALUE_NAMES
+
+    scores = auroc(codes, labels)  # [n_latents, n_values]
+    best, value = scores.max(dim=1)
+    return [
+        VALUE_NAMES[v].split("=")[0] if b >= min_auroc else None
+        for b, v in zip(best.tolist(), value.tolist())
+    ]
+
+
+def meta_purity(members: list[list[int]], factors: list[str | None]) -> float:
+    """Mean over meta-latents (with >= 2 members that have a factor) of the share of those
+    members whose factor is the meta-latent's most common one."""
+    from collections import Counter
+
+    shares = []
+    for group in members:
+        named = [factors[i] for i in group if factors[i] is not None]
+        if len(named) >= 2:
+            shares.append(Counter(named).most_common(1)[0][1] / len(named))
+    return float(np.mean(shares)) if shares else float("nan")
+
+
+def meta_sae_stage(config: DemoConfig, large: Any, rows: Tensor, labels: Tensor) -> dict[str, Any]:
+    """A meta-SAE of the large SAE, and whether its meta-latents group latents by factor
+    (purity against the same latents with their factors shuffled)."""
+    from prisma_mm.analysis.meta_sae import train_meta_sae
+
+    result = train_meta_sae(
+        large, k=4, steps=config.meta_steps, seed=config.seed, progress=config.progress
+    )
+    result.save(config.out / "meta_sae")
+    with torch.no_grad():
+        codes = large.encode(rows)
+    factors = factor_of_latents(codes, labels)
+    members = [[i for i, _ in result.members(m)] for m in range(result.n_meta)]
+    purity = meta_purity(members, factors)
+    rng = np.random.default_rng(config.seed)
+    shuffled = [
+        meta_purity(members, list(rng.permutation(np.array(factors, dtype=object))))
+        for _ in range(20)
+    ]
+    return {
+        "n_meta": int(result.n_meta),
+        "fvu": float(result.fvu),
+        "latents_with_factor": int(sum(f is not None for f in factors)),
+        "factor_purity": purity,
+        "shuffled_purity": float(np.mean(shuffled)),
+    }
 
 
 def summary_table(summary: dict[str, Any]) -> str:
@@ -248,6 +337,21 @@ def summary_table(summary: dict[str, Any]) -> str:
             f"| {name} | {r['n_latents']} | {r['fvu']:.3f} | {r['l0']:.1f} | "
             f"{r['dead_fraction']:.3f} | {r['spliced_accuracy']:.3f} | "
             f"{r['ground_truth']['score']:.3f} |"
+        )
+    if "stitching" in summary:
+        st = summary["stitching"]
+        lines += [
+            "",
+            f"stitching topk-small -> topk: MSE {st['mse_small']:.4f} -> {st['mse_large']:.4f} "
+            f"over {st['points']} points, monotone: {st['monotone']} ({st['n_increases']} increases); "
+            f"novel latents: {st['n_novel_test']} by the exact test, {st['n_novel_proxy']} by the "
+            f"cosine proxy (agreement {st['test_proxy_agreement']:.2f})",
+        ]
+    if "meta_sae" in summary:
+        ms = summary["meta_sae"]
+        lines.append(
+            f"meta-SAE of topk: {ms['n_meta']} meta-latents, FVU {ms['fvu']:.3f}; factor purity "
+            f"{ms['factor_purity']:.3f} vs {ms['shuffled_purity']:.3f} with factors shuffled"
         )
     return "\n".join(lines)
 
