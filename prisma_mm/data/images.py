@@ -7,6 +7,7 @@ Transparent pixels are composited onto white, 16-bit data is scaled to 8 bits.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -81,39 +82,33 @@ def load_image(path: str | Path) -> Image.Image:
     path = Path(path)
     if path.is_file() and path.stat().st_size == 0:
         raise BadImage(f"{path}: empty file (0 bytes)")
-    try:
-        with Image.open(path) as handle:
-            handle.load()
-            return to_pil_rgb(handle)
-    except FileNotFoundError:
-        raise
-    except (
-        UnidentifiedImageError,
-        OSError,
-        SyntaxError,
-        ValueError,
-        Image.DecompressionBombError,
-    ) as error:
-        raise BadImage(f"{path}: {error.__class__.__name__}: {error}") from error
+    return _decode(path, str(path))
 
 
 def decode_image_bytes(data: bytes, name: str = "<bytes>") -> Image.Image:
     """Decode image bytes (from a shard) as RGB; a damaged image raises :class:`BadImage`."""
-    import io
-
     if not data:
         raise BadImage(f"{name}: empty file")
+    return _decode(io.BytesIO(data), name)
+
+
+_DECODE_ERRORS = (
+    UnidentifiedImageError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    Image.DecompressionBombError,
+)
+
+
+def _decode(source: Path | io.BytesIO, name: str) -> Image.Image:
     try:
-        with Image.open(io.BytesIO(data)) as handle:
+        with Image.open(source) as handle:
             handle.load()
             return to_pil_rgb(handle)
-    except (
-        UnidentifiedImageError,
-        OSError,
-        SyntaxError,
-        ValueError,
-        Image.DecompressionBombError,
-    ) as error:
+    except FileNotFoundError:
+        raise
+    except _DECODE_ERRORS as error:
         raise BadImage(f"{name}: {error.__class__.__name__}: {error}") from error
 
 
