@@ -11,13 +11,15 @@ every row is read once per epoch. See docs/cache.md.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset
+from torch import Tensor
+from torch.utils.data import IterableDataset, get_worker_info
 
 from prisma_mm.cache import manifest as fmt
 from prisma_mm.errors import PrismaError
@@ -60,9 +62,11 @@ class _RowBuffer:
     random batches leave by gathering and the tail fills the holes (no per-row Python)."""
 
     def __init__(self, capacity: int, n_hooks: int, d: int, dtype: np.dtype) -> None:
-        self.data = np.empty((capacity, n_hooks, d), dtype)
+        # zeros (calloc), not empty: first writes into madvised huge pages can be very slow
+        self.data = np.zeros((capacity, n_hooks, d), dtype)
         self.sample = np.empty(capacity, np.int64)
         self.token = np.empty(capacity, np.int64)
+        self.scratch: np.ndarray | None = None
         self.n = 0
 
     def append(self, arrays: Sequence[np.ndarray], rows: np.ndarray | None, sample: int,
@@ -76,19 +80,25 @@ class _RowBuffer:
         self.n = end
 
     def take(self, count: int, rng: np.random.Generator | None) -> tuple[np.ndarray, ...]:
-        """Remove ``count`` rows: uniformly at random with ``rng``, else the oldest."""
+        """Remove ``count`` rows (uniformly at random with ``rng``, else the oldest) and return
+        ``(rows, sample ids, token indices)``; ``rows`` is a scratch array reused by the next
+        call, so copy it out before taking again."""
         n = self.n
+        rest = n - count
+        if self.scratch is None or len(self.scratch) < count:
+            self.scratch = np.zeros((count, *self.data.shape[1:]), self.data.dtype)
+        rows = self.scratch[:count]
         if rng is None:
-            out = (self.data[:count].copy(), self.sample[:count].copy(), self.token[:count].copy())
-            rest = n - count
+            rows[...] = self.data[:count]
+            out = (rows, self.sample[:count].copy(), self.token[:count].copy())
             self.data[:rest] = self.data[count:n]
             self.sample[:rest] = self.sample[count:n]
             self.token[:rest] = self.token[count:n]
             self.n = rest
             return out
         chosen = rng.choice(n, size=count, replace=False)
-        out = (self.data[chosen], self.sample[chosen], self.token[chosen])
-        rest = n - count
+        np.take(self.data, chosen, axis=0, out=rows, mode="clip")
+        out = (rows, self.sample[chosen], self.token[chosen])
         holes = chosen[chosen < rest]
         keep = np.ones(count, bool)
         keep[chosen[chosen >= rest] - rest] = False
@@ -98,6 +108,22 @@ class _RowBuffer:
         self.token[holes] = self.token[movers]
         self.n = rest
         return out
+
+
+def _new_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """An empty tensor; inside a DataLoader worker it is allocated in shared memory, so
+    handing it to the main process needs no further copy (as torch's default_collate does)."""
+    if get_worker_info() is not None:
+        try:
+            storage = (
+                torch.empty(0, dtype=dtype)
+                ._typed_storage()
+                ._new_shared(math.prod(shape), device="cpu")
+            )
+            return torch.empty(0, dtype=dtype).new(storage).view(shape)
+        except (AttributeError, RuntimeError):  # a torch without this private API
+            pass
+    return torch.empty(shape, dtype=dtype)
 
 
 class ActivationDataset(IterableDataset):
@@ -239,7 +265,7 @@ class ActivationDataset(IterableDataset):
         counter = 0
         for name in names:
             path = self.cache_dir / name
-            for key, members in read_shard(path, wanted):
+            for key, members in _read_shard(path, wanted):
                 number = counter
                 counter += 1
                 if self.split is not None:
@@ -284,39 +310,51 @@ class ActivationDataset(IterableDataset):
                 break
             yield self._emit(*buffer.take(count, rng), keys)
 
-    def _emit(self, data: np.ndarray, sample: np.ndarray, token: np.ndarray,
+    def _emit(self, rows: np.ndarray, sample: np.ndarray, token: np.ndarray,
               keys: dict[int, str]) -> Any:  # fmt: skip
-        acts = fmt.to_torch(data, self.manifest["dtype"]).to(self.dtype)
-        if self.normalize:
-            acts = (acts - self._mean) * self._scale
+        stored = fmt.to_torch(rows, self.manifest["dtype"])
         if self.single:
-            acts = acts[:, 0]
+            stored = stored[:, 0]
+        acts = _new_tensor(tuple(stored.shape), self.dtype)
+        acts.copy_(stored)  # one pass: out of the scratch rows, converted to the output dtype
+        if self.normalize:
+            mean, scale = (
+                (self._mean[0], self._scale[0]) if self.single else (self._mean, self._scale)
+            )
+            acts.sub_(mean).mul_(scale)
         if not self.provenance:
             return acts
         return acts, [keys[s] for s in sample.tolist()], torch.from_numpy(token)
 
 
-def read_shard(path: Path, wanted: set[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _read_shard(path: Path, wanted: set[str]) -> Iterator[tuple[str, dict[str, memoryview]]]:
     """Samples of a local shard as ``(key, {extension: bytes})``, reading only the members
-    whose extension is in ``wanted``. Random-access tar reading: one read per member."""
+    whose extension is in ``wanted``, each with one ``readinto`` into a buffer reused from
+    sample to sample: the bytes are valid until the next sample is read (copy to keep)."""
     import tarfile
 
     key: str | None = None
-    members: dict[str, bytes] = {}
+    members: dict[str, memoryview] = {}
+    buffers: dict[str, bytearray] = {}
     try:
-        with tarfile.open(path, "r:") as tar:
+        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
             for member in tar:
                 if not member.isreg():
                     continue
-                base = member.name.rsplit("/", 1)[-1]
-                name, _, extension = base.partition(".")
+                name, _, extension = member.name.rsplit("/", 1)[-1].partition(".")
                 if name != key:
                     if key is not None:
                         yield key, members
                     key, members = name, {}
                 if extension in wanted:
-                    handle = tar.extractfile(member)
-                    members[extension] = handle.read() if handle else b""
+                    buffer = buffers.get(extension)
+                    if buffer is None or len(buffer) < member.size:
+                        buffer = buffers[extension] = bytearray(member.size)
+                    view = memoryview(buffer)[: member.size]
+                    raw.seek(member.offset_data)  # tarfile seeks back to its next header itself
+                    if raw.readinto(view) != member.size:
+                        raise tarfile.ReadError(f"member {member.name} is cut short")
+                    members[extension] = view
             tar.members = []
     except (tarfile.TarError, OSError) as error:
         raise PrismaError(

@@ -17,9 +17,11 @@ import datetime
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import queue
+import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -65,31 +67,42 @@ class _HashingWriter:
         self.size = 0
 
     def write(self, data: bytes) -> int:
-        self.digest.update(data)
+        self.digest.update(data)  # releases the GIL for large buffers, as does the write
         self.size += len(data)
         return self.handle.write(data)
+
+    def tell(self) -> int:
+        return self.size
 
 
 class ShardFile:
     """One shard being written: samples go to ``<name>.tmp`` (sha256 computed on the way);
-    :meth:`publish` fsyncs it and renames it to its final name."""
+    :meth:`publish` fsyncs it and renames it to its final name.
+
+    A plain (uncompressed, ustar) tar in webdataset layout, members ``<key>.<ext>``. Written
+    with :mod:`tarfile` in block mode, one write per member, so the background thread holds
+    the GIL as little as possible (stream mode copies large members in 10 kB slices)."""
 
     def __init__(self, path: str | Path) -> None:
-        from webdataset import TarWriter
-
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + fmt.TMP_SUFFIX)
-        self._handle = open(self.tmp, "wb")
+        self._handle = open(self.tmp, "wb")  # noqa: SIM115 - closed by publish / discard
         self._hashing = _HashingWriter(self._handle)
-        # encoder=False: members are bytes we encoded; mtime fixed so equal data, equal bytes
-        self._tar = TarWriter(
-            self._hashing, encoder=False, mtime=0, user="prisma", group="prisma", mode=0o644
-        )
+        self._tar = tarfile.open(fileobj=self._hashing, mode="w", format=tarfile.USTAR_FORMAT)
+        self._tar.copybufsize = 1 << 24
         self.samples = 0
 
     def add(self, sample: Mapping[str, Any]) -> None:
-        """Append one sample: ``{"__key__": str, "<ext>": bytes, ...}``."""
-        self._tar.write(dict(sample))
+        """Append one sample: ``{"__key__": str, "<ext>": bytes, ...}`` (members sorted by
+        extension, fixed mtime and owner, so equal data gives equal bytes)."""
+        key = sample["__key__"]
+        for extension in sorted(k for k in sample if k != "__key__"):
+            data = sample[extension]
+            info = tarfile.TarInfo(f"{key}.{extension}")
+            info.size = len(data)
+            info.mode = 0o644
+            info.uname = info.gname = "prisma"
+            self._tar.addfile(info, io.BytesIO(data))
         self.samples += 1
 
     def publish(self) -> tuple[str, int]:
@@ -103,8 +116,7 @@ class ShardFile:
         return self._hashing.digest.hexdigest(), self._hashing.size
 
     def discard(self) -> None:
-        """Drop the partial shard (after an error): close without finishing the tar."""
-        self._tar.tarstream.fileobj.closed = True  # the tar stream must not flush at exit
+        """Drop the partial shard (after an error)."""
         try:
             self._handle.close()
         except OSError:
