@@ -87,7 +87,7 @@ def test_data_input_needs_no_input_gradient():
 
 
 def test_batchtopk_exact_when_one_row_takes_most_of_the_budget():
-    """A row far larger than the rest needs more than its 4k candidates: the full-row
+    """A row far larger than the rest needs more than its 2k candidates: the full-row
     fallback must still give the exact batch-wide top."""
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(16, 4, generator=gen, dtype=torch.float64)
@@ -96,7 +96,7 @@ def test_batchtopk_exact_when_one_row_takes_most_of_the_budget():
     b = torch.zeros(64, dtype=torch.float64)
     code = batchtopk_encode(x, w, b, 2)
     ref = _dense_batchtopk(x @ w + b, 2)
-    assert int((ref[3] > 0).sum()) > 8  # row 3 really takes more than 4k = 8 entries
+    assert int((ref[3] > 0).sum()) > 8  # row 3 really takes more than 2k = 4 entries (and 4k)
     torch.testing.assert_close(code.dense(), ref)
     assert code.values.numel() == 32
 
