@@ -296,10 +296,14 @@ def test_cli_writes_a_cache_from_a_weights_file(model, images, tmp_path, capsys)
     manifest = read_manifest(tmp_path / "c")
     assert manifest["model"]["weights"] == str(weights)
     assert manifest["model"]["fingerprint"] == writer_module.weights_fingerprint(model.module)
-    assert main_cache(argv) == 0  # resuming a complete cache is a no-op
+    # through the `prisma-mm` entry point: resuming a complete cache is a no-op
+    from prisma_mm.cli import main
+
+    assert main(["cache", *argv]) == 0
     assert read_manifest(tmp_path / "c")["shards"] == manifest["shards"]
+    assert main(["cache", "verify", str(tmp_path / "c")]) == 0
     argv[argv.index("cls")] = "patches"
-    assert main_cache(argv) == 2
+    assert main(["cache", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already holds a different cache: tokens" in err[0]
     json.loads((tmp_path / "c" / "manifest.json").read_text())

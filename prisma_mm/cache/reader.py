@@ -58,55 +58,90 @@ def normalization(
 
 
 class _RowBuffer:
-    """Rows ``[capacity, n_hooks, d]`` in storage dtype, with their sample id and token index;
-    random batches leave by gathering and the tail fills the holes (no per-row Python)."""
+    """Rows ``[capacity, n_hooks, d]`` in storage dtype, with their sample id and token index.
+
+    A random batch leaves by one gather; the positions it frees are refilled by the next
+    samples' rows (one scatter), so every row is copied once in and once out, and no Python
+    runs per row. Rows ``[0, n)`` are valid except the free positions in ``holes``.
+    """
 
     def __init__(self, capacity: int, n_hooks: int, d: int, dtype: np.dtype) -> None:
-        # zeros (calloc), not empty: first writes into madvised huge pages can be very slow
-        self.data = np.zeros((capacity, n_hooks, d), dtype)
-        self.sample = np.empty(capacity, np.int64)
-        self.token = np.empty(capacity, np.int64)
+        self.data = np.empty((capacity, n_hooks, d), dtype)
+        self.data.fill(0)  # fault the pages in bulk: first writes row by row can be far slower
+        # each row as one opaque element: gathers and scatters become one memcpy per row
+        self.row_type = np.dtype((np.void, n_hooks * d * self.data.itemsize))
+        self.rows = self._as_rows(self.data)
+        self.sample = np.zeros(capacity, np.int64)
+        self.token = np.zeros(capacity, np.int64)
+        self.holes = np.zeros(0, np.int64)
         self.scratch: np.ndarray | None = None
         self.n = 0
 
+    def _as_rows(self, array: np.ndarray) -> np.ndarray:
+        return array.reshape(len(array), -1).view(self.row_type).reshape(len(array))
+
+    @property
+    def size(self) -> int:
+        """Rows held."""
+        return self.n - len(self.holes)
+
     def append(self, arrays: Sequence[np.ndarray], rows: np.ndarray | None, sample: int,
                tokens: np.ndarray) -> None:  # fmt: skip
-        count = len(tokens) if rows is None else len(rows)
-        end = self.n + count
-        for h, array in enumerate(arrays):
-            self.data[self.n : end, h] = array if rows is None else array[rows]
+        """Add one sample's rows (``arrays``: ``[tokens, d]`` per hook; ``rows``: the subset)."""
+        picked = [a if rows is None else a[rows] for a in arrays]
+        block = np.stack(picked, axis=1) if len(picked) > 1 else picked[0][:, None]
+        block = self._as_rows(np.ascontiguousarray(block))
+        tokens = tokens if rows is None else tokens[rows]
+        fill = min(len(block), len(self.holes))
+        if fill:
+            where, self.holes = self.holes[:fill], self.holes[fill:]
+            self.rows[where] = block[:fill]
+            self.sample[where] = sample
+            self.token[where] = tokens[:fill]
+        end = self.n + len(block) - fill
+        self.rows[self.n : end] = block[fill:]
         self.sample[self.n : end] = sample
-        self.token[self.n : end] = tokens if rows is None else tokens[rows]
+        self.token[self.n : end] = tokens[fill:]
         self.n = end
+
+    def _compact(self) -> None:
+        """Move tail rows into the holes so that rows ``[0, size)`` are all valid."""
+        rest = self.size
+        holes = self.holes[self.holes < rest]
+        tail = np.ones(self.n - rest, bool)
+        tail[self.holes[self.holes >= rest] - rest] = False
+        movers = rest + np.flatnonzero(tail)
+        self.rows[holes] = self.rows[movers]
+        self.sample[holes] = self.sample[movers]
+        self.token[holes] = self.token[movers]
+        self.n, self.holes = rest, self.holes[:0]
 
     def take(self, count: int, rng: np.random.Generator | None) -> tuple[np.ndarray, ...]:
         """Remove ``count`` rows (uniformly at random with ``rng``, else the oldest) and return
-        ``(rows, sample ids, token indices)``; ``rows`` is a scratch array reused by the next
-        call, so copy it out before taking again."""
+        ``(rows [count, n_hooks, d], sample ids, token indices)``; ``rows`` is a scratch array
+        reused by the next call, so copy it out before taking again."""
+        if len(self.holes):
+            self._compact()
         n = self.n
-        rest = n - count
         if self.scratch is None or len(self.scratch) < count:
             self.scratch = np.zeros((count, *self.data.shape[1:]), self.data.dtype)
         rows = self.scratch[:count]
         if rng is None:
             rows[...] = self.data[:count]
             out = (rows, self.sample[:count].copy(), self.token[:count].copy())
-            self.data[:rest] = self.data[count:n]
+            rest = n - count
+            self.rows[:rest] = self.rows[count:n]
             self.sample[:rest] = self.sample[count:n]
             self.token[:rest] = self.token[count:n]
             self.n = rest
             return out
         chosen = rng.choice(n, size=count, replace=False)
-        np.take(self.data, chosen, axis=0, out=rows, mode="clip")
+        np.take(self.rows, chosen, out=self._as_rows(rows), mode="clip")
         out = (rows, self.sample[chosen], self.token[chosen])
-        holes = chosen[chosen < rest]
-        keep = np.ones(count, bool)
-        keep[chosen[chosen >= rest] - rest] = False
-        movers = rest + np.flatnonzero(keep)
-        self.data[holes] = self.data[movers]
-        self.sample[holes] = self.sample[movers]
-        self.token[holes] = self.token[movers]
-        self.n = rest
+        if count == n:
+            self.n = 0
+        else:
+            self.holes = chosen
         return out
 
 
@@ -299,13 +334,13 @@ class ActivationDataset(IterableDataset):
             if self.provenance:
                 keys[number] = key
             buffer.append(arrays, rows, number, self._token_index)
-            while buffer.n >= threshold:
+            while buffer.size >= threshold:
                 yield self._emit(*buffer.take(self.batch_size, rng), keys)
             if self.provenance and len(keys) > key_limit:
                 alive = set(np.unique(buffer.sample[: buffer.n]).tolist())
                 keys = {k: v for k, v in keys.items() if k in alive or k == number}
-        while buffer.n > 0:
-            count = min(self.batch_size, buffer.n)
+        while buffer.size > 0:
+            count = min(self.batch_size, buffer.size)
             if count < self.batch_size and self.drop_last:
                 break
             yield self._emit(*buffer.take(count, rng), keys)
