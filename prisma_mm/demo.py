@@ -29,16 +29,16 @@ class DemoConfig:
 
     out: Path = Path("prisma-demo")
     model: str = "toyvit"
-    n_train: int = 6000
-    n_eval: int = 600
+    n_train: int = 4000
+    n_eval: int = 400
     hook: str = "blocks.3.hook_resid_post"
     seed: int = 0
-    train_tokens: int = 1_500_000
-    batch_size: int = 2048
+    train_tokens: int = 300_000
+    batch_size: int = 1024
     n_latents: int = 1536
     small_latents: int = 384
     k: int = 16
-    meta_steps: int = 1500
+    meta_steps: int = 1000
     stitch_points: int = 24
     progress: bool = True
     sae_names: list[str] = field(default_factory=lambda: ["topk", "matryoshka", "topk-small"])
