@@ -1,0 +1,310 @@
+"""Train the toy-world ViT (`toyvit`): a small timm ViT predicting every toy-world factor value.
+
+Multi-label (one sigmoid per value of ``prisma_mm.data.toyworld.VALUE_NAMES``), BCE loss, from
+scratch, reproducibly from ``--seed`` on CPU. The training set is rendered once into memory
+(images ``0 .. n_train-1`` of the world of ``--seed``); the held-out set is the next
+``--n-val`` images of the same world, which training never sees.
+
+The image labels are predicted from the CLS token (timm's own head). Two choices make a
+from-scratch ViT learn shapes and positions within a CPU budget, without changing the
+architecture (the checkpoint is a plain timm ViT): the same head also predicts each patch's
+labels from its patch token (dense supervision from the toy world's exact patch labels,
+weighted by ``--patch-loss``), and the learned position embedding starts from 2-D sin-cos
+values instead of noise.
+
+    python scripts/train_toyvit.py                      # writes assets/toyvit.safetensors + .json
+
+Writes the weights as safetensors (float16 when larger than 5 MB) and a JSON record beside them
+with the seed, steps, hyper-parameters, timing and held-out scores of the saved weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import build_sincos2d_pos_embed
+from tqdm.auto import tqdm
+
+from prisma_mm.analysis.ground_truth import average_precision
+from prisma_mm.data.toyworld import FACTORS, VALUE_FACTORS, VALUE_NAMES, render_arrays
+
+ARCH = "vit_tiny_patch16_224"
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.5, 0.5, 0.5)
+FP16_ABOVE_BYTES = 5 * 2**20
+PATCH = 8
+
+
+def model_kwargs(size: int, depth: int, width: int, heads: int, pool: str) -> dict:
+    """The timm ``create_model`` keyword arguments of the toy ViT (also written to the card)."""
+    return {
+        "img_size": size,
+        "patch_size": PATCH,
+        "embed_dim": width,
+        "depth": depth,
+        "num_heads": heads,
+        "num_classes": len(VALUE_NAMES),
+        "global_pool": pool,
+    }
+
+
+def patch_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The head applied to each patch token: ``[B, tokens, width]`` -> ``[B, patches, V]``.
+
+    ``tokens`` from ``forward_features`` (final norm applied for CLS pooling; for pooled heads
+    timm normalises after pooling, with ``fc_norm``, so it is applied here per patch).
+    """
+    return model.head(model.fc_norm(tokens[:, model.num_prefix_tokens :]))
+
+
+def to_input(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``[B, H, W, 3]`` -> normalised float ``[B, 3, H, W]``."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module, images: np.ndarray, batch_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sigmoid scores for uint8 images ``[n, H, W, 3]``: image ``[n, V]``, patch ``[n, P, V]``."""
+    model.eval()
+    image_scores, patch_scores = [], []
+    for i in range(0, len(images), batch_size):
+        tokens = model.forward_features(to_input(images[i : i + batch_size]))
+        image_scores.append(model.forward_head(tokens).float().sigmoid())
+        patch_scores.append(patch_logits(model, tokens).float().sigmoid())
+    return torch.cat(image_scores), torch.cat(patch_scores)
+
+
+def evaluate(
+    scores: torch.Tensor, patch_scores: torch.Tensor, labels: np.ndarray, patch_labels: np.ndarray
+) -> dict:
+    """Held-out metrics per factor and overall from ``scores [n, V]`` and ``labels [n, V]``.
+
+    Per factor: ``mean_ap`` (mean average precision over its values), ``value_accuracy`` (mean
+    binary accuracy of its values at 0.5) and ``exact_accuracy`` (images whose whole set of
+    values of that factor is predicted exactly).
+    """
+    y = torch.from_numpy(labels).double()
+    pred = (scores >= 0.5).double()
+    ap = average_precision(scores.double(), y)
+    correct = pred == y
+    per_factor = {}
+    for factor in FACTORS:
+        cols = [i for i, f in enumerate(VALUE_FACTORS) if f == factor]
+        per_factor[factor] = {
+            "mean_ap": float(ap[cols].nanmean()),
+            "value_accuracy": float(correct[:, cols].double().mean()),
+            "exact_accuracy": float(correct[:, cols].all(1).double().mean()),
+        }
+    extra = {}
+    if patch_scores is not None:  # [n, P, V] against [n, rows, cols, V]
+        patch_ap = average_precision(
+            patch_scores.reshape(-1, len(VALUE_NAMES)).double(),
+            torch.from_numpy(patch_labels.reshape(-1, len(VALUE_NAMES))).double(),
+        )
+        extra["patch_mean_ap"] = float(patch_ap.nanmean())
+        extra["patch_per_factor_map"] = {
+            f: float(patch_ap[[i for i, g in enumerate(VALUE_FACTORS) if g == f]].nanmean())
+            for f in FACTORS
+        }
+    return {
+        **extra,
+        "mean_ap": float(ap.nanmean()),
+        "value_accuracy": float(correct.double().mean()),
+        "exact_accuracy_all_values": float(correct.all(1).double().mean()),
+        "per_factor": per_factor,
+        "per_value_ap": {name: float(a) for name, a in zip(VALUE_NAMES, ap)},
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=int, default=40_000)
+    p.add_argument("--n-val", type=int, default=2_000)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--width", type=int, default=192)
+    p.add_argument("--heads", type=int, default=3)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--pool", default="max", choices=["max", "token", "avg"], help="timm global_pool"
+    )
+    p.add_argument(
+        "--factor-weight",
+        action="append",
+        default=[],
+        metavar="FACTOR=W",
+        help="loss weight of a factor's values (repeatable; default 1)",
+    )
+    p.add_argument("--patch-loss", type=float, default=1.0, help="weight of the per-patch BCE")
+    p.add_argument(
+        "--eval-every", type=int, default=0, help="steps between held-out checks (0: end only)"
+    )
+    p.add_argument("--out", default="assets/toyvit.safetensors")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    grid = args.size // PATCH
+    train = render_arrays(args.n_train, seed=args.seed, size=args.size, start=0, patch_grid=grid)
+    train_patches = train["patches"].reshape(args.n_train, grid * grid, len(VALUE_NAMES))
+    val = render_arrays(
+        args.n_val, seed=args.seed, size=args.size, start=args.n_train, patch_grid=grid
+    )
+    render_s = time.time() - t0
+
+    kwargs = model_kwargs(args.size, args.depth, args.width, args.heads, args.pool)
+    model = timm.create_model(ARCH, pretrained=False, **kwargs)
+    with torch.no_grad():  # CLS position stays 0; patch positions start as 2-D sin-cos
+        model.pos_embed[0, 1:] = build_sincos2d_pos_embed([grid, grid], args.width)
+    decay = [p_ for n, p_ in model.named_parameters() if p_.ndim >= 2 and "pos_embed" not in n]
+    no_decay = [
+        p_ for n, p_ in model.named_parameters() if not (p_.ndim >= 2 and "pos_embed" not in n)
+    ]
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": args.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=args.lr,
+    )
+    factor_weight = {f: 1.0 for f in FACTORS}
+    for item in args.factor_weight:
+        name, _, w = item.partition("=")
+        if name not in FACTORS:
+            p.error(f"--factor-weight {item!r}: unknown factor (choose from {', '.join(FACTORS)})")
+        factor_weight[name] = float(w)
+    value_weight = torch.tensor([factor_weight[f] for f in VALUE_FACTORS])
+    value_weight = value_weight * len(VALUE_FACTORS) / value_weight.sum()  # mean weight 1
+    warmup = max(1, int(args.warmup * args.steps))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    gen = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(args.n_train, generator=gen)
+    cursor = 0
+    history = []
+    t1 = time.time()
+    bar = tqdm(range(args.steps), desc="train toyvit", unit="step")
+    for step in bar:
+        if cursor + args.batch_size > args.n_train:
+            order = torch.randperm(args.n_train, generator=gen)
+            cursor = 0
+        idx = order[cursor : cursor + args.batch_size].numpy()
+        cursor += args.batch_size
+        model.train()
+        x = to_input(train["images"][idx])
+        y = torch.from_numpy(train["labels"][idx]).float()
+        tokens = model.forward_features(x)  # [B, 1 + grid*grid, width], final norm applied
+        loss = F.binary_cross_entropy_with_logits(
+            model.forward_head(tokens), y, weight=value_weight
+        )
+        if args.patch_loss:
+            y_patch = torch.from_numpy(train_patches[idx]).float()
+            loss = loss + args.patch_loss * F.binary_cross_entropy_with_logits(
+                patch_logits(model, tokens), y_patch, weight=value_weight
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            m = evaluate(*predict(model, val["images"]), val["labels"], val["patches"])
+            history.append({"step": step + 1, "loss": loss.item(), "mean_ap": m["mean_ap"]})
+            tqdm.write(
+                f"  patch mAP {m['patch_mean_ap']:.4f} "
+                + " ".join(f"{f}={v:.3f}" for f, v in m["patch_per_factor_map"].items())
+            )
+            tqdm.write(
+                f"step {step + 1}: loss {loss.item():.4f} held-out mAP {m['mean_ap']:.4f} "
+                + " ".join(f"{f}={v['mean_ap']:.3f}" for f, v in m["per_factor"].items())
+            )
+    train_s = time.time() - t1
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    n_bytes = sum(v.numel() * v.element_size() for v in state.values())
+    dtype = "float16" if n_bytes > FP16_ABOVE_BYTES else "float32"
+    if dtype == "float16":
+        state = {k: v.half() for k, v in state.items()}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(
+        state, str(out), metadata={"arch": ARCH, "kwargs": json.dumps(kwargs)}
+    )
+
+    # held-out scores of the weights exactly as saved
+    shipped = timm.create_model(ARCH, pretrained=False, **kwargs)
+    shipped.load_state_dict(
+        {k: v.float() for k, v in safetensors.torch.load_file(str(out)).items()}
+    )
+    metrics = evaluate(*predict(shipped, val["images"]), val["labels"], val["patches"])
+    record = {
+        "arch": ARCH,
+        "kwargs": kwargs,
+        "preprocess": {"size": args.size, "mean": list(MEAN), "std": list(STD), "crop": False},
+        "value_names": VALUE_NAMES,
+        "seed": args.seed,
+        "n_train": args.n_train,
+        "heldout": {"first_index": args.n_train, "n": args.n_val},
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "warmup": args.warmup,
+        "patch_loss": args.patch_loss,
+        "factor_weight": factor_weight,
+        "pos_embed_init": "2-D sin-cos (patch tokens), zeros (CLS)",
+        "threads": args.threads,
+        "dtype": dtype,
+        "render_seconds": round(render_s, 1),
+        "train_seconds": round(train_s, 1),
+        "versions": {
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "python": platform.python_version(),
+        },
+        "heldout_metrics": metrics,
+        "history": history,
+    }
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    print(
+        f"saved {out} ({dtype}); held-out mAP {metrics['mean_ap']:.4f}, "
+        f"value accuracy {metrics['value_accuracy']:.4f}; train {train_s / 60:.1f} min"
+    )
+    for factor, m in metrics["per_factor"].items():
+        print(
+            f"  {factor:12s} mAP {m['mean_ap']:.4f}  value acc {m['value_accuracy']:.4f}  "
+            f"exact acc {m['exact_accuracy']:.4f}"
+        )
+    return record
+
+
+if __name__ == "__main__":
+    main()
