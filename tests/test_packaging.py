@@ -1,7 +1,14 @@
-"""A built wheel (not an editable install) carries the model cards and runs the CLI."""
+"""A built wheel (not an editable install) carries the model cards and runs the CLI.
+
+The wheel goes into a throwaway venv that sees this interpreter's site-packages (torch and
+the other dependencies) through a ``.pth`` file, not through ``system_site_packages``: inside
+a virtualenv the base interpreter's site-packages lack them. Path lines in a ``.pth`` file are
+not site directories, so the editable install of the checkout stays invisible there.
+"""
 
 from __future__ import annotations
 
+import site
 import subprocess
 import sys
 import venv
@@ -29,8 +36,17 @@ def test_wheel_has_cards_and_cli(tmp_path):
     )
     wheel = next(dist.glob("prisma_mm-*.whl"))
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=True)
+    venv.create(env_dir, system_site_packages=False, with_pip=True)
     python = env_dir / "bin" / "python"
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.strip()
+    outer = [*site.getsitepackages(), site.getusersitepackages()]
+    (Path(purelib) / "_outer_site.pth").write_text("\n".join(outer) + "\n")
     subprocess.run(
         [str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)],
         check=True,
