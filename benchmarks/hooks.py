@@ -51,11 +51,9 @@ def main() -> None:
 
     cases = {
         "native forward": run(lambda: native(x)),
-        "hooked, 12 resid_post cached": run(
-            lambda: model.run_with_cache(x, names=resid_post, full_forward=True)
-        ),
+        "hooked, 12 resid_post cached": run(lambda: model.run_with_cache(x, resid_post)),
         "stop after block 3 of 12": run(
-            lambda: model.run_with_cache(x, names=["blocks.2.hook_resid_post"], stop_at_layer=3)
+            lambda: model.run_with_cache(x, ["blocks.2.hook_resid_post"], stop_at_layer=3)
         ),
     }
     # interleave repetitions so machine noise hits every case alike

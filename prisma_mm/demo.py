@@ -113,7 +113,7 @@ def eval_activations(model: Any, world: Any, hook: str, batch: int = 100) -> dic
     for start in range(0, len(world), batch):
         images, labels = collate([world[i] for i in range(start, min(start + batch, len(world)))])
         x = model.preprocess(list(images.numpy()))
-        out, cache = model.run_with_cache(x, names=[hook], full_forward=True)
+        out, cache = model.run_with_cache(x, names_filter=[hook])
         acts.append(cache[hook].float())
         logits.append(out.float())
         image_labels.append(labels["multi_hot"])

@@ -24,6 +24,8 @@ from torch import Tensor, nn
 from prisma_mm.errors import PrismaError, nearest
 
 HookFn = Callable[[Tensor, "HookPoint"], Tensor | None]
+# TransformerLens' names_filter: None (default set), a name, a list of names, or name -> bool
+NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
 
 # Per-block hook names, in the order they fire inside a block.
 BLOCK_HOOKS = (
@@ -181,6 +183,7 @@ class HookedModel(nn.Module):
         self.n_layers = len(spec.blocks)
         self.hook_names: list[str] = self._all_hook_names()
         self._points = {name: self._point(name) for name in self.hook_names}
+        self._kept_hooks = contextlib.ExitStack()  # run_with_hooks(reset_hooks_end=False)
 
     # ----- names -----------------------------------------------------------------------
     def _all_hook_names(self) -> list[str]:
@@ -274,8 +277,9 @@ class HookedModel(nn.Module):
 
     # ----- hooks -----------------------------------------------------------------------
     @contextlib.contextmanager
-    def hooks(self, fns: Mapping[str, HookFn]) -> Iterator[HookedModel]:
-        """Attach ``{name: fn}`` for the duration of the block; removed on exit, also on error.
+    def hooks(self, fns: Mapping[str, HookFn | Sequence[HookFn]]) -> Iterator[HookedModel]:
+        """Attach ``{name: fn}`` (or ``{name: [fn, ...]}``) for the duration of the block;
+        removed on exit, also on error.
 
         ``fn(activation, hook)`` gets ``[batch, tokens, d]`` (pattern: ``[batch, heads, q, k]``)
         and returns None to leave it unchanged or a tensor of the same shape to replace it.
@@ -283,7 +287,9 @@ class HookedModel(nn.Module):
         points = [self.hook_point(name) for name in fns]
         with contextlib.ExitStack() as stack:
             for point in points:
-                self._attach(stack, point, fns[point.name])
+                chosen = fns[point.name]
+                for fn in chosen if isinstance(chosen, list | tuple) else [chosen]:
+                    self._attach(stack, point, fn)
             yield self
 
     def _attach(self, stack: contextlib.ExitStack, point: HookPoint, fn: HookFn) -> None:
@@ -407,28 +413,44 @@ class HookedModel(nn.Module):
         raise AssertionError(style)
 
     # ----- caching -----------------------------------------------------------------------
+    def _select_names(self, names_filter: NamesFilter) -> list[str]:
+        """Hook names chosen by a TransformerLens-style ``names_filter``."""
+        if names_filter is None:
+            return [n for n in self.hook_names if not n.endswith("hook_pattern")]
+        if isinstance(names_filter, str):
+            return [names_filter]
+        if callable(names_filter):
+            chosen = [n for n in self.hook_names if names_filter(n)]
+            if not chosen:
+                raise PrismaError("names_filter selected no hook: see model.hook_names")
+            return chosen
+        return list(names_filter)
+
     def run_with_cache(
         self,
-        x: Tensor,
-        names: Sequence[str] | None = None,
-        stop_at_layer: int | None = None,
-        full_forward: bool = False,
+        x: Any,
+        names_filter: NamesFilter = None,
+        *,
+        stop_at_layer: int | str | None = None,
         detach: bool = True,
     ) -> tuple[Tensor | None, dict[str, Tensor]]:
         """Run the model and return ``(output, cache)`` with ``cache[name]: [batch, tokens, d]``.
 
-        ``names``: hooks to cache (default: every hook except attention patterns).
-        ``stop_at_layer=n`` runs blocks ``0..n-1`` only, like TransformerLens. Without it, when
-        every requested hook comes before the final norm, the forward stops right after the
-        last one fires and ``output`` is None; ``full_forward=True`` always runs to the output.
+        As in TransformerLens, the whole forward runs and ``output`` is the model's output.
+        ``names_filter``: a hook name, a list of names, or a callable ``name -> bool``
+        (default: every hook except attention patterns, which need the unfused attention).
+        Early stopping is opt-in: ``stop_at_layer=n`` runs blocks ``0..n-1`` only;
+        ``stop_at_layer="auto"`` stops right after the last requested hook fires. In both
+        cases ``output`` is None.
         """
         x = self._check_input(x)
-        if names is None:
-            names = [n for n in self.hook_names if not n.endswith("hook_pattern")]
-        if isinstance(names, str):
-            names = [names]
+        names = self._select_names(names_filter)
         points = [self.hook_point(name) for name in names]
-        if stop_at_layer is not None:
+        if stop_at_layer is not None and stop_at_layer != "auto":
+            if isinstance(stop_at_layer, bool) or not isinstance(stop_at_layer, int):
+                raise PrismaError(
+                    f"stop_at_layer={stop_at_layer!r}: use None, 'auto' or a block index"
+                )
             if not 0 <= stop_at_layer <= self.n_layers:
                 raise PrismaError(
                     f"stop_at_layer={stop_at_layer} is outside 0..{self.n_layers} "
@@ -440,41 +462,65 @@ class HookedModel(nn.Module):
                     f"hooks {beyond} fire at or after block {stop_at_layer}; "
                     f"raise stop_at_layer or drop them"
                 )
-        last = max((p.order for p in points), default=(self.n_layers, 1))
-        stop_early = stop_at_layer is not None or (not full_forward and last < (self.n_layers, 0))
 
         cache: dict[str, Tensor] = {}
         remaining = {p.name for p in points}
 
-        def make_reader(point: HookPoint) -> HookFn:
-            def read(value: Tensor, hook: HookPoint) -> None:
-                cache[hook.name] = value.detach() if detach else value
-                remaining.discard(hook.name)
-                if stop_at_layer is None and stop_early and not remaining:
-                    raise _StopForward
-
-            return read
+        def read(value: Tensor, hook: HookPoint) -> None:
+            cache[hook.name] = value.detach() if detach else value
+            remaining.discard(hook.name)
+            if stop_at_layer == "auto" and not remaining:
+                raise _StopForward
 
         output: Tensor | None = None
         with contextlib.ExitStack() as stack:
-            stack.enter_context(self.hooks({p.name: make_reader(p) for p in points}))
-            if stop_at_layer is not None and stop_at_layer < self.n_layers:
-                stopper = self.spec.blocks[stop_at_layer]
+            stack.enter_context(self.hooks({p.name: read for p in points}))
+            if isinstance(stop_at_layer, int) and stop_at_layer < self.n_layers:
 
                 def stop(_module, _args):
                     raise _StopForward
 
+                stopper = self.spec.blocks[stop_at_layer]
                 stack.callback(stopper.register_forward_pre_hook(stop).remove)
             try:
                 output = self.spec.forward(x)
             except _StopForward:
                 output = None
-        if stop_early:
+        if stop_at_layer is not None:
             output = None
         missing = [n for n in names if n not in cache]
         if missing:
             raise PrismaError(f"hooks {missing} did not fire during the forward pass")
         return output, {name: cache[name] for name in names}
+
+    def run_with_hooks(
+        self,
+        x: Any,
+        fwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn]] = (),
+        reset_hooks_end: bool = True,
+    ) -> Tensor:
+        """The model's output with ``fwd_hooks`` attached, as in TransformerLens.
+
+        Each entry is ``(name_or_filter, fn)``: a hook name or a callable ``name -> bool``
+        choosing hook names. With ``reset_hooks_end=False`` the hooks stay attached until
+        :meth:`reset_hooks`.
+        """
+        fns: dict[str, list[HookFn]] = {}
+        for selector, fn in fwd_hooks:
+            chosen = [selector] if isinstance(selector, str) else self._select_names(selector)
+            for name in chosen:
+                fns.setdefault(name, []).append(fn)
+        context = self.hooks(fns)
+        if not reset_hooks_end:
+            self._kept_hooks.enter_context(context)
+            return self(x)
+        with context:
+            return self(x)
+
+    def reset_hooks(self) -> None:
+        """Remove the hooks that ``run_with_hooks(..., reset_hooks_end=False)`` left attached."""
+        self._kept_hooks.close()
+        self._kept_hooks = contextlib.ExitStack()
 
     def extra_repr(self) -> str:
         card = getattr(self.card, "name", None)

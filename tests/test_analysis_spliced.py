@@ -107,7 +107,7 @@ def test_mean_ablation_uses_the_given_means(vit, batches):
     r = spliced_eval(vit, sae, batches, means=means, modes=("zero", "mean"), progress=False)
     assert r.modes["mean"].ce == pytest.approx(r.modes["zero"].ce, abs=1e-6)
     computed = Splice(vit, sae).means(batches, progress=False)[HOOK]
-    _, cache = vit.run_with_cache(torch.cat([x for x, _ in batches]), names=[HOOK])
+    _, cache = vit.run_with_cache(torch.cat([x for x, _ in batches]), [HOOK])
     torch.testing.assert_close(computed, cache[HOOK].double().mean((0, 1)))
 
 

@@ -39,7 +39,7 @@ def _native(name: str, state: dict[str, torch.Tensor]) -> torch.nn.Module:
 
 def test_every_hook_fires_with_token_shape(model):
     x = _input(model)
-    out, cache = model.run_with_cache(x, names=model.hook_names, full_forward=True)
+    out, cache = model.run_with_cache(x, model.hook_names)
     assert out is not None and set(cache) == set(model.hook_names)
     n_tokens, d = model.layout.n_tokens, model.d_model
     n_heads = None
@@ -60,7 +60,7 @@ def test_every_hook_fires_with_token_shape(model):
 
 def test_residual_identities(model):
     x = _input(model)
-    _, cache = model.run_with_cache(x, full_forward=True)
+    _, cache = model.run_with_cache(x)
     for i in range(model.n_layers):
         pre, mid, post = (
             cache[f"blocks.{i}.{h}"]
@@ -80,12 +80,12 @@ def test_outputs_bit_identical_to_native_library(model):
     with torch.no_grad():
         expected = native(x) if model.card.family == "timm" else native.encode_image(x)
         plain = model(x)
-        cached, _ = model.run_with_cache(x, names=model.hook_names[:-1], full_forward=True)
+        cached, _ = model.run_with_cache(x, model.hook_names[:-1])
     assert torch.equal(plain, expected)
     # every hook but the patterns only reads: still bit-identical
     pattern_free = [n for n in model.hook_names if not n.endswith("hook_pattern")]
     with torch.no_grad():
-        cached, _ = model.run_with_cache(x, names=pattern_free, full_forward=True)
+        cached, _ = model.run_with_cache(x, pattern_free)
     assert torch.equal(cached, expected)
 
 
@@ -95,8 +95,7 @@ def test_attention_pattern_path_matches_fused_within_1e5(model):
         clean = model(x)
         out, cache = model.run_with_cache(
             x,
-            names=[f"blocks.{i}.attn.hook_pattern" for i in range(model.n_layers)],
-            full_forward=True,
+            [f"blocks.{i}.attn.hook_pattern" for i in range(model.n_layers)],
         )
     assert (out - clean).abs().max() < 1e-5
     if model.spec.block_spec.pattern_style == "timm":
@@ -106,7 +105,7 @@ def test_attention_pattern_path_matches_fused_within_1e5(model):
 def test_patching_the_stream_from_another_input_reproduces_its_output(model):
     x_a, x_b = _input(model, seed=1), _input(model, seed=2)
     with torch.no_grad():
-        out_b, cache_b = model.run_with_cache(x_b, full_forward=True)
+        out_b, cache_b = model.run_with_cache(x_b)
         for name, atol in [
             ("blocks.0.hook_resid_pre", 0.0),
             ("blocks.1.hook_resid_mid", 1e-5),
@@ -121,7 +120,7 @@ def test_patching_the_stream_from_another_input_reproduces_its_output(model):
 def test_editing_a_branch_changes_downstream_exactly(model):
     x = _input(model)
     with torch.no_grad():
-        _, clean = model.run_with_cache(x, full_forward=True)
+        _, clean = model.run_with_cache(x)
         seen = {}
 
         def zero(act, hook):
@@ -138,9 +137,9 @@ def test_editing_a_branch_changes_downstream_exactly(model):
 def test_mlp_hidden_edit_feeds_the_output_projection(model):
     x = _input(model)
     with torch.no_grad():
-        _, clean = model.run_with_cache(x, full_forward=True)
+        _, clean = model.run_with_cache(x)
         with model.hooks({"blocks.1.mlp.hook_post": lambda a, h: torch.zeros_like(a)}):
-            _, edited = model.run_with_cache(x, names=["blocks.1.hook_mlp_out"], full_forward=True)
+            _, edited = model.run_with_cache(x, ["blocks.1.hook_mlp_out"])
     proj = model.spec.blocks[1].get_submodule(model.spec.block_spec.mlp_proj)
     expected = proj(torch.zeros_like(clean["blocks.1.mlp.hook_post"]))
     if model.spec.block_spec.mlp_branch == "drop_path2" and hasattr(model.spec.blocks[1], "ls2"):
@@ -164,9 +163,9 @@ def test_pattern_edit(model):
         return
     branch = ["blocks.0.hook_attn_out"]
     with torch.no_grad():
-        _, clean = model.run_with_cache(x, names=branch)
+        _, clean = model.run_with_cache(x, branch)
         with model.hooks({name: lambda a, h: torch.full_like(a, 1.0 / a.shape[-1])}):
-            _, uniform = model.run_with_cache(x, names=branch)
+            _, uniform = model.run_with_cache(x, branch)
     # a uniform pattern averages the values: every query then gets the same attention output
     clean, uniform = clean[branch[0]], uniform[branch[0]]
     torch.testing.assert_close(uniform, uniform[:, :1].expand_as(uniform))
@@ -203,14 +202,14 @@ def test_early_stop_gives_same_activations_and_skips_later_blocks(model):
     calls = []
     handle = model.spec.blocks[-1].register_forward_hook(lambda m, i, o: calls.append(1))
     try:
-        _, full = model.run_with_cache(x, full_forward=True)
+        _, full = model.run_with_cache(x)
         assert len(calls) == 1
-        out, early = model.run_with_cache(x, names=["hook_embed", "blocks.0.hook_resid_post"])
+        out, early = model.run_with_cache(
+            x, ["hook_embed", "blocks.0.hook_resid_post"], stop_at_layer="auto"
+        )
         assert out is None and len(calls) == 1
         assert torch.equal(early["blocks.0.hook_resid_post"], full["blocks.0.hook_resid_post"])
-        out, explicit = model.run_with_cache(
-            x, names=["blocks.0.ln2.hook_normalized"], stop_at_layer=1
-        )
+        out, explicit = model.run_with_cache(x, ["blocks.0.ln2.hook_normalized"], stop_at_layer=1)
         assert out is None and len(calls) == 1
         assert torch.equal(
             explicit["blocks.0.ln2.hook_normalized"], full["blocks.0.ln2.hook_normalized"]
@@ -218,12 +217,12 @@ def test_early_stop_gives_same_activations_and_skips_later_blocks(model):
     finally:
         handle.remove()
     with pytest.raises(PrismaError, match="fire at or after block 1"):
-        model.run_with_cache(x, names=["blocks.1.hook_resid_pre"], stop_at_layer=1)
+        model.run_with_cache(x, ["blocks.1.hook_resid_pre"], stop_at_layer=1)
 
 
 def test_unknown_hook_lists_nearest_and_block_range(model):
     with pytest.raises(PrismaError) as error:
-        model.run_with_cache(_input(model), names=["blocks.7.hook_resid_post"])
+        model.run_with_cache(_input(model), ["blocks.7.hook_resid_post"])
     message = str(error.value)
     assert "blocks 0-1" in message and "blocks.1.hook_resid_post" in message
     with pytest.raises(PrismaError, match="did you mean 'blocks.0.hook_resid_pre'"):
@@ -255,7 +254,7 @@ def test_block_hook_names_complete(model):
 
 def test_layout_matches_token_count(model):
     layout = model.layout
-    _, cache = model.run_with_cache(_input(model), names=["hook_embed"])
+    _, cache = model.run_with_cache(_input(model), ["hook_embed"])
     assert cache["hook_embed"].shape[1] == layout.n_tokens
     assert layout.grid[1] * layout.patch_size[0] == layout.input_size[0]
     assert layout.token_to_patch(layout.n_prefix) == (0, 0, 0)
@@ -288,7 +287,55 @@ def test_encode_text_zero_shot_offline():
 def test_dtype_bfloat16():
     model = prisma_mm.load_model("tiny-vit", weights=None, dtype="bfloat16")
     assert model.dtype == torch.bfloat16
-    out, cache = model.run_with_cache(
-        _input(model), names=["blocks.1.hook_resid_post"], full_forward=True
-    )
+    out, cache = model.run_with_cache(_input(model), ["blocks.1.hook_resid_post"])
     assert out.dtype == torch.bfloat16 and cache["blocks.1.hook_resid_post"].dtype == torch.bfloat16
+
+
+def test_run_with_cache_returns_output_and_stops_only_when_asked():
+    model = prisma_mm.load_model("tiny-vit", weights=None)
+    x = _input(model)
+    with torch.no_grad():
+        expected = model(x)
+        out, cache = model.run_with_cache(x, "blocks.0.hook_resid_post")
+        assert torch.equal(out, expected) and list(cache) == ["blocks.0.hook_resid_post"]
+        out, by_list = model.run_with_cache(x, ["blocks.0.hook_resid_post", "hook_embed"])
+        assert torch.equal(out, expected) and list(by_list) == [
+            "blocks.0.hook_resid_post",
+            "hook_embed",
+        ]
+        out, by_filter = model.run_with_cache(x, lambda name: name.endswith("hook_resid_post"))
+        assert sorted(by_filter) == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+        assert torch.equal(by_filter["blocks.0.hook_resid_post"], cache["blocks.0.hook_resid_post"])
+        out, auto = model.run_with_cache(x, "blocks.0.hook_resid_post", stop_at_layer="auto")
+        assert out is None
+        assert torch.equal(auto["blocks.0.hook_resid_post"], cache["blocks.0.hook_resid_post"])
+    with pytest.raises(PrismaError, match="selected no hook"):
+        model.run_with_cache(x, lambda name: False)
+    with pytest.raises(PrismaError, match="stop_at_layer='soon'"):
+        model.run_with_cache(x, "hook_embed", stop_at_layer="soon")
+    with pytest.raises(TypeError):
+        model.run_with_cache(x, names=["hook_embed"])  # one way: names_filter
+    with pytest.raises(TypeError):
+        model.run_with_cache(x, full_forward=True)
+
+
+def test_run_with_hooks_like_transformer_lens():
+    model = prisma_mm.load_model("tiny-vit", weights=None)
+    x = _input(model)
+
+    def zero(act, hook):
+        return torch.zeros_like(act)
+
+    with torch.no_grad():
+        clean = model(x)
+        with model.hooks({"blocks.0.hook_mlp_out": zero, "blocks.1.hook_mlp_out": zero}):
+            expected = model(x)
+        both = model.run_with_hooks(x, fwd_hooks=[(lambda n: n.endswith("hook_mlp_out"), zero)])
+        assert torch.equal(both, expected) and not torch.equal(both, clean)
+        assert torch.equal(model(x), clean)  # removed at the end
+        kept = model.run_with_hooks(
+            x, fwd_hooks=[("blocks.0.hook_mlp_out", zero)], reset_hooks_end=False
+        )
+        assert torch.equal(model(x), kept) and not torch.equal(kept, clean)
+        model.reset_hooks()
+        assert torch.equal(model(x), clean)

@@ -136,7 +136,7 @@ def test_card_builds_on_meta_and_every_hook_fires_with_the_layout_shapes(name: s
     ]
     x = torch.empty(1, 3, *layout.input_size, device="meta")
     with _middle_blocks_pass_through(model.spec.blocks):
-        out, cache = model.run_with_cache(x, names=names)
+        out, cache = model.run_with_cache(x, names)
     assert list(cache) == names
     n_heads = None
     for hook, value in cache.items():

@@ -26,14 +26,23 @@ x = model.preprocess(images)
 print(x.shape)
 
 # %% [markdown]
-# `run_with_cache` returns `[batch, tokens, d]` per hook. Asking only for early hooks stops
-# the forward right after them (the output is then `None`).
+# `run_with_cache` runs the whole forward, as in TransformerLens, and returns the output and
+# `[batch, tokens, d]` per hook (`names_filter`: a name, a list, or a callable `name -> bool`).
 
 # %%
-out, cache = model.run_with_cache(
-    x, names=["blocks.0.hook_resid_post", "blocks.0.attn.hook_pattern"]
-)
-print(out, {k: tuple(v.shape) for k, v in cache.items()})
+out, cache = model.run_with_cache(x, ["blocks.0.hook_resid_post", "blocks.0.attn.hook_pattern"])
+print(tuple(out.shape), {k: tuple(v.shape) for k, v in cache.items()})
+_, resid = model.run_with_cache(x, lambda name: name.endswith("hook_resid_post"))
+print(sorted(resid))
+
+# %% [markdown]
+# Early stopping is opt-in: `stop_at_layer="auto"` stops right after the last requested hook
+# fires, `stop_at_layer=n` runs blocks `0..n-1`; the output is then `None`.
+
+# %%
+out, early = model.run_with_cache(x, ["blocks.0.hook_resid_post"], stop_at_layer="auto")
+assert out is None
+assert torch.equal(early["blocks.0.hook_resid_post"], resid["blocks.0.hook_resid_post"])
 patch_norms = model.layout.patch_map(cache["blocks.0.hook_resid_post"].norm(dim=-1))
 print("per-patch norm grid:", tuple(patch_norms.shape))
 
@@ -45,5 +54,8 @@ with torch.no_grad():
     clean = model(x)
     with model.hooks({"blocks.0.hook_mlp_out": lambda act, hook: torch.zeros_like(act)}):
         ablated = model(x)
+    same = model.run_with_hooks(
+        x, fwd_hooks=[("blocks.0.hook_mlp_out", lambda act, hook: torch.zeros_like(act))]
+    )
 print("logit change from ablating block 0's MLP:", float((clean - ablated).abs().max()))
-assert not torch.equal(clean, ablated)
+assert not torch.equal(clean, ablated) and torch.equal(same, ablated)

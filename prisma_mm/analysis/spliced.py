@@ -221,7 +221,7 @@ class Splice:
     @torch.no_grad()
     def clean(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The clean output and the activations at the dictionary's hooks ``[batch, tokens, d]``."""
-        output, cache = self.model.run_with_cache(x, names=self.hooks, full_forward=True)
+        output, cache = self.model.run_with_cache(x, names_filter=self.hooks)
         return output, cache
 
     @torch.no_grad()
@@ -312,7 +312,7 @@ class Splice:
         count = 0
         for batch in tqdm(batches, desc="hook means", unit="batch", disable=not progress):
             images = batch[0] if isinstance(batch, (tuple, list)) else batch
-            _, cache = self.model.run_with_cache(images, names=self.replaced)
+            _, cache = self.model.run_with_cache(images, self.replaced, stop_at_layer="auto")
             for h in self.replaced:
                 sums[h] = sums.get(h, 0) + self._select(cache[h]).double().sum((0, 1))
             selected = self._select(cache[self.replaced[0]])
