@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 
 from prisma_mm.cache import ActivationDataset, write_cache
-from prisma_mm.cache.manifest import sample_moments_numpy, write_manifest
+from prisma_mm.cache.manifest import write_manifest
+from prisma_mm.cache.stats import sample_moments_numpy
 from prisma_mm.cache.writer import CacheSink, new_manifest
 from prisma_mm.zoo.registry import load_model
 
@@ -109,7 +110,7 @@ def synthetic_cache(out: Path, gigabytes: float, shard_size: int = 256) -> int:
     moments = [{k: v[0] for k, v in sample_moments_numpy(p[None], "float16").items()} for p in pool]
     n_samples = int(gigabytes * 1e9 / (N_TOKENS * D * 2))
     for i in range(n_samples):
-        record = {"index": i, "key": f"{i:08d}", "source": "synthetic"}
+        record = {"index": i, "position": i, "key": f"{i:08d}", "source": "synthetic"}
         sink.add(record, {hook: pool[i % 8]}, {hook: moments[i % 8]})
     sink.finish(n_samples, True)
     return n_samples

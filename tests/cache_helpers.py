@@ -113,6 +113,6 @@ def synthetic_cache(out: Path, n_samples: int = 40, n_tokens: int = 5, shard_siz
         for h, hook in enumerate(SYNTHETIC_HOOKS):
             tensor = torch.from_numpy(synthetic_rows(i, n_tokens, h)).to(getattr(torch, dtype))
             arrays[hook] = to_storage(tensor, dtype)
-        sink.add({"index": i, "key": f"k{i:03d}", "source": f"s{i}"}, arrays)
+        sink.add({"index": i, "position": i, "key": f"k{i:03d}", "source": f"s{i}"}, arrays)
     sink.finish(n_samples, True)
     return out

@@ -14,7 +14,7 @@ from prisma_mm.errors import PrismaError
 
 
 def _write(args: argparse.Namespace) -> int:
-    from prisma_mm.cache.writer import DEFAULT_SHARD_SIZE, write_cache
+    from prisma_mm.cache.writer import write_cache
 
     missing = [flag for flag in ("model", "hooks", "data", "out") if getattr(args, flag) is None]
     if missing:
@@ -34,9 +34,10 @@ def _write(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         batch_size=args.batch_size,
         workers=args.workers,
-        shard_size=args.shard_size or DEFAULT_SHARD_SIZE,
+        shard_size=args.shard_size,
         device=args.device,
         limit=args.limit,
+        order_seed=args.order_seed,
         progress=not args.quiet,
     )
     shapes = ", ".join(f"{h} {manifest['shapes'][h]}" for h in manifest["hooks"])
@@ -92,11 +93,15 @@ def add_cache_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--dtype", default="float16", help="float16 (default), bfloat16 or float32")
     parser.add_argument("--batch-size", type=int, default=32, help="inputs per forward (32)")
     parser.add_argument("--workers", type=int, default=4, help="DataLoader decode workers (4)")
-    parser.add_argument(
-        "--shard-size", type=int, default=None, help="inputs per shard (default 256)"
-    )
+    parser.add_argument("--shard-size", type=int, default=256, help="inputs per shard (256)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, …")
     parser.add_argument("--limit", type=int, default=None, help="read at most this many inputs")
+    parser.add_argument(
+        "--order-seed",
+        default="0",
+        help="seed of the random order the inputs are visited in (0), or none for the "
+        "source's own order",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_write, cache_parser=parser)
     actions = parser.add_subparsers(dest="cache_command", required=False, metavar="{verify}")

@@ -91,8 +91,13 @@ class Source(ABC):
     def load(self, index: int) -> Any:
         raise NotImplementedError(f"{type(self).__name__} is a streaming source")
 
-    def stream(self) -> Iterator[tuple[InputRecord, Loader]]:
-        """All inputs in order as ``(record, loader)``; calling the loader decodes the input."""
+    def n_parts(self) -> int:
+        """Parts (tar shards) that :meth:`stream` can read in any order; 1 when it has none."""
+        return 1
+
+    def stream(self, parts: Sequence[int] | None = None) -> Iterator[tuple[InputRecord, Loader]]:
+        """All inputs in order as ``(record, loader)``; calling the loader decodes the input.
+        ``parts``: the order to read the source's :meth:`n_parts` parts in (default: as is)."""
         for index in range(self.count() or 0):
             yield self.record(index), (lambda i=index: self.load(i))
 
@@ -293,11 +298,16 @@ class TarSource(Source):
                 self._count = sum(_count_tar_samples(_local_path(u)) for u in self.urls)
         return self._count
 
-    def stream(self) -> Iterator[tuple[InputRecord, Loader]]:
+    def n_parts(self) -> int:
+        return len(self.urls)
+
+    def stream(self, parts: Sequence[int] | None = None) -> Iterator[tuple[InputRecord, Loader]]:
+        """Samples shard by shard (in ``parts`` order when given); ``index`` counts them in the
+        order read."""
         from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
         index = 0
-        for url in self.urls:
+        for url in self.urls if parts is None else [self.urls[i] for i in parts]:
             shard_name = url.rstrip("/").rsplit("/", 1)[-1]
             samples = group_by_keys(tar_file_expander(url_opener([{"url": url}])))
             try:
