@@ -23,6 +23,7 @@ from prisma_mm.sae.base import (
     SparseCode,
     fvu,
     geometric_median,
+    load_dictionary,
 )
 from prisma_mm.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
 from prisma_mm.sae.crosscoder import Crosscoder, CrosscoderConfig
@@ -42,18 +43,8 @@ from prisma_mm.sae.relu import ReLUConfig, ReLUSAE
 from prisma_mm.sae.topk import TopKConfig, TopKSAE
 from prisma_mm.sae.transcoder import Transcoder, TranscoderConfig
 
-ARCHITECTURES: dict[str, type[Dictionary]] = {
-    cls.architecture: cls
-    for cls in (
-        TopKSAE,
-        BatchTopKSAE,
-        ReLUSAE,
-        JumpReLUSAE,
-        MatryoshkaSAE,
-        Transcoder,
-        Crosscoder,
-    )
-}
+# every family, by architecture name (the registry Dictionary subclasses join when defined)
+ARCHITECTURES: dict[str, type[Dictionary]] = Dictionary.registry
 
 
 def build(architecture: str, **kwargs: Any) -> Dictionary:
@@ -65,8 +56,6 @@ def build(architecture: str, **kwargs: Any) -> Dictionary:
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Dictionary:
     """Load a dictionary saved with ``.save(path)`` (any architecture), in eval mode."""
-    from prisma_mm.sae.io import load_dictionary
-
     return load_dictionary(path, device=device)
 
 

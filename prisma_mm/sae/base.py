@@ -12,14 +12,23 @@ Shapes: ``x [batch, d_in]``, ``code [batch, n_latents]``, ``recon [batch, d_out]
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import json
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from prisma_mm.errors import PrismaError
+import prisma_mm
+from prisma_mm.errors import PrismaError, unknown
+from prisma_mm.sae import files
+from prisma_mm.sae.code import SparseCode
+from prisma_mm.sae.kernels import bag_offsets, sparse_decode
 
 __all__ = [
     "Activation",
@@ -30,6 +39,7 @@ __all__ = [
     "SparseAutoencoder",
     "SparseCode",
     "fvu",
+    "check_field_types",
     "geometric_median",
     "warmup",
 ]
@@ -40,19 +50,74 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (from Python, JSON or YAML) fits the annotation ``hint``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value)
+    if origin is typing.Literal:
+        return value in args
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def check_field_types(cfg: Any) -> None:
+    """A one-line PrismaError for the first field of dataclass ``cfg`` whose value does not
+    fit its annotation (``k='8'`` where an int is wanted), naming the field and both types."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.init and f.name in hints and not _matches(value, hints[f.name]):
+            raise PrismaError(
+                f"{type(cfg).__name__}: {f.name} must be {_type_name(hints[f.name])}, "
+                f"got {value!r} ({type(value).__name__})"
+            )
+
+
 @dataclass
 class DictionaryConfig:
-    """Sizes shared by every dictionary; each family subclasses it with its own fields."""
+    """Sizes shared by every dictionary; each family subclasses it with its own fields.
+
+    ``d_sae`` is SAELens' name for ``n_latents`` and is accepted in its place (it is not
+    stored: the config holds ``n_latents``). Every field's value is checked against its type.
+    """
 
     d_in: int
-    n_latents: int
+    n_latents: int | None = None  # required (or its alias d_sae); an int once built
+    d_sae: dataclasses.InitVar[int | None] = None
     normalize_decoder: bool = True
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, d_sae: int | None = None) -> None:
+        if d_sae is not None:
+            if self.n_latents is not None and self.n_latents != d_sae:
+                raise PrismaError(
+                    f"n_latents={self.n_latents!r} and d_sae={d_sae!r} disagree: d_sae is another "
+                    "name for n_latents, give one of them"
+                )
+            self.n_latents = d_sae
+        if self.n_latents is None:
+            raise PrismaError(f"{type(self).__name__} needs n_latents (or its alias d_sae)")
+        check_field_types(self)
         for name in ("d_in", "n_latents"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise PrismaError(f"{name} must be a positive integer, got {value!r}")
+            if getattr(self, name) <= 0:
+                raise PrismaError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (tuples become lists)."""
@@ -61,50 +126,6 @@ class DictionaryConfig:
             for f in dataclasses.fields(self)
             if f.init
         }
-
-
-@dataclass
-class SparseCode:
-    """A batch of sparse codes stored as flat entries grouped by row (``embedding_bag`` layout).
-
-    ``values [nnz]``, ``latents [nnz]`` (long), ``offsets [batch]`` (long: start of each row's
-    entries; rows are contiguous and in order). ``rank [nnz]`` optionally gives each entry's
-    position in its row when sorted by value (TopK sorted), used by nested-k losses.
-    """
-
-    values: Tensor
-    latents: Tensor
-    offsets: Tensor
-    batch: int
-    n_latents: int
-    rank: Tensor | None = None
-
-    @classmethod
-    def from_dense(cls, code: Tensor) -> SparseCode:
-        """The non-zero entries of a dense ``code [batch, n_latents]`` (values keep autograd)."""
-        rows, latents = code.nonzero(as_tuple=True)  # row-major: rows grouped, latents ascending
-        counts = torch.bincount(rows, minlength=code.shape[0])
-        offsets = torch.zeros(code.shape[0], dtype=torch.long, device=code.device)
-        offsets[1:] = counts.cumsum(0)[:-1]
-        return cls(code[rows, latents], latents, offsets, code.shape[0], code.shape[1])
-
-    def rows(self) -> Tensor:
-        """Row index of every entry, ``[nnz]``."""
-        counts = torch.diff(
-            self.offsets, append=torch.tensor([self.values.numel()], device=self.offsets.device)
-        )
-        return torch.repeat_interleave(torch.arange(self.batch, device=counts.device), counts)
-
-    def dense(self) -> Tensor:
-        """The dense code ``[batch, n_latents]``."""
-        out = self.values.new_zeros(self.batch, self.n_latents)
-        out.index_put_((self.rows(), self.latents), self.values, accumulate=True)
-        return out
-
-    def fire_counts(self) -> Tensor:
-        """How many rows each latent is non-zero in, ``[n_latents]`` (long)."""
-        active = self.latents[self.values.detach() != 0]
-        return torch.bincount(active, minlength=self.n_latents)
 
 
 class Output:
@@ -292,6 +313,44 @@ class FiringTracker(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
+def _config_parameters(config_class: type) -> list[inspect.Parameter]:
+    """Keyword-only parameters, one per init field of ``config_class`` (``InitVar`` aliases
+    included), typed with resolved annotations so jsonargparse reads them."""
+    hints = typing.get_type_hints(config_class)
+    params = []
+    for name, param in inspect.signature(config_class).parameters.items():
+        hint = hints.get(name, Any)
+        if isinstance(hint, dataclasses.InitVar):
+            hint = hint.type
+        params.append(
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=param.default,
+                              annotation=hint)
+        )  # fmt: skip
+    return params
+
+
+def _declare_config_signature(cls: type[Dictionary]) -> None:
+    """Give ``cls.__init__`` the signature ``(self, *, <config fields>)`` at class creation, so
+    ``TopKSAE(d_in=..., n_latents=..., k=...)`` and a recipe's ``init_args`` are checked
+    against the fields (``**kwargs`` alone hides them from jsonargparse and ``help``).
+    A positional config (``TopKSAE(cfg)``) is still accepted."""
+    own = cls.__dict__.get("__init__")
+    init = own if own is not None else super(cls, cls).__init__  # type: ignore[misc]
+    init = getattr(init, "__wrapped__", init)
+
+    def __init__(self: Any, cfg: Any = None, **kwargs: Any) -> None:
+        init(self, cfg, **kwargs)
+
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    __init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [self_param, *_config_parameters(cls.config_class)]
+    )
+    __init__.__doc__ = init.__doc__
+    __init__.__wrapped__ = init  # type: ignore[attr-defined]
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    cls.__init__ = __init__  # type: ignore[method-assign]
+
+
 class Dictionary(nn.Module):
     """Base class of every sparse dictionary.
 
@@ -302,8 +361,17 @@ class Dictionary(nn.Module):
 
     config_class: ClassVar[type[DictionaryConfig]] = DictionaryConfig
     architecture: ClassVar[str] = ""
+    # every family by its architecture name (filled as the classes are defined)
+    registry: ClassVar[dict[str, type[Dictionary]]] = {}
     # state_dict prefixes that are training state only (kept in checkpoints, not in saved weights)
     training_state_prefixes: ClassVar[tuple[str, ...]] = ("tracker.",)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.architecture:
+            Dictionary.registry[cls.architecture] = cls
+        if dataclasses.is_dataclass(cls.config_class):
+            _declare_config_signature(cls)
 
     def __init__(self, cfg: DictionaryConfig | None = None, **kwargs: Any) -> None:
         super().__init__()
@@ -313,12 +381,13 @@ class Dictionary(nn.Module):
 
     @classmethod
     def build_config(cls, cfg: DictionaryConfig | None = None, **kwargs: Any) -> DictionaryConfig:
-        """A ``config_class`` instance from a config and/or keyword arguments."""
-        names = {f.name for f in dataclasses.fields(cls.config_class)}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
+        """A ``config_class`` instance from a config and/or keyword arguments (``d_sae`` is
+        accepted for ``n_latents``)."""
+        names = set(inspect.signature(cls.config_class).parameters)
+        unknown_names = sorted(set(kwargs) - names)
+        if unknown_names:
             raise PrismaError(
-                f"{cls.__name__} got unknown argument(s) {', '.join(unknown)}; "
+                f"{cls.__name__} got unknown argument(s) {', '.join(unknown_names)}; "
                 f"valid: {', '.join(sorted(names))}"
             )
         if cfg is None:
@@ -332,6 +401,8 @@ class Dictionary(nn.Module):
             if missing:
                 raise PrismaError(f"{cls.__name__} needs {', '.join(missing)}")
             return cls.config_class(**kwargs)
+        if "d_sae" in kwargs and "n_latents" not in kwargs:
+            kwargs["n_latents"] = kwargs.pop("d_sae")  # replaces the config's n_latents
         if not isinstance(cfg, cls.config_class):
             cfg = cls.config_class(**{**cfg.to_dict(), **kwargs})
         elif kwargs:
@@ -420,16 +491,85 @@ class Dictionary(nn.Module):
 
     def save(self, path: str | Path) -> None:
         """Write ``path/cfg.json`` + ``path/weights.safetensors``."""
-        from prisma_mm.sae.io import save_dictionary
-
         save_dictionary(self, path)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Dictionary:
         """Load a directory written by :meth:`save` (checks the architecture matches ``cls``)."""
-        from prisma_mm.sae.io import load_dictionary
-
         return load_dictionary(path, device=device, expected=cls)
+
+    @classmethod
+    def from_config(
+        cls, architecture: Any, config: Any, where: str | Path = "config"
+    ) -> Dictionary:
+        """A new dictionary of the registered ``architecture`` from a config mapping (e.g. a
+        ``cfg.json``'s ``"config"``); ``where`` names the source in errors."""
+        if not isinstance(architecture, str):
+            raise PrismaError(f"{where}: 'architecture' must be a string, got {architecture!r}")
+        if architecture not in Dictionary.registry:
+            raise unknown("architecture", architecture, Dictionary.registry, hint=f" in {where}")
+        if not isinstance(config, dict):
+            raise PrismaError(
+                f"{where}: 'config' must be an object of fields, got {type(config).__name__}"
+            )
+        try:
+            return Dictionary.registry[architecture](**config)
+        except PrismaError as err:
+            raise PrismaError(f"{where}: {err}") from None
+
+
+def save_dictionary(d: Dictionary, path: str | Path) -> Path:
+    """Write ``path/cfg.json`` (``format``, ``architecture``, ``config``, ``metadata``) and
+    ``path/weights.safetensors`` (the inference state dict); returns ``path``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "format": "prisma-mm",
+        "format_version": files.FORMAT_VERSION,
+        "prisma_mm_version": prisma_mm.__version__,
+        "architecture": d.architecture,
+        "config": d.cfg.to_dict(),
+        "metadata": d.metadata,
+    }
+    (path / files.CFG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=False) + "\n")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in d.inference_state_dict().items()}
+    save_file(tensors, str(path / files.WEIGHTS_FILE), metadata={"format": "pt"})
+    return path
+
+
+def load_state(d: Dictionary, tensors: dict[str, Tensor], path: str | Path) -> Dictionary:
+    """Load ``tensors`` into ``d`` after checking every key and shape against its inference
+    state dict (a PrismaError naming ``path`` on any mismatch)."""
+    shapes = {k: tuple(v.shape) for k, v in d.inference_state_dict().items()}
+    files.check_tensors(tensors, shapes, Path(path))
+    d.load_state_dict(tensors, strict=False)
+    return d
+
+
+def load_dictionary(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    expected: type[Dictionary] | None = None,
+) -> Dictionary:
+    """Load a directory written by :func:`save_dictionary` (in eval mode) on ``device``;
+    ``expected``: the class it must hold."""
+    path = Path(path)
+    cfg_path = path / files.CFG_FILE
+    cfg = files.read_json(cfg_path)
+    files.require(cfg, ["architecture", "config"], cfg_path)
+    d = Dictionary.from_config(cfg["architecture"], cfg["config"], cfg_path)
+    if expected is not None and expected is not Dictionary and not isinstance(d, expected):
+        raise PrismaError(
+            f"{cfg_path}: holds a {cfg['architecture']!r} dictionary, "
+            f"not a {expected.architecture or expected.__name__!r}; use prisma_mm.sae.load"
+        )
+    metadata = cfg.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise PrismaError(f"{cfg_path}: 'metadata' must be an object, got {metadata!r}")
+    d.metadata = dict(metadata)
+    weights = path / files.WEIGHTS_FILE
+    load_state(d, files.load_safetensors(weights), weights)
+    return d.to(device).eval()
 
 
 # --------------------------------------------------------------------------------------------
@@ -509,8 +649,6 @@ class SparseAutoencoder(Dictionary):
         n = cfg.n_latents
         name = getattr(cfg, "activation", None) or self.activation_name
         if name not in Activation.registry:
-            from prisma_mm.errors import unknown
-
             raise unknown("activation", str(name), Activation.registry)
         self.activation = Activation.registry[name](cfg)
         self.W_enc = nn.Parameter(torch.empty(*self.encoder_shape()))
@@ -600,8 +738,6 @@ class SparseAutoencoder(Dictionary):
 
     def decode_sparse(self, code: SparseCode) -> Tensor:
         """Decode a sparse code without ``b_dec``: ``[batch, d_out_flat]`` (sparse kernel)."""
-        from prisma_mm.sae.kernels import sparse_decode
-
         return sparse_decode(
             code.values, code.latents, code.offsets, self._decoder_rows(self.W_dec)
         )
@@ -612,8 +748,6 @@ class SparseAutoencoder(Dictionary):
         ``group [nnz]`` gives each entry's group (0..n_groups-1); returns ``[batch, n_groups, D]``
         where slice ``g`` decodes the entries of groups ``0..g``.
         """
-        from prisma_mm.sae.kernels import bag_offsets, sparse_decode
-
         key = code.rows() * n_groups + group
         order = torch.argsort(key, stable=True)
         offsets = bag_offsets(key, code.batch * n_groups)

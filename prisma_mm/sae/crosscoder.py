@@ -37,8 +37,8 @@ class CrosscoderConfig(JumpReLUParams, ReLUParams, BatchTopKParams, DictionaryCo
     decoder_init_norm: float | None = None
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def __post_init__(self, d_sae: int | None = None) -> None:
+        super().__post_init__(d_sae)
         if self.n_sources <= 0:
             raise PrismaError(f"n_sources must be a positive integer, got {self.n_sources}")
         check_activation(self)

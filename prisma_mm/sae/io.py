@@ -13,17 +13,25 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from prisma_mm.errors import PrismaError, unknown
-from prisma_mm.sae.base import Dictionary
+from prisma_mm.sae.base import Dictionary, load_dictionary, load_state, save_dictionary
+from prisma_mm.sae.files import (
+    CFG_FILE,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    check_tensors,
+    load_safetensors,
+    read_json,
+    require,
+)
+from prisma_mm.sae.transcoder import Transcoder
 
 __all__ = [
     "FORMAT_VERSION",
@@ -41,139 +49,10 @@ __all__ = [
     "to_sparsify",
 ]
 
-FORMAT_VERSION = 1
-CFG_FILE = "cfg.json"
-WEIGHTS_FILE = "weights.safetensors"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
 PRISMA_CONFIG = "config.json"
 PRISMA_WEIGHTS = "weights.pt"
-
-
-# --------------------------------------------------------------------------------------------
-# small helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _architectures() -> dict[str, type[Dictionary]]:
-    from prisma_mm.sae import ARCHITECTURES
-
-    return ARCHITECTURES
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise PrismaError(f"{path}: file not found (expected a dictionary config)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise PrismaError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    if not isinstance(data, dict):
-        raise PrismaError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _require(cfg: dict[str, Any], keys: Iterable[str], path: Path) -> None:
-    missing = [k for k in keys if k not in cfg]
-    if missing:
-        raise PrismaError(f"{path}: missing key(s) {', '.join(repr(k) for k in missing)}")
-
-
-def _load_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
-    if not path.is_file():
-        raise PrismaError(f"{path}: file not found")
-    try:
-        return load_file(str(path), device=str(device))
-    except (SafetensorError, OSError) as err:
-        raise PrismaError(f"{path}: not a readable safetensors file ({err})") from None
-
-
-def _check_tensors(
-    tensors: dict[str, Tensor],
-    expected: dict[str, tuple[int, ...]],
-    path: Path,
-    optional: Iterable[str] = (),
-    ignore: Iterable[str] = (),
-) -> None:
-    """Raise a PrismaError naming the file, key, expected and actual shape on any mismatch."""
-    optional, ignore = set(optional), set(ignore)
-    missing = [k for k in expected if k not in tensors and k not in optional]
-    if missing:
-        raise PrismaError(
-            f"{path}: missing tensor(s) {', '.join(repr(k) for k in missing)} "
-            f"(has {', '.join(sorted(tensors)) or 'none'})"
-        )
-    extra = [k for k in tensors if k not in expected and k not in ignore]
-    if extra:
-        raise PrismaError(f"{path}: unexpected tensor(s) {', '.join(repr(k) for k in extra)}")
-    for key, shape in expected.items():
-        if key in tensors and tuple(tensors[key].shape) != tuple(shape):
-            raise PrismaError(
-                f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, "
-                f"expected {tuple(shape)}"
-            )
-
-
-def _build(architecture: str, config: dict[str, Any], path: Path) -> Dictionary:
-    archs = _architectures()
-    if architecture not in archs:
-        raise unknown("architecture", architecture, archs, hint=f" in {path}")
-    return archs[architecture](**config)
-
-
-def _shapes(d: Dictionary) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in d.inference_state_dict().items()}
-
-
-def _load_into(d: Dictionary, tensors: dict[str, Tensor], path: Path) -> Dictionary:
-    _check_tensors(tensors, _shapes(d), path)
-    d.load_state_dict(tensors, strict=False)
-    return d
-
-
-# --------------------------------------------------------------------------------------------
-# our format
-# --------------------------------------------------------------------------------------------
-
-
-def save_dictionary(d: Dictionary, path: str | Path) -> Path:
-    """Write ``path/cfg.json`` and ``path/weights.safetensors``; returns ``path``."""
-    from prisma_mm import __version__
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    cfg = {
-        "format": "prisma-mm",
-        "format_version": FORMAT_VERSION,
-        "prisma_mm_version": __version__,
-        "architecture": d.architecture,
-        "config": d.cfg.to_dict(),
-        "metadata": d.metadata,
-    }
-    (path / CFG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=False) + "\n")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in d.inference_state_dict().items()}
-    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
-    return path
-
-
-def load_dictionary(
-    path: str | Path,
-    device: str | torch.device = "cpu",
-    expected: type[Dictionary] | None = None,
-) -> Dictionary:
-    """Load a directory written by :func:`save_dictionary` (in eval mode) on ``device``."""
-    path = Path(path)
-    cfg = _read_json(path / CFG_FILE)
-    _require(cfg, ["architecture", "config"], path / CFG_FILE)
-    d = _build(cfg["architecture"], cfg["config"], path / CFG_FILE)
-    if expected is not None and expected is not Dictionary and not isinstance(d, expected):
-        raise PrismaError(
-            f"{path / CFG_FILE}: holds a {cfg['architecture']!r} dictionary, "
-            f"not a {expected.architecture or expected.__name__!r}; use prisma_mm.sae.load"
-        )
-    d.metadata = dict(cfg.get("metadata") or {})
-    _load_into(d, _load_safetensors(path / WEIGHTS_FILE), path / WEIGHTS_FILE)
-    return d.to(device).eval()
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,8 +62,6 @@ def load_dictionary(
 
 def _saelens_architecture(d: Dictionary) -> tuple[str, dict[str, Any]]:
     """SAELens architecture name and extra cfg fields for an (inference-equivalent) export."""
-    from prisma_mm.sae.transcoder import Transcoder
-
     act = getattr(getattr(d, "activation", None), "name", "")
     if isinstance(d, Transcoder):
         if act == "relu":
@@ -268,9 +145,9 @@ def from_saelens(path: str | Path, device: str | torch.device = "cpu") -> Dictio
     """
     path = Path(path)
     cfg_path, w_path = path / CFG_FILE, path / SAELENS_WEIGHTS
-    cfg = _read_json(cfg_path)
-    _require(cfg, ["architecture", "d_in", "d_sae"], cfg_path)
-    tensors = _load_safetensors(w_path)
+    cfg = read_json(cfg_path)
+    require(cfg, ["architecture", "d_in", "d_sae"], cfg_path)
+    tensors = load_safetensors(w_path)
     norm = cfg.get("normalize_activations", "none") or "none"
     if norm != "none":
         raise PrismaError(
@@ -283,10 +160,10 @@ def from_saelens(path: str | Path, device: str | torch.device = "cpu") -> Dictio
 
     if isinstance(cfg.get("prisma_mm"), dict):
         ours = cfg["prisma_mm"]
-        d = _build(ours["architecture"], ours["config"], cfg_path)
+        d = Dictionary.from_config(ours["architecture"], ours["config"], cfg_path)
         d.metadata = dict(ours.get("metadata") or {})
         state = _from_saelens_tensors(d, tensors, w_path)
-        return _load_into(d, state, w_path).to(device).eval()
+        return load_state(d, state, w_path).to(device).eval()
 
     arch = cfg["architecture"]
     common = {
@@ -295,18 +172,20 @@ def from_saelens(path: str | Path, device: str | torch.device = "cpu") -> Dictio
         "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True)),
     }
     if arch == "standard":
-        d = _build("relu", common, cfg_path)
+        d = Dictionary.from_config("relu", common, cfg_path)
     elif arch == "topk":
-        _require(cfg, ["k"], cfg_path)
-        d = _build("topk", {**common, "k": int(cfg["k"])}, cfg_path)
+        require(cfg, ["k"], cfg_path)
+        d = Dictionary.from_config("topk", {**common, "k": int(cfg["k"])}, cfg_path)
     elif arch == "jumprelu":
-        d = _build("jumprelu", common, cfg_path)
+        d = Dictionary.from_config("jumprelu", common, cfg_path)
     elif arch == "batchtopk":
-        _require(cfg, ["k"], cfg_path)
-        d = _build("batchtopk", {**common, "k": max(1, round(float(cfg["k"])))}, cfg_path)
+        require(cfg, ["k"], cfg_path)
+        d = Dictionary.from_config(
+            "batchtopk", {**common, "k": max(1, round(float(cfg["k"])))}, cfg_path
+        )
     elif arch in ("transcoder", "skip_transcoder", "jumprelu_transcoder"):
-        _require(cfg, ["d_out"], cfg_path)
-        d = _build(
+        require(cfg, ["d_out"], cfg_path)
+        d = Dictionary.from_config(
             "transcoder",
             {
                 **common,
@@ -328,7 +207,7 @@ def from_saelens(path: str | Path, device: str | torch.device = "cpu") -> Dictio
     if cfg.get("hook_name_out"):
         d.metadata["hook_out"] = cfg["hook_name_out"]
     state = _from_saelens_tensors(d, tensors, w_path)
-    return _load_into(d, state, w_path).to(device).eval()
+    return load_state(d, state, w_path).to(device).eval()
 
 
 def _from_saelens_tensors(
@@ -348,7 +227,7 @@ def _from_saelens_tensors(
     if "W_skip" in d.inference_state_dict():
         w_skip = d.inference_state_dict()["W_skip"]
         expected["W_skip"] = (w_skip.shape[1], w_skip.shape[0])
-    _check_tensors(tensors, expected, path, ignore=("log_threshold",))
+    check_tensors(tensors, expected, path, ignore=("log_threshold",))
     state = {k: tensors[k] for k in ("W_enc", "W_dec", "b_enc", "b_dec")}
     if act == "jumprelu":
         state["activation.threshold"] = tensors["threshold"]
@@ -381,8 +260,8 @@ def from_sparsify(path: str | Path, device: str | torch.device = "cpu") -> Dicti
     """
     path = Path(path)
     cfg_path, w_path = path / CFG_FILE, path / SPARSIFY_WEIGHTS
-    cfg = _read_json(cfg_path)
-    _require(cfg, ["d_in", "k"], cfg_path)
+    cfg = read_json(cfg_path)
+    require(cfg, ["d_in", "k"], cfg_path)
     activation = cfg.get("activation", "topk")
     if activation != "topk":
         raise PrismaError(f"{cfg_path}: sparsify activation {activation!r} is not supported (topk)")
@@ -397,14 +276,14 @@ def from_sparsify(path: str | Path, device: str | torch.device = "cpu") -> Dicti
         "normalize_decoder": bool(cfg.get("normalize_decoder", True)),
     }
     if transcode or skip:
-        d = _build(
+        d = Dictionary.from_config(
             "transcoder",
             {**common, "activation": "topk", "skip": skip, "apply_b_dec_to_input": not transcode},
             cfg_path,
         )
     else:
-        d = _build("topk", common, cfg_path)
-    tensors = _load_safetensors(w_path)
+        d = Dictionary.from_config("topk", common, cfg_path)
+    tensors = load_safetensors(w_path)
     expected = {
         "encoder.weight": (n, d_in),
         "encoder.bias": (n,),
@@ -413,7 +292,7 @@ def from_sparsify(path: str | Path, device: str | torch.device = "cpu") -> Dicti
     }
     if skip:
         expected["W_skip"] = (d_in, d_in)
-    _check_tensors(tensors, expected, w_path)
+    check_tensors(tensors, expected, w_path)
     state = {
         "W_enc": tensors["encoder.weight"].T.contiguous(),
         "b_enc": tensors["encoder.bias"],
@@ -422,13 +301,11 @@ def from_sparsify(path: str | Path, device: str | torch.device = "cpu") -> Dicti
     }
     if skip:
         state["W_skip"] = tensors["W_skip"].T.contiguous()
-    return _load_into(d, state, w_path).to(device).eval()
+    return load_state(d, state, w_path).to(device).eval()
 
 
 def to_sparsify(d: Dictionary, path: str | Path) -> Path:
     """Write a TopK SAE (or a TopK transcoder with ``d_out == d_in``) in sparsify's format."""
-    from prisma_mm.sae.transcoder import Transcoder
-
     act = getattr(getattr(d, "activation", None), "name", "")
     is_tc = isinstance(d, Transcoder)
     if act != "topk" or d.architecture not in ("topk", "transcoder"):
@@ -488,8 +365,8 @@ def from_vit_prisma(
     """
     path = Path(path)
     cfg_path, w_path = path / PRISMA_CONFIG, path / weights_file
-    cfg = _read_json(cfg_path)
-    _require(cfg, ["d_in"], cfg_path)
+    cfg = read_json(cfg_path)
+    require(cfg, ["d_in"], cfg_path)
     d_in = int(cfg["d_in"])
     n = int(cfg.get("d_sae") or 0) or d_in * int(cfg.get("expansion_factor") or 0)
     if n <= 0:
@@ -505,14 +382,14 @@ def from_vit_prisma(
     arch = cfg.get("architecture", "standard")
     common = {"d_in": d_in, "n_latents": n, "apply_b_dec_to_input": True}
     if arch == "jumprelu":
-        d = _build("jumprelu", common, cfg_path)
+        d = Dictionary.from_config("jumprelu", common, cfg_path)
     elif act == "topk":
         kwargs = cfg.get("activation_fn_kwargs") or {}
         if "k" not in kwargs:
             raise PrismaError(f"{cfg_path}: topk SAE without activation_fn_kwargs.k")
-        d = _build("topk", {**common, "k": int(kwargs["k"])}, cfg_path)
+        d = Dictionary.from_config("topk", {**common, "k": int(kwargs["k"])}, cfg_path)
     elif act == "relu" and arch == "standard":
-        d = _build("relu", common, cfg_path)
+        d = Dictionary.from_config("relu", common, cfg_path)
     else:
         raise PrismaError(
             f"{cfg_path}: unsupported ViT-Prisma SAE (architecture={arch!r}, "
@@ -533,7 +410,7 @@ def from_vit_prisma(
     expected = {"W_enc": (d_in, n), "W_dec": (n, d_in), "b_enc": (n,), "b_dec": (d_in,)}
     if arch == "jumprelu":
         expected["threshold"] = (n,)
-    _check_tensors(obj, expected, w_path)
+    check_tensors(obj, expected, w_path)
     state = {k: obj[k] for k in ("W_enc", "W_dec", "b_enc", "b_dec")}
     if arch == "jumprelu":
         state["activation.threshold"] = obj["threshold"]
@@ -547,7 +424,7 @@ def from_vit_prisma(
         d.metadata["model"] = cfg["model_name"]
     if norm != "none":
         d.metadata["unapplied_normalization"] = norm
-    return _load_into(d, state, w_path).to(device).eval()
+    return load_state(d, state, w_path).to(device).eval()
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ selected entries, ``grad x`` an ``embedding_bag`` over the selected encoder colu
 decode backward.)
 
 Entries are stored row by row, ascending latent index within a row (CSR order), as a
-:class:`~prisma_mm.sae.base.SparseCode`.
+:class:`~prisma_mm.sae.code.SparseCode`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prisma_mm.sae.base import SparseCode
+from prisma_mm.sae.code import SparseCode
 
 __all__ = [
     "batchtopk_encode",

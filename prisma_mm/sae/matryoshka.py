@@ -62,8 +62,8 @@ class MatryoshkaConfig(BatchTopKParams, DictionaryConfig):
     decoder_init_norm: float | None = None
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        DictionaryConfig.__post_init__(self)
+    def __post_init__(self, d_sae: int | None = None) -> None:
+        DictionaryConfig.__post_init__(self, d_sae)
         if self.nesting not in ("latents", "k"):
             raise PrismaError(f"nesting must be 'latents' or 'k', got {self.nesting!r}")
         if self.nesting == "latents":

@@ -57,8 +57,8 @@ class TopKConfig(TopKParams, DictionaryConfig):
     decoder_init_norm: float | None = None
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def __post_init__(self, d_sae: int | None = None) -> None:
+        super().__post_init__(d_sae)
         _check_k(self)
 
 

@@ -47,8 +47,8 @@ class TranscoderConfig(JumpReLUParams, ReLUParams, BatchTopKParams, DictionaryCo
     decoder_init_norm: float | None = None
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def __post_init__(self, d_sae: int | None = None) -> None:
+        super().__post_init__(d_sae)
         if self.d_out is not None and self.d_out <= 0:
             raise PrismaError(f"d_out must be a positive integer, got {self.d_out}")
         if self.apply_b_dec_to_input and (self.d_out or self.d_in) != self.d_in:
