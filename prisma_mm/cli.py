@@ -19,6 +19,7 @@ STAGE_PARSERS: list[tuple[str, str]] = [
     ("prisma_mm.cli", "_add_toyworld_parser"),
     ("prisma_mm.analysis.cli", "add_analysis_parsers"),
     ("prisma_mm.demo", "add_demo_parser"),
+    ("prisma_mm.viz.cli", "add_index_parser"),
 ]
 
 
