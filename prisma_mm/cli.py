@@ -20,6 +20,7 @@ STAGE_PARSERS: list[tuple[str, str]] = [
     ("prisma_mm.analysis.cli", "add_analysis_parsers"),
     ("prisma_mm.demo", "add_demo_parser"),
     ("prisma_mm.viz.cli", "add_index_parser"),
+    ("prisma_mm.viz.browser", "add_browse_parser"),
 ]
 
 
