@@ -28,6 +28,7 @@ from prisma_mm.viz.browser import (
     render_thumbnail,
     table_data_path,
 )
+from prisma_mm.viz.heatmaps import DEFAULT_CMAP, get_cmap
 from prisma_mm.viz.index import FeatureIndex
 
 HOSTILE_LABEL = "<script>alert(1)</script>"
@@ -273,13 +274,17 @@ def test_thumbnails_light_the_firing_patch_and_the_cls_chip():
     hot = thumb[cell * 1 : cell * 2, cell * 2 : cell * 3]
     cold = thumb[:cell, :cell]
     assert (hot == hot[0, 0]).all() and (cold == cold[0, 0]).all()  # nearest: flat patches
-    assert hot[0, 0, 1] > 200 and hot[0, 0, 2] < 80  # viridis' top: yellow
-    assert abs(cold[0, 0] - 128).max() <= 1  # unlit patch: the grey image unchanged
+    top = np.array(get_cmap(DEFAULT_CMAP)(1.0)[:3]) * 255  # the colormap at the latent's max
+    assert np.abs(hot[0, 0] - (0.8 * top + 0.2 * 128)).max() <= 1  # opacity 0.8 at the max
+    assert abs(cold[0, 0] - 128).max() <= 1  # unlit patch: the image unchanged
+    assert ((thumb[:, :64] != 128).any(axis=2)).sum() == cell * cell  # only that patch lit
     assert thumb.shape[1] > 64  # the CLS chip column
     chip = thumb[2, 64 + 6]
     values[0] = 3.0
     lit = np.asarray(render_thumbnail(image, values, LAYOUT, vmax=3.0, size=64)).astype(int)
-    assert (lit[:, :64] == thumb[:, :64]).all() and lit[2, 64 + 6, 1] > chip[1] + 100
+    assert (chip == 235).all()  # an unlit CLS chip is light grey
+    assert (lit[:, :64] == thumb[:, :64]).all()  # the CLS value changes no patch
+    assert np.abs(lit[2, 64 + 6] - top).max() <= 1  # and colours its chip
 
 
 def test_table_is_sharded_and_a_rebuild_replaces_the_previous_browser(tmp_path):
@@ -496,3 +501,60 @@ def test_every_request_is_a_local_file(page, built):
     assert page.requests and all(url.startswith("file://") for url in page.requests)
     loaded = {Path(url.split("?")[0]).name for url in page.requests}
     assert {"browser.js", "browser.css", "meta.js", "00000.js", "000002.js"} <= loaded
+
+
+# ----- through the command line, on a real index -------------------------------------------------
+def test_browse_command_on_a_real_index(tmp_path, capsys):
+    """`prisma-mm index` then `prisma-mm browse` on a tiny-vit cache: thumbnails are drawn from
+    the right sample and latent (equal to a drawing from the index's own per-latent maps)."""
+    import prisma_mm
+    from prisma_mm.cache import write_cache
+    from prisma_mm.cli import main
+    from prisma_mm.sae import TopKSAE
+    from prisma_mm.viz.index import SampleImages, latent_token_maps
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rng = np.random.default_rng(0)
+        for label in ("cat", "dog"):
+            (tmp_path / "images" / label).mkdir(parents=True)
+            for i in range(4):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "images" / label / f"{i}.png")
+        torch.manual_seed(0)
+        model = prisma_mm.load_model("tiny-vit", weights=None)
+        hook = "blocks.0.hook_resid_post"
+        write_cache(model, str(tmp_path / "images"), tmp_path / "cache", [hook], progress=False)
+        sae = TopKSAE(d_in=32, n_latents=12, k=3, seed=3)
+        sae.metadata["hook"] = hook
+        sae.save(tmp_path / "sae")
+        common = ["--top-n", "3", "--n-bins", "2", "--interval-n", "1", "--hist-bins", "8"]
+        assert main(["index", str(tmp_path / "sae"), str(tmp_path / "cache"), *common]) == 0
+        site = tmp_path / "site"
+        assert main(["browse", str(tmp_path / "sae"), "--out", str(site), "--quiet"]) == 0
+        assert f"open {(site / 'index.html').resolve().as_uri()}" in capsys.readouterr().out
+        index = FeatureIndex.load(tmp_path / "sae" / "index")
+        fired = [i for i in range(index.n_latents) if index.max_value[i] > 0]
+        assert fired
+        images = SampleImages(index)
+        for latent in fired[:3]:
+            data = _data(site / latent_data_path(latent))
+            assert data["thumbs"] and data["top"][0]["img"] == f"thumbs/000/{latent:06d}/t00.png"
+            key, _, value, token_values = latent_token_maps(
+                index, tmp_path / "sae", None, latent, "top"
+            )[0]
+            assert key == data["top"][0]["key"] and value == pytest.approx(
+                data["top"][0]["v"], rel=1e-4
+            )
+            sample = index.keys.index(key)
+            expected = render_thumbnail(
+                images(sample), token_values, index.layout, float(index.max_value[latent])
+            )
+            drawn = Image.open(site / data["top"][0]["img"]).convert("RGB")
+            assert np.array_equal(np.asarray(drawn), np.asarray(expected))
+        meta = _data(site / "data" / "meta.js")
+        assert meta["provenance"]["cache"]["model"] == "tiny-vit"
+        assert meta["label_names"] == ["cat", "dog"]
+    finally:
+        torch.set_num_threads(threads)

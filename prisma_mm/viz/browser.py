@@ -65,7 +65,6 @@ ASSETS = ("browser.js", "browser.css")
 MARKER = "prisma-browser.json"
 SHARD_SIZE = 1000
 CLASS_NAMES = ("novel", "reconstruction", "inactive")
-COLORMAP = "viridis"  # perceptual; thumbnails and the page's colour bar use the same one
 MAX_META_MEMBERS = 16  # other members listed per meta-latent on a latent page
 _CHUNK = 32  # latents whose thumbnails are drawn from one read of their samples' codes
 
@@ -299,9 +298,10 @@ class CacheSamples:
 
 
 def _colormap_stops(n: int = 16) -> list[list[int]]:
-    from matplotlib import colormaps
+    """The thumbnails' colormap as ``n`` RGB stops (for the page's colour bar)."""
+    from prisma_mm.viz.heatmaps import DEFAULT_CMAP, get_cmap
 
-    cmap = colormaps[COLORMAP]
+    cmap = get_cmap(DEFAULT_CMAP)
     return [[int(round(255 * c)) for c in cmap(i / (n - 1))[:3]] for i in range(n)]
 
 
@@ -312,40 +312,37 @@ def render_thumbnail(
     vmax: float,
     size: int = 128,
 ) -> Image.Image:
-    """``image`` with ``token_values [T]`` drawn over its patches (nearest upsampling, aspect
-    kept), normalised by ``vmax`` (the latent's max, so a latent's thumbnails share a scale);
-    prefix tokens (CLS, registers) as chips in a column on the right."""
-    import torch
-    from matplotlib import colormaps
+    """``image`` with ``token_values [T]`` drawn over its patches as the latent grids draw
+    them (:mod:`prisma_mm.viz.heatmaps`: nearest upsampling, opacity rising with the value,
+    aspect kept), normalised by ``vmax`` (the latent's max, so a latent's thumbnails share a
+    scale); prefix tokens (CLS, registers) as chips in a column on the right. A clip shows
+    the frame where the latent peaks."""
+    from matplotlib.colors import Normalize
     from PIL import Image as PILImage
 
-    cmap = colormaps[COLORMAP]
-    values = torch.as_tensor(token_values).float().flatten()
-    scale = vmax if vmax > 0 else 1.0
-    patches = layout.patch_map(values)  # [frames, h, w]
-    frame = int(patches.flatten(1).amax(1).argmax()) if patches.shape[0] > 1 else 0
-    grid = (patches[frame] / scale).clamp(0, 1).numpy()
+    from prisma_mm.viz.heatmaps import DEFAULT_CMAP, get_cmap, overlay_rgba, token_map
+
+    cmap = get_cmap(DEFAULT_CMAP)
+    norm = Normalize(0.0, vmax if vmax > 0 else 1.0)
     base = image.convert("RGB")
     ratio = size / max(base.size)
     width, height = max(1, round(base.width * ratio)), max(1, round(base.height * ratio))
-    base = base.resize((width, height), PILImage.BILINEAR)
-    heat_rgb = (cmap(grid)[..., :3] * 255).astype(np.uint8)
-    heat = PILImage.fromarray(heat_rgb).resize((width, height), PILImage.NEAREST)
-    alpha = PILImage.fromarray((np.sqrt(grid) * 0.8 * 255).astype(np.uint8)).resize(
-        (width, height), PILImage.NEAREST
-    )
-    grey = PILImage.blend(base, base.convert("L").convert("RGB"), 0.5)
-    drawn = PILImage.composite(heat, grey, alpha)
+    base = np.asarray(base.resize((width, height), PILImage.BILINEAR), dtype=np.float32) / 255
+    tmap = token_map(token_values, layout, size=(height, width))
+    peak = np.nan_to_num(tmap.pixels, nan=0.0).reshape(len(tmap.pixels), -1).max(1)
+    rgba = overlay_rgba(tmap.pixels[int(peak.argmax())], norm, cmap, alpha=0.8)
+    alpha = rgba[..., 3:]
+    drawn = (base * (1 - alpha) + rgba[..., :3] * alpha) * 255
+    picture = PILImage.fromarray(np.round(drawn).astype(np.uint8))
     if layout.n_prefix == 0:
-        return drawn
-    chip = max(8, min(height // max(layout.n_prefix, 1), height // 6))
+        return picture
+    chip = max(8, min(height // layout.n_prefix, height // 6))
     out = PILImage.new("RGB", (width + chip + 4, height), (255, 255, 255))
-    out.paste(drawn, (0, 0))
-    prefix = (values[: layout.n_prefix] / scale).clamp(0, 1).numpy()
-    for t, v in enumerate(prefix):
-        colour = tuple(int(c * 255) for c in cmap(float(v))[:3])
-        top = t * chip
-        out.paste(PILImage.new("RGB", (chip, chip - 1), colour), (width + 4, top))
+    out.paste(picture, (0, 0))
+    for t, value in enumerate(tmap.prefix.tolist()):
+        shade = cmap(float(np.clip(norm(value), 0, 1)))[:3] if value > 0 else (0.92,) * 3
+        colour = tuple(int(round(255 * c)) for c in shade)
+        out.paste(PILImage.new("RGB", (chip, chip - 1), colour), (width + 4, t * chip))
     return out
 
 
@@ -530,7 +527,7 @@ def build_browser(
         "label_names": label_names,
         "gt_names": gt.value_names if gt else None,
         "layout": index.meta.get("layout"),
-        "colormap": _colormap_stops(),
+        "colormap": _colormap_stops(),  # the thumbnails' colormap, for the colour bar
         "stitching_other": extras.stitching.other if extras.stitching else None,
         "provenance": _provenance(index, extras),
         "stats": {"n_dead": int((tables.freq_token <= 0).sum())},
