@@ -736,7 +736,7 @@ def _positive_int(text: str) -> int:
 
 def run_browse(args: argparse.Namespace) -> int:
     """``prisma-mm browse DICT --index DIR --out DIR``: write the browser, print where."""
-    from prisma_mm.viz.index import FeatureIndex
+    from prisma_mm.viz.index import FeatureIndex, _sha256
 
     dict_dir = Path(args.dictionary)
     if not (dict_dir / "cfg.json").is_file():
@@ -762,7 +762,21 @@ def run_browse(args: argparse.Namespace) -> int:
             f"the index {str(index_dir)!r} has {n} latents but the dictionary has "
             f"{dictionary.cfg.n_latents}: pass the index built for this dictionary"
         )
-    source = None if args.no_images else CacheSamples(index, dictionary)
+    expected = (index.meta.get("dictionary") or {}).get("sha256")
+    if expected and _sha256(dict_dir / "weights.safetensors") != expected:
+        raise PrismaError(
+            f"the index {str(index_dir)!r} was built for other weights than "
+            f"{str(dict_dir)!r}: rebuild it with `prisma-mm index`"
+        )
+    source = None
+    if not args.no_images:
+        cache_dir = Path(args.cache or (index.meta.get("cache") or {}).get("path") or "")
+        if not (cache_dir / "manifest.json").is_file():
+            raise PrismaError(
+                f"the index's cache {str(cache_dir)!r} is not there (no manifest.json): pass "
+                "--cache DIR where it now is, or --no-images for tables only"
+            )
+        source = CacheSamples(index, dictionary, cache_dir)
     page = build_browser(
         index,
         out,
@@ -798,6 +812,9 @@ def add_browse_parser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--interval-images", type=_positive_int, default=4, help="thumbnails per interval bin"
+    )
+    parser.add_argument(
+        "--cache", default=None, help="the indexed cache, if moved (default: where the index says)"
     )
     parser.add_argument("--no-images", action="store_true", help="tables only, no thumbnails")
     parser.add_argument("--title", default=None, help="the pages' title")
