@@ -116,3 +116,24 @@ def synthetic_cache(out: Path, n_samples: int = 40, n_tokens: int = 5, shard_siz
         sink.add({"index": i, "position": i, "key": f"k{i:03d}", "source": f"s{i}"}, arrays)
     sink.finish(n_samples, True)
     return out
+
+
+def batch_mixing(batches: list[np.ndarray], batch_size: int) -> tuple[float, float]:
+    """Mean classes per full batch and mean share of its largest class, over ``batches``
+    (each an int array of the class of every row)."""
+    full = [b for b in batches if len(b) == batch_size]
+    assert full, "no full batch to measure"
+    classes = np.mean([len(np.unique(b)) for b in full])
+    largest = np.mean([np.bincount(b).max() / batch_size for b in full])
+    return float(classes), float(largest)
+
+
+def uniform_mixing(labels: np.ndarray, batch_size: int, repeats: int = 40) -> tuple[float, float]:
+    """:func:`batch_mixing` of uniform sampling: batches cut from random permutations of
+    ``labels`` (every row's class), ``repeats`` times."""
+    rng = np.random.default_rng(12345)
+    batches = []
+    for _ in range(repeats):
+        shuffled = rng.permutation(labels)
+        batches += [shuffled[i : i + batch_size] for i in range(0, len(shuffled), batch_size)]
+    return batch_mixing(batches, batch_size)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from cache_helpers import SYNTHETIC_HOOKS, synthetic_cache
+from cache_helpers import SYNTHETIC_HOOKS, batch_mixing, synthetic_cache, uniform_mixing
 
 from prisma_mm.cache import ActivationDataset, read_manifest
 from prisma_mm.cache import reader as reader_module
@@ -51,13 +51,38 @@ def test_shuffle_is_a_permutation_deterministic_for_a_seed_and_epoch(cache):
 
     first = order(0)
     assert sorted(first) == sorted(ALL_ROWS) and len(first) == len(ALL_ROWS)
-    assert first != sorted(ALL_ROWS)
     assert order(0) == first
     assert order(1) != first and sorted(order(1)) == sorted(ALL_ROWS)
     assert order(0, epoch=1) != first and sorted(order(0, epoch=1)) == sorted(ALL_ROWS)
     # a buffer smaller than a batch still yields full batches of distinct rows
     small = order(3, buffer=4)
     assert sorted(small) == sorted(ALL_ROWS)
+
+
+def _shard_mixing(cache, batch_size, **kwargs):
+    """Classes per batch and largest share, a class being a shard (a class-sorted cache),
+    over 2 epochs, and the same for uniform sampling of the same rows."""
+    batches = []
+    for epoch in range(2):
+        ds = ActivationDataset(cache, SYNTHETIC_HOOKS[0], batch_size=batch_size, **kwargs)
+        ds.set_epoch(epoch)
+        batches += [(b[:, 0] // 8).long().numpy() for b in ds]
+    return batch_mixing(batches, batch_size), uniform_mixing(np.concatenate(batches), batch_size)
+
+
+def test_interleaving_open_shards_mixes_a_class_sorted_cache(tmp_path):
+    # 60 shards of 8 one-row samples; a shard is a class; the buffer holds 4 shards' rows
+    sorted_cache = synthetic_cache(tmp_path / "sorted", n_samples=480, n_tokens=1, shard_size=8)
+    (classes, largest), (uniform_classes, uniform_largest) = _shard_mixing(
+        sorted_cache, 8, shuffle_buffer=32
+    )
+    assert uniform_classes > 7.4 and uniform_largest < 0.2  # 8 rows of 60 classes
+    # 16 open shards feed the buffer: close to uniform although it holds only 32 rows
+    assert classes >= 0.8 * uniform_classes and largest <= 1.6 * uniform_largest
+    # one shard at a time (a single sliding buffer): batches hold far fewer classes
+    (one_classes, one_largest), _ = _shard_mixing(sorted_cache, 8, shuffle_buffer=32, open_shards=1)
+    assert one_classes < 0.75 * uniform_classes and one_largest > 1.8 * uniform_largest
+    assert classes > one_classes + 1.0
 
 
 def test_buffer_memory_is_bounded(cache, monkeypatch):

@@ -1,11 +1,13 @@
 """Read an activation cache as a stream of token-row batches for training.
 
-:class:`ActivationDataset` is an ``IterableDataset``: it reads shards one sample at a time,
-keeps at most ``shuffle_buffer`` rows in memory, and yields ``[batch, d]`` (one hook) or
-``[batch, n_hooks, d]`` (several hooks, rows aligned: the same input and token for every
-hook). Rows are split disjointly across DataLoader workers and distributed ranks: by shard
-when there are at least as many shards as ``world_size * num_workers``, else by row, so
-every row is read once per epoch. See docs/cache.md.
+:class:`ActivationDataset` is an ``IterableDataset``: it keeps ``open_shards`` shards open
+and reads their samples interleaved at random (a random merge), keeps at most
+``shuffle_buffer`` rows in memory, draws each batch uniformly from them, and yields
+``[batch, d]`` (one hook) or ``[batch, n_hooks, d]`` (several hooks, rows aligned: the same
+input and token for every hook). Rows are split disjointly across DataLoader workers and
+distributed ranks: by shard when there are at least as many shards as
+``world_size * num_workers``, else by row, so every row is read once per epoch. See
+docs/cache.md.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from prisma_mm.cache import manifest as fmt
 from prisma_mm.errors import PrismaError
 
 DEFAULT_SHUFFLE_BUFFER = 1 << 17  # rows; at d=768 fp16 that is 192 MiB
+DEFAULT_OPEN_SHARDS = 16  # shards read interleaved, per reader (DataLoader worker)
 SPLITS = (None, "train", "eval")
 NORMALIZATIONS = (False, True, "center_scale", "scale")
 
@@ -169,9 +172,10 @@ class ActivationDataset(IterableDataset):
     ``(acts, keys: list[str], token_index: LongTensor [batch])``. Use it with
     ``DataLoader(ds, batch_size=None, num_workers=...)``.
 
-    ``shuffle_buffer`` rows are held in memory and batches drawn from them at random
-    (0: read in order); the order is a function of ``seed``, the epoch (:meth:`set_epoch`),
-    the rank and the worker. ``split``: None (all rows), ``"train"`` or ``"eval"`` (the
+    ``open_shards`` shards are read at once, their samples interleaved at random; their rows
+    enter a buffer of ``shuffle_buffer`` rows and batches are drawn from it at random
+    (``shuffle_buffer=0``: read in order, one shard at a time); the order is a function of
+    ``seed``, the epoch (:meth:`set_epoch`), the rank and the worker. ``split``: None (all rows), ``"train"`` or ``"eval"`` (the
     samples whose key hash falls below ``eval_fraction``). ``normalize``: False, True /
     ``"center_scale"`` or ``"scale"`` (see :func:`normalization`). ``rank`` /
     ``world_size`` default to torch.distributed or the RANK / WORLD_SIZE variables.
@@ -184,6 +188,7 @@ class ActivationDataset(IterableDataset):
         batch_size: int = 4096,
         shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
         seed: int = 0,
+        open_shards: int = DEFAULT_OPEN_SHARDS,
         split: str | None = None,
         eval_fraction: float = 0.01,
         normalize: bool | str = False,
@@ -224,9 +229,15 @@ class ActivationDataset(IterableDataset):
             raise PrismaError(
                 f"normalize={normalize!r}: use False, True, 'center_scale' or 'scale'"
             )
-        if batch_size < 1 or shuffle_buffer < 0:
-            raise PrismaError("batch_size must be >= 1 and shuffle_buffer >= 0")
+        for name, value, low in (
+            ("batch_size", batch_size, 1),
+            ("shuffle_buffer", shuffle_buffer, 0),
+            ("open_shards", open_shards, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise PrismaError(f"{name}={value!r}: give an integer >= {low}")
         self.batch_size = batch_size
+        self.open_shards = open_shards
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.split = split
@@ -252,6 +263,12 @@ class ActivationDataset(IterableDataset):
         self._members = [f"{self.manifest['hook_keys'][h]}.npy" for h in self.hooks]
         self._token_index = np.asarray(self.manifest["token_index"][self.hooks[0]], np.int64)
         self._storage = np.dtype(self.manifest["storage_dtype"])
+        # each shard's first sample in the manifest's order, so that a sample's number (which
+        # splits rows across readers) does not depend on the order shards are read in
+        counts = [int(shard["samples"]) for shard in self.manifest["shards"]]
+        names = [shard["name"] for shard in self.manifest["shards"]]
+        self._shard_samples_count = dict(zip(names, counts))
+        self._first_sample = dict(zip(names, np.cumsum([0, *counts[:-1]]).tolist()))
 
     # ----- sizes and partitions -------------------------------------------------------------
     @property
@@ -292,45 +309,85 @@ class ActivationDataset(IterableDataset):
         return names, n_parts > 1
 
     # ----- iteration ----------------------------------------------------------------------------
-    def _samples(self, names: list[str], part: int, n_parts: int, by_row: bool):
-        """``(key, arrays per hook [tokens, d], rows kept or None)`` for this partition."""
+    def _shard_samples(self, names: list[str], rng: np.random.Generator | None):
+        """``(number, key, members, path)`` of every sample of ``names``: in order, one shard
+        after another, without ``rng``; with it, ``open_shards`` shards at a time, each next
+        sample taken from an open shard chosen with probability proportional to the samples
+        it has left (a uniformly random merge of the open shards). ``number`` is the
+        sample's place in the manifest's order, whatever order it is read in."""
+        wanted = set(self._members)
+        if rng is None or self.open_shards == 1:
+            for name in names:
+                path = self.cache_dir / name
+                for position, (key, members) in enumerate(_read_shard(path, wanted)):
+                    yield self._first_sample[name] + position, key, members, path
+            return
+        pending = iter(names)
+        readers: list[Iterator[tuple[str, dict[str, memoryview]]]] = []
+        left: list[int] = []  # samples each open shard still holds, as the manifest says
+        numbers: list[int] = []  # the number of each open shard's next sample
+        paths: list[Path] = []
+        draws = rng.random(0)
+        while True:
+            while len(readers) < self.open_shards and (name := next(pending, None)) is not None:
+                paths.append(self.cache_dir / name)
+                readers.append(_read_shard(paths[-1], wanted))
+                left.append(self._shard_samples_count[name])
+                numbers.append(self._first_sample[name])
+            if not readers:
+                return
+            if not len(draws):
+                draws = rng.random(1024)  # drawn in blocks: one generator call per 1024 samples
+            weights = np.maximum(np.asarray(left, np.float64), 1.0)
+            cumulative = np.cumsum(weights)
+            which = min(int(np.searchsorted(cumulative, draws[0] * cumulative[-1], "right")),
+                        len(readers) - 1)  # fmt: skip
+            draws = draws[1:]
+            sample = next(readers[which], None)
+            if sample is None:  # this shard is done: the next one in the plan takes its place
+                for column in (readers, left, numbers, paths):
+                    del column[which]
+                continue
+            yield numbers[which], sample[0], sample[1], paths[which]
+            numbers[which] += 1
+            left[which] -= 1
+
+    def _samples(self, names: list[str], part: int, n_parts: int, by_row: bool,
+                 rng: np.random.Generator | None):  # fmt: skip
+        """``(number, key, arrays per hook [tokens, d], rows kept or None)`` for this
+        partition."""
         n_tokens = self.n_tokens
         offsets = np.arange(n_tokens)
-        wanted = set(self._members)
-        counter = 0
-        for name in names:
-            path = self.cache_dir / name
-            for key, members in _read_shard(path, wanted):
-                number = counter
-                counter += 1
-                if self.split is not None:
-                    held_out = eval_score(key) < self.eval_fraction
-                    if held_out != (self.split == "eval"):
-                        continue
-                rows = None
-                if by_row:
-                    rows = np.flatnonzero((number * n_tokens + offsets) % n_parts == part)
-                    if rows.size == 0:
-                        continue
-                try:
-                    arrays = [fmt.decode_npy(members[m]) for m in self._members]
-                except KeyError as error:
-                    raise PrismaError(
-                        f"{path}: sample {key} lacks {error.args[0]}: the cache is damaged "
-                        "(run `prisma-mm cache verify`)"
-                    ) from error
-                yield key, arrays, rows
+        for number, key, members, path in self._shard_samples(names, rng):
+            if self.split is not None:
+                held_out = eval_score(key) < self.eval_fraction
+                if held_out != (self.split == "eval"):
+                    continue
+            rows = None
+            if by_row:
+                rows = np.flatnonzero((number * n_tokens + offsets) % n_parts == part)
+                if rows.size == 0:
+                    continue
+            try:
+                arrays = [fmt.decode_npy(members[m]) for m in self._members]
+            except KeyError as error:
+                raise PrismaError(
+                    f"{path}: sample {key} lacks {error.args[0]}: the cache is damaged "
+                    "(run `prisma-mm cache verify`)"
+                ) from error
+            yield number, key, arrays, rows
 
     def __iter__(self) -> Iterator[Any]:
         part, n_parts = self.partition()
         names, by_row = self.shard_plan(part, n_parts)
         shuffle = self.shuffle_buffer > 0
         rng = np.random.default_rng([self.seed, self.epoch, part]) if shuffle else None
+        merge = np.random.default_rng([self.seed, self.epoch, part, 1]) if shuffle else None
         threshold = max(self.shuffle_buffer, self.batch_size) if shuffle else self.batch_size
         buffer = _RowBuffer(threshold + self.n_tokens, len(self.hooks), self.d, self._storage)
         keys: dict[int, str] = {}
         key_limit = 2 * (threshold // max(self.n_tokens, 1) + 64)
-        for number, (key, arrays, rows) in enumerate(self._samples(names, part, n_parts, by_row)):
+        for number, key, arrays, rows in self._samples(names, part, n_parts, by_row, merge):
             if self.provenance:
                 keys[number] = key
             buffer.append(arrays, rows, number, self._token_index)
