@@ -23,7 +23,6 @@ from prisma_mm.train import (
     SAEModule,
     reconstruction_metrics,
 )
-from prisma_mm.train.cli import expose_config_signatures
 from prisma_mm.train.module import build_dictionary, dictionary_spec, lr_factor, split_batch
 
 
@@ -119,7 +118,6 @@ def test_dictionary_spec_round_trips_every_family():
 
 
 def test_every_family_exposes_its_config_fields_to_jsonargparse():
-    expose_config_signatures()
     for cls in prisma_mm.sae.ARCHITECTURES.values():
         params = inspect.signature(cls).parameters
         assert {"d_in", "n_latents", "normalize_decoder", "seed"} <= set(params), cls

@@ -4,7 +4,8 @@
 What this adds to a plain LightningCLI:
 
 - the dictionary's ``d_in`` is linked from the data (``data.d_in``), so a recipe never repeats it;
-- every :class:`~prisma_mm.sae.base.Dictionary` family takes its config fields as ``init_args``;
+- every :class:`~prisma_mm.sae.base.Dictionary` family takes its config fields as ``init_args``
+  (each family's ``__init__`` carries them as its signature from class creation);
 - a run directory ``<trainer.default_root_dir>/<run_name>/version_<n>`` (run_name defaults to the
   recipe's file name) shared by the default CSV and TensorBoard loggers, the checkpoints, the
   saved config and the final dictionary;
@@ -13,13 +14,8 @@ What this adds to a plain LightningCLI:
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
-import inspect
-import pkgutil
 import re
 import sys
-import typing
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,7 +29,6 @@ from prisma_mm.train.module import SAEModule
 
 __all__ = [
     "TrainCLI",
-    "expose_config_signatures",
     "list_recipes",
     "recipe_dirs",
     "resolve_recipe",
@@ -86,64 +81,6 @@ def _resolve_config_args(argv: list[str]) -> list[str]:
         else:
             out.append(arg)
     return out
-
-
-# ---- dictionary signatures ----------------------------------------------------------------
-def _config_signature(cls: type) -> inspect.Signature:
-    hints = typing.get_type_hints(cls.config_class)
-    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    for field in dataclasses.fields(cls.config_class):
-        if not field.init:
-            continue
-        if field.default is not dataclasses.MISSING:
-            default = field.default
-        elif field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = field.default_factory()  # type: ignore[misc]
-        else:
-            default = inspect.Parameter.empty
-        params.append(
-            inspect.Parameter(
-                field.name,
-                inspect.Parameter.KEYWORD_ONLY,
-                default=default,
-                annotation=hints.get(field.name, Any),
-            )
-        )
-    return inspect.Signature(params)
-
-
-def expose_config_signatures() -> None:
-    """Give every registered Dictionary family an ``__init__`` signature listing its config
-    fields, so jsonargparse accepts them as ``init_args`` (``Dictionary.__init__`` takes
-    ``**kwargs``, which jsonargparse cannot see through). Families that already spell their
-    fields out are left alone."""
-    import prisma_mm.sae
-    from prisma_mm.sae.base import Dictionary
-
-    for module in pkgutil.iter_modules(prisma_mm.sae.__path__):
-        importlib.import_module(f"prisma_mm.sae.{module.name}")
-
-    pending = list(Dictionary.__subclasses__())
-    while pending:
-        cls = pending.pop()
-        pending.extend(cls.__subclasses__())
-        if not dataclasses.is_dataclass(getattr(cls, "config_class", None)):
-            continue
-        wanted = _config_signature(cls)
-        current = inspect.signature(cls.__init__)
-        if "__init__" in cls.__dict__ and set(wanted.parameters) <= set(current.parameters):
-            continue
-        cls.__init__ = _init_with_signature(cls.__init__, wanted)
-
-
-def _init_with_signature(init: Any, signature: inspect.Signature) -> Any:
-    def __init__(self: Any, cfg: Any = None, **kwargs: Any) -> None:
-        init(self, cfg, **kwargs)
-
-    __init__.__signature__ = signature  # type: ignore[attr-defined]
-    __init__.__doc__ = init.__doc__
-    __init__.__wrapped_init__ = init  # type: ignore[attr-defined]
-    return __init__
 
 
 # ---- run directory ------------------------------------------------------------------------
@@ -248,7 +185,6 @@ def train_cli(argv: list[str] | None = None, run: bool = True) -> TrainCLI:
 
     ``--print_config`` prints the full config and exits (``SystemExit``), as LightningCLI does.
     """
-    expose_config_signatures()
     args = _resolve_config_args(list(sys.argv[1:] if argv is None else argv))
     with warnings.catch_warnings():
         # `prisma-mm train fit ...` hands LightningCLI its own argv, which differs from sys.argv
