@@ -12,8 +12,11 @@ through a :class:`ModelSpec`; everything else is shared here.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 import re
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,18 +30,27 @@ HookFn = Callable[[Tensor, "HookPoint"], Tensor | None]
 # TransformerLens' names_filter: None (default set), a name, a list of names, or name -> bool
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
 
-# Per-block hook names, in the order they fire inside a block.
+# Per-block hook names, in the order they fire inside a block. A model offers those its
+# native modules expose (see HookedModel.hook_names and docs/hooks.md).
 BLOCK_HOOKS = (
     "hook_resid_pre",
+    "ln1.hook_normalized",
+    "attn.hook_q",
+    "attn.hook_k",
+    "attn.hook_v",
     "attn.hook_pattern",
+    "attn.hook_z",
     "hook_attn_out",
     "hook_resid_mid",
     "ln2.hook_normalized",
+    "mlp.hook_pre",
+    "mlp.hook_pre_linear",
     "mlp.hook_post",
     "hook_mlp_out",
     "hook_resid_post",
 )
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_PER_HEAD = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z")
 
 
 @dataclass(frozen=True)
@@ -125,7 +137,8 @@ class BlockSpec:
     ``attn_branch`` / ``mlp_branch``: modules whose output is the branch added to the
     residual stream; ``ln2``: the norm before the MLP; ``mlp_proj``: the MLP's output
     projection (its input is the MLP hidden); ``norm1``: the norm before attention (its
-    input is the residual stream, read to form ``hook_resid_mid``); ``attn``: the attention.
+    input is the residual stream, read to form ``hook_resid_mid``; its output is
+    ``ln1.hook_normalized``); ``attn``: the attention; ``mlp``: the MLP.
     """
 
     attn_branch: str
@@ -137,23 +150,28 @@ class BlockSpec:
     pattern_style: (
         str  # "timm" (explicit path via fused_attn=False) or "mha" (nn.MultiheadAttention)
     )
+    mlp: str = "mlp"
 
 
 @dataclass
 class ModelSpec:
-    """What an adapter tells :class:`HookedModel` about one native model."""
+    """What an adapter tells :class:`HookedModel` about one native model (or one tower)."""
 
     module: nn.Module
     forward: Callable[[Tensor], Tensor]
     blocks: Sequence[nn.Module]
     block_spec: BlockSpec
-    embed: nn.Module  # its output is hook_embed: tokens with position embedding, prefix included
+    embed: nn.Module  # its output (its input where embed_is_input) is hook_embed
     final_norm: nn.Module  # its output is ln_final.hook_normalized (all tokens)
-    output_module: nn.Module  # its output is hook_output
+    output_module: nn.Module | None  # its output is hook_output; None: the forward's return
     layout: TokenLayout
-    transform: Callable[[Any], Tensor]  # PIL RGB image -> normalized [3, H, W]
+    transform: Callable[[Any], Tensor] | None  # PIL RGB image -> normalized [3, H, W]
     d_model: int
     extras: dict[str, Any] = field(default_factory=dict)
+    prefix: str = ""  # hook-name prefix of this tower ("text." for a text tower)
+    embed_is_input: bool = False
+    prepare: Callable[[Any], Tensor] | None = None  # raw input -> model input (text towers)
+    text: ModelSpec | None = None  # the text tower of a CLIP / SigLIP model
 
 
 class _StopForward(Exception):
@@ -167,10 +185,108 @@ def _as_tokens(value: Tensor) -> tuple[Tensor, bool]:
     return value, False
 
 
+class _Dispatch:
+    """One torch hook per (module, kind) running prisma's hook functions in forward order.
+
+    Two hook points on one module (``hook_attn_out`` and ``hook_resid_mid`` both sit on the
+    attention branch's output) must fire in forward order whatever order they were attached
+    in; torch fires a module's hooks in registration order, so they go through one slot.
+    """
+
+    _seq = itertools.count()
+
+    def __init__(self, module: nn.Module, kind: str) -> None:
+        self.module, self.kind = module, kind
+        self.entries: list[tuple[tuple[int, int], int, Callable]] = []
+        self.handle: Any = None
+
+    def add(self, order: tuple[int, int], fn: Callable) -> Callable[[], None]:
+        entry = (order, next(self._seq), fn)
+        bisect.insort(self.entries, entry, key=lambda e: e[:2])
+        if self.handle is None:
+            if self.kind == "forward":
+                self.handle = self.module.register_forward_hook(self._forward)
+            else:
+                self.handle = self.module.register_forward_pre_hook(self._pre, with_kwargs=True)
+
+        def remove() -> None:
+            self.entries.remove(entry)
+            if not self.entries:
+                self.handle.remove()
+                self.handle = None
+                _SLOTS[self.module].pop(self.kind, None)
+
+        return remove
+
+    def _forward(self, module, args, output):
+        changed = False
+        for _, _, fn in list(self.entries):
+            new = fn(module, args, output)
+            if new is not None:
+                output, changed = new, True
+        return output if changed else None
+
+    def _pre(self, module, args, kwargs):
+        changed = False
+        for _, _, fn in list(self.entries):
+            new = fn(module, args, kwargs)
+            if new is not None:
+                (args, kwargs), changed = new, True
+        return (args, kwargs) if changed else None
+
+
+# The slots of every hooked native module; shared by all HookedModels over that module.
+_SLOTS: weakref.WeakKeyDictionary[nn.Module, dict[str, _Dispatch]] = weakref.WeakKeyDictionary()
+
+
+def _slot(module: nn.Module, kind: str) -> _Dispatch:
+    slots = _SLOTS.setdefault(module, {})
+    if kind not in slots:
+        slots[kind] = _Dispatch(module, kind)
+    return slots[kind]
+
+
+def _mlp_kind(mlp: nn.Module) -> str | None:
+    """How the MLP computes its pre-activation: ``fc1`` (timm Mlp), ``swiglu`` (fc1_g /
+    fc1_x), ``glu`` (one fc1 output chunked into gate and value), ``c_fc`` (open_clip)."""
+    names = {name for name, _ in mlp.named_children()}
+    if {"fc1_g", "fc1_x"} <= names:
+        return "swiglu"
+    if "fc1" in names and hasattr(mlp, "chunk_dim"):
+        return "glu" if mlp.chunk_dim in (-1, 2) else None
+    if "fc1" in names:
+        return "fc1"
+    if "c_fc" in names:
+        return "c_fc"
+    return None
+
+
+def _qkv_kind(attn: nn.Module) -> str | None:
+    """Where q / k / v come from: ``timm`` (a qkv Linear, then q_norm / k_norm), ``fused_bias``
+    (EVA's qkv weight with a concatenated bias through F.linear: v is read-only), ``separate``
+    (q_proj / k_proj / v_proj, then q_norm / k_norm), ``mha`` (nn.MultiheadAttention)."""
+    if isinstance(attn, nn.MultiheadAttention):
+        ok = attn.batch_first and attn._qkv_same_embed_dim and attn.in_proj_weight is not None
+        return "mha" if ok else None
+    if not (hasattr(attn, "q_norm") and hasattr(attn, "k_norm") and hasattr(attn, "num_heads")):
+        return None
+    if getattr(attn, "qkv", None) is not None:
+        if getattr(attn, "q_bias", None) is not None and not getattr(
+            attn, "qkv_bias_separate", False
+        ):
+            return "fused_bias"
+        return "timm"
+    if all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj")):
+        return "separate"
+    return None
+
+
 class HookedModel(nn.Module):
     """A native vision model with uniform, TransformerLens-style hook points.
 
     ``model.module`` is the untouched native module; calling ``model(x)`` runs its forward.
+    CLIP / SigLIP models also have ``model.text``: the text tower with the same hook names
+    under ``text.``, run on prompts (see docs/hooks.md).
     """
 
     def __init__(self, spec: ModelSpec, card: Any = None) -> None:
@@ -181,25 +297,88 @@ class HookedModel(nn.Module):
         self.layout = spec.layout
         self.d_model = spec.d_model
         self.n_layers = len(spec.blocks)
+        self.prefix = spec.prefix
+        self._missing, self._read_only = self._block_offer()
         self.hook_names: list[str] = self._all_hook_names()
         self._points = {name: self._point(name) for name in self.hook_names}
         self._kept_hooks = contextlib.ExitStack()  # run_with_hooks(reset_hooks_end=False)
+        self._output_fns: list[tuple[int, HookPoint, HookFn]] = []  # output_module None
+        # not a registered child: the text tower shares self.module's parameters
+        text = HookedModel(spec.text, card) if spec.text is not None else None
+        object.__setattr__(self, "_text", text)
+
+    @property
+    def text(self) -> HookedModel:
+        """The text tower (CLIP / SigLIP cards): hook names ``text.blocks.{i}...``, input prompts."""
+        if self._text is None:
+            name = getattr(self.card, "name", type(self.module).__name__)
+            raise PrismaError(
+                f"model {name!r} has no text tower: text hooks need a CLIP or SigLIP card"
+            )
+        return self._text
 
     # ----- names -----------------------------------------------------------------------
+    def _block_offer(self) -> tuple[dict[str, str], dict[str, str]]:
+        """Per-block hooks this model cannot offer, and those it can read but not replace,
+        each with the reason in words."""
+        missing: dict[str, str] = {}
+        read_only: dict[str, str] = {}
+        if not self.spec.blocks:
+            return missing, read_only
+        bs = self.spec.block_spec
+        block = self.spec.blocks[0]
+        attn = block.get_submodule(bs.attn)
+        qkv = _qkv_kind(attn)
+        if qkv is None:
+            for suffix in ("attn.hook_q", "attn.hook_k", "attn.hook_v"):
+                missing[suffix] = f"{type(attn).__name__} does not expose q / k / v"
+        elif qkv == "mha":
+            why = (
+                "nn.MultiheadAttention computes q / k / v inside one call, so they are "
+                "recomputed from ln1's output for reading (edit hook_attn_out or ln1 instead)"
+            )
+            for suffix in ("attn.hook_q", "attn.hook_k", "attn.hook_v"):
+                read_only[suffix] = why
+        elif qkv == "fused_bias":
+            read_only["attn.hook_v"] = (
+                f"{type(attn).__name__} computes v with a functional linear, so it is recomputed "
+                "for reading (edit attn.hook_z or hook_attn_out instead)"
+            )
+        if isinstance(attn, nn.MultiheadAttention):
+            missing["attn.hook_z"] = (
+                "nn.MultiheadAttention applies its output projection inside one call "
+                "(read hook_attn_out instead)"
+            )
+            read_only["attn.hook_pattern"] = (
+                "nn.MultiheadAttention does not expose its pattern for editing "
+                "(edit hook_attn_out or the resid hooks instead)"
+            )
+        elif not (hasattr(attn, "norm") and hasattr(attn, "proj")):
+            missing["attn.hook_z"] = f"{type(attn).__name__} has no output projection to hook"
+        kind = _mlp_kind(block.get_submodule(bs.mlp))
+        if kind is None:
+            missing["mlp.hook_pre"] = "this MLP has no first linear layer to hook"
+        if kind not in ("swiglu", "glu"):
+            missing["mlp.hook_pre_linear"] = "the MLP is not gated (hook_pre_linear is GLU-only)"
+        return missing, read_only
+
     def _all_hook_names(self) -> list[str]:
-        names = ["hook_embed"]
+        p = self.prefix
+        offered = [h for h in BLOCK_HOOKS if h not in self._missing]
+        names = [f"{p}hook_embed"]
         for i in range(len(self.spec.blocks)):
-            names += [f"blocks.{i}.{suffix}" for suffix in BLOCK_HOOKS]
-        return [*names, "ln_final.hook_normalized", "hook_output"]
+            names += [f"{p}blocks.{i}.{suffix}" for suffix in offered]
+        return [*names, f"{p}ln_final.hook_normalized", f"{p}hook_output"]
 
     def _point(self, name: str) -> HookPoint:
-        if name == "hook_embed":
+        local = name.removeprefix(self.prefix)
+        if local == "hook_embed":
             return HookPoint(name, None, (-1, 0))
-        if name == "ln_final.hook_normalized":
+        if local == "ln_final.hook_normalized":
             return HookPoint(name, None, (self.n_layers, 0))
-        if name == "hook_output":
+        if local == "hook_output":
             return HookPoint(name, None, (self.n_layers, 1))
-        match = _BLOCK_RE.match(name)
+        match = _BLOCK_RE.match(local)
         assert match is not None
         layer = int(match.group(1))
         return HookPoint(name, layer, (layer, BLOCK_HOOKS.index(match.group(2))))
@@ -208,12 +387,18 @@ class HookedModel(nn.Module):
         """The :class:`HookPoint` called ``name``; unknown names get the nearest valid ones."""
         point = self._points.get(name)
         if point is None:
+            if self._text is not None and name.startswith(self._text.prefix):
+                return self._text.hook_point(name)
             raise self._unknown_hook(name)
         return point
 
     def _unknown_hook(self, name: str) -> PrismaError:
+        match = _BLOCK_RE.match(name.removeprefix(self.prefix))
+        if match and match.group(2) in self._missing and int(match.group(1)) < self.n_layers:
+            return PrismaError(
+                f"hook {name!r} is not offered on this model: {self._missing[match.group(2)]}"
+            )
         hint = ""
-        match = _BLOCK_RE.match(name)
         if match and int(match.group(1)) >= self.n_layers:
             hint = f": the model has blocks 0-{self.n_layers - 1}"
         close = ", ".join(repr(c) for c in nearest(name, self.hook_names))
@@ -230,7 +415,10 @@ class HookedModel(nn.Module):
 
     def preprocess(self, images: Any) -> Tensor:
         """Images (PIL of any mode, uint8/uint16 arrays HW/HWC, or tensors CHW/BCHW) to the
-        model's normalized input batch ``[batch, 3, H, W]`` (float32), via the card's transform."""
+        model's normalized input batch ``[batch, 3, H, W]`` (float32), via the card's transform;
+        on a text tower, prompts (a string or a list) to tokens ``[batch, n_ctx]``."""
+        if self.spec.prepare is not None:
+            return self.spec.prepare(images)
         from prisma_mm.data.images import to_pil_rgb
 
         if isinstance(images, Tensor) and images.dim() == 4:
@@ -242,6 +430,8 @@ class HookedModel(nn.Module):
         return torch.stack([self.spec.transform(to_pil_rgb(image)) for image in images])
 
     def _check_input(self, x: Any) -> Tensor:
+        if self.spec.prepare is not None:
+            return self.spec.prepare(x)
         height, width = self.layout.input_size
         expected = f"a float tensor [batch, 3, {height}, {width}]"
         if not isinstance(x, Tensor):
@@ -261,57 +451,90 @@ class HookedModel(nn.Module):
             )
         return x.to(device=self.device, dtype=self.dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """The native model's forward (logits or embeddings), with any active hooks."""
-        return self.spec.forward(self._check_input(x))
+    def _run(self, x: Tensor) -> Tensor:
+        """The native forward on a checked input, then any hook_output of a module-less output."""
+        output = self.spec.forward(x)
+        for _, point, fn in list(self._output_fns):
+            value, squeezed = _as_tokens(output)
+            new = self._checked(point, value, fn(value, point))
+            if new is not None:
+                output = new.squeeze(1) if squeezed else new
+        return output
+
+    def forward(self, x: Any) -> Tensor:
+        """The native model's forward (logits or embeddings), with any active hooks.
+        A text tower takes prompts or tokens ``[batch, n_ctx]`` and returns the (unnormalized)
+        text embeddings ``[batch, d_embed]``."""
+        return self._run(self._check_input(x))
 
     def encode_text(self, texts: Sequence[str]) -> Tensor:
-        """Unit-norm text embeddings ``[len(texts), d_embed]`` (CLIP / SigLIP cards only)."""
-        encode = self.spec.extras.get("encode_text")
-        if encode is None:
-            name = getattr(self.card, "name", type(self.module).__name__)
-            raise PrismaError(
-                f"model {name!r} has no text tower: encode_text needs a CLIP or SigLIP card"
-            )
-        return encode(list(texts))
+        """Unit-norm text embeddings ``[len(texts), d_embed]`` (CLIP / SigLIP cards only),
+        through the text tower with any active ``text.`` hooks."""
+        tower = self if self.prefix == "text." else self.text
+        with torch.no_grad():
+            return nn.functional.normalize(tower(list(texts)).float(), dim=-1)
 
     # ----- hooks -----------------------------------------------------------------------
     @contextlib.contextmanager
     def hooks(self, fns: Mapping[str, HookFn | Sequence[HookFn]]) -> Iterator[HookedModel]:
         """Attach ``{name: fn}`` (or ``{name: [fn, ...]}``) for the duration of the block;
-        removed on exit, also on error.
+        removed on exit, also on error. Hooks fire in forward order, whatever the order of
+        ``fns``; functions on one hook point fire in the order given. ``text.`` names go to
+        the text tower.
 
-        ``fn(activation, hook)`` gets ``[batch, tokens, d]`` (pattern: ``[batch, heads, q, k]``)
-        and returns None to leave it unchanged or a tensor of the same shape to replace it.
+        ``fn(activation, hook)`` gets ``[batch, tokens, d]`` (pattern: ``[batch, heads, q, k]``;
+        q/k/v/z: ``[batch, tokens, heads, d_head]``) and returns None to leave it unchanged or
+        a tensor of the same shape to replace it.
         """
         points = [self.hook_point(name) for name in fns]
         with contextlib.ExitStack() as stack:
             for point in points:
                 chosen = fns[point.name]
+                owner = self if point.name in self._points else self.text
                 for fn in chosen if isinstance(chosen, list | tuple) else [chosen]:
-                    self._attach(stack, point, fn)
+                    owner._attach(stack, point, fn)
             yield self
+
+    def _register(self, stack, module: nn.Module, kind: str, point: HookPoint, fn) -> None:
+        stack.callback(_slot(module, kind).add(point.order, fn))
 
     def _attach(self, stack: contextlib.ExitStack, point: HookPoint, fn: HookFn) -> None:
         spec = self.spec
-        name = point.name
+        name = point.name.removeprefix(self.prefix)
         if name == "hook_embed":
+            if spec.embed_is_input:
+                return self._on_input(stack, spec.embed, point, fn)
             return self._on_output(stack, spec.embed, point, fn)
         if name == "ln_final.hook_normalized":
             return self._on_output(stack, spec.final_norm, point, fn)
         if name == "hook_output":
+            if spec.output_module is None:
+                entry = (next(_Dispatch._seq), point, fn)
+                self._output_fns.append(entry)
+                stack.callback(self._output_fns.remove, entry)
+                return None
             return self._on_output(stack, spec.output_module, point, fn)
         block = spec.blocks[point.layer]  # type: ignore[index]
         bs = spec.block_spec
         suffix = name.split(".", 2)[2]
+        if suffix in self._read_only:
+            fn = self._reading_only(point, fn, self._read_only[suffix])
         if suffix == "hook_resid_pre":
             return self._on_input(stack, block, point, fn)
+        if suffix == "ln1.hook_normalized":
+            return self._on_output(stack, block.get_submodule(bs.norm1), point, fn)
+        if suffix in ("attn.hook_q", "attn.hook_k", "attn.hook_v"):
+            return self._on_qkv(stack, block.get_submodule(bs.attn), point, fn, suffix[-1])
+        if suffix == "attn.hook_z":
+            return self._on_z(stack, block.get_submodule(bs.attn), point, fn)
         if suffix == "hook_attn_out":
             return self._on_output(stack, block.get_submodule(bs.attn_branch), point, fn)
         if suffix == "hook_resid_mid":
             return self._on_resid_mid(stack, block, point, fn)
         if suffix == "ln2.hook_normalized":
             return self._on_output(stack, block.get_submodule(bs.ln2), point, fn)
+        if suffix in ("mlp.hook_pre", "mlp.hook_pre_linear"):
+            return self._on_mlp_pre(stack, block.get_submodule(bs.mlp), point, fn, suffix)
         if suffix == "mlp.hook_post":
             return self._on_input(stack, block.get_submodule(bs.mlp_proj), point, fn)
         if suffix == "hook_mlp_out":
@@ -321,6 +544,16 @@ class HookedModel(nn.Module):
         if suffix == "attn.hook_pattern":
             return self._on_pattern(stack, block.get_submodule(bs.attn), point, fn)
         raise AssertionError(name)
+
+    @staticmethod
+    def _reading_only(point: HookPoint, fn: HookFn, why: str) -> HookFn:
+        def read(value: Tensor, hook: HookPoint) -> None:
+            if fn(value, hook) is not None:
+                raise PrismaError(
+                    f"{point.name!r} can be read but not replaced on this model: {why}"
+                )
+
+        return read
 
     @staticmethod
     def _checked(point: HookPoint, original: Tensor, new: Tensor | None) -> Tensor | None:
@@ -344,7 +577,7 @@ class HookedModel(nn.Module):
             new = new.squeeze(1) if squeezed else new
             return (new, *output[1:]) if isinstance(output, tuple) else new
 
-        stack.callback(module.register_forward_hook(hook).remove)
+        self._register(stack, module, "forward", point, hook)
 
     def _on_input(self, stack, module: nn.Module, point: HookPoint, fn: HookFn) -> None:
         def hook(_module, args, kwargs):
@@ -356,7 +589,99 @@ class HookedModel(nn.Module):
                 return (new, *args[1:]), kwargs
             return args, {**kwargs, "q_x": new}
 
-        stack.callback(module.register_forward_pre_hook(hook, with_kwargs=True).remove)
+        self._register(stack, module, "pre", point, hook)
+
+    def _on_slice(
+        self,
+        stack,
+        module: nn.Module,
+        point: HookPoint,
+        fn: HookFn,
+        view: Callable[[Tensor], Tensor],
+    ) -> None:
+        """A hook on part of ``module``'s output: ``view(output)`` is a view of the part;
+        a replacement is written into a copy of the output."""
+
+        def hook(_module, _inputs, output):
+            part = view(output)
+            new = self._checked(point, part, fn(part, point))
+            if new is None:
+                return None
+            edited = output.clone()
+            view(edited).copy_(new)
+            return edited
+
+        self._register(stack, module, "forward", point, hook)
+
+    def _on_qkv(self, stack, attn: nn.Module, point: HookPoint, fn: HookFn, which: str) -> None:
+        index = "qkv".index(which)
+        kind = _qkv_kind(attn)
+        if kind == "mha":
+            heads = attn.num_heads
+
+            def read_mha(_module, args, kwargs):
+                query = args[0] if args else kwargs["query"]
+                proj = nn.functional.linear(query, attn.in_proj_weight, attn.in_proj_bias)
+                part = proj.chunk(3, dim=-1)[index]
+                fn(part.unflatten(-1, (heads, -1)), point)
+
+            return self._register(stack, attn, "pre", point, read_mha)
+        heads = attn.num_heads
+        if which in "qk":
+            # q_norm / k_norm see [batch, heads, tokens, d_head]: their output is q / k
+            norm = attn.q_norm if which == "q" else attn.k_norm
+
+            def per_head(_module, _inputs, output):
+                value = output.transpose(1, 2)
+                new = self._checked(point, value, fn(value, point))
+                return None if new is None else new.transpose(1, 2)
+
+            return self._register(stack, norm, "forward", point, per_head)
+        if kind == "separate":
+            return self._on_slice(
+                stack, attn.v_proj, point, fn, lambda out: out.unflatten(-1, (heads, -1))
+            )
+        if kind == "fused_bias":
+
+            def read_fused(_module, args, kwargs):
+                x = args[0] if args else kwargs["x"]
+                bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+                qkv = nn.functional.linear(x, attn.qkv.weight, bias)
+                fn(qkv.unflatten(-1, (3, heads, -1))[:, :, 2], point)
+
+            return self._register(stack, attn, "pre", point, read_fused)
+        return self._on_slice(
+            stack, attn.qkv, point, fn, lambda out: out.unflatten(-1, (3, heads, -1))[:, :, 2]
+        )
+
+    def _on_z(self, stack, attn: nn.Module, point: HookPoint, fn: HookFn) -> None:
+        # z (heads concatenated) is the input of the attention's inner norm, then proj
+        heads = attn.num_heads
+
+        def hook(_module, args, kwargs):
+            value = args[0].unflatten(-1, (heads, -1))
+            new = self._checked(point, value, fn(value, point))
+            return None if new is None else ((new.flatten(-2), *args[1:]), kwargs)
+
+        self._register(stack, attn.norm, "pre", point, hook)
+
+    def _on_mlp_pre(self, stack, mlp: nn.Module, point: HookPoint, fn: HookFn, suffix) -> None:
+        kind = _mlp_kind(mlp)
+        gate = suffix == "mlp.hook_pre"  # TransformerLens: hook_pre is the gate's pre-activation
+        if kind == "fc1":
+            return self._on_output(stack, mlp.fc1, point, fn)
+        if kind == "c_fc":
+            return self._on_output(stack, mlp.c_fc, point, fn)
+        if kind == "swiglu":
+            return self._on_output(stack, mlp.fc1_g if gate else mlp.fc1_x, point, fn)
+        # GluMlp: fc1's output chunks into (x1, x2); the activation takes x2 if gate_last
+        first = gate != bool(mlp.gate_last)
+
+        def half(out: Tensor) -> Tensor:
+            width = out.shape[-1] // 2
+            return out[..., :width] if first else out[..., width:]
+
+        return self._on_slice(stack, mlp.fc1, point, fn, half)
 
     def _on_resid_mid(self, stack, block: nn.Module, point: HookPoint, fn: HookFn) -> None:
         # resid_mid = resid_pre + attention branch; the native block adds them itself, so we
@@ -364,7 +689,7 @@ class HookedModel(nn.Module):
         bs = self.spec.block_spec
         stash: dict[str, Tensor] = {}
 
-        def keep_pre(_module, args):
+        def keep_pre(_module, args, kwargs):
             stash["pre"] = args[0]
 
         def hook(_module, _inputs, branch):
@@ -373,10 +698,8 @@ class HookedModel(nn.Module):
             new = self._checked(point, mid, fn(mid, point))
             return None if new is None else new - pre
 
-        norm1 = block.get_submodule(bs.norm1)
-        stack.callback(norm1.register_forward_pre_hook(keep_pre).remove)
-        branch_module = block.get_submodule(bs.attn_branch)
-        stack.callback(branch_module.register_forward_hook(hook).remove)
+        self._register(stack, block.get_submodule(bs.norm1), "pre", point, keep_pre)
+        self._register(stack, block.get_submodule(bs.attn_branch), "forward", point, hook)
 
     def _on_pattern(self, stack, attn: nn.Module, point: HookPoint, fn: HookFn) -> None:
         style = self.spec.block_spec.pattern_style
@@ -390,26 +713,19 @@ class HookedModel(nn.Module):
             def hook(_module, _inputs, pattern):
                 return self._checked(point, pattern, fn(pattern, point))
 
-            stack.callback(attn.attn_drop.register_forward_hook(hook).remove)
-            return
+            return self._register(stack, attn.attn_drop, "forward", point, hook)
         if style == "mha":
 
             def want_weights(_module, args, kwargs):
                 return args, {**kwargs, "need_weights": True, "average_attn_weights": False}
 
-            def hook(_module, _inputs, output):
+            def read(_module, _inputs, output):
                 out, pattern = output
-                if fn(pattern, point) is not None:
-                    raise PrismaError(
-                        f"{point.name!r} can be read but not replaced on this model: "
-                        "nn.MultiheadAttention does not expose its pattern for editing "
-                        "(edit hook_attn_out or the resid hooks instead)"
-                    )
+                fn(pattern, point)  # read-only: wrapped by _reading_only
                 return out, None
 
-            stack.callback(attn.register_forward_pre_hook(want_weights, with_kwargs=True).remove)
-            stack.callback(attn.register_forward_hook(hook).remove)
-            return
+            self._register(stack, attn, "pre", point, want_weights)
+            return self._register(stack, attn, "forward", point, read)
         raise AssertionError(style)
 
     # ----- caching -----------------------------------------------------------------------
@@ -443,8 +759,19 @@ class HookedModel(nn.Module):
         ``stop_at_layer="auto"`` stops right after the last requested hook fires. In both
         cases ``output`` is None.
         """
-        x = self._check_input(x)
         names = self._select_names(names_filter)
+        if self._text is not None:
+            text_names = [n for n in names if n.startswith(self._text.prefix)]
+            if text_names and len(text_names) < len(names):
+                raise PrismaError(
+                    "image and text hooks run on different inputs: call run_with_cache once "
+                    "with image hooks on images and once with text. hooks on prompts"
+                )
+            if text_names:
+                return self._text.run_with_cache(
+                    x, names, stop_at_layer=stop_at_layer, detach=detach
+                )
+        x = self._check_input(x)
         points = [self.hook_point(name) for name in names]
         if stop_at_layer is not None and stop_at_layer != "auto":
             if isinstance(stop_at_layer, bool) or not isinstance(stop_at_layer, int):
@@ -483,7 +810,7 @@ class HookedModel(nn.Module):
                 stopper = self.spec.blocks[stop_at_layer]
                 stack.callback(stopper.register_forward_pre_hook(stop).remove)
             try:
-                output = self.spec.forward(x)
+                output = self._run(x)
             except _StopForward:
                 output = None
         if stop_at_layer is not None:

@@ -12,7 +12,7 @@ import prisma_mm
 from prisma_mm import PrismaError
 from prisma_mm.hooks import BLOCK_HOOKS
 
-TINY = ["tiny-vit", "tiny-dinov2-reg", "tiny-eva02", "tiny-siglip", "tiny-clip"]
+TINY = ["tiny-vit", "tiny-dinov2-reg", "tiny-eva02", "tiny-siglip", "tiny-clip", "tiny-clip-siglip"]
 
 
 @pytest.fixture(scope="module", params=TINY)
@@ -48,8 +48,10 @@ def test_every_hook_fires_with_token_shape(model):
             assert value.shape[0] == 2 and value.shape[2:] == (n_tokens, n_tokens)
             n_heads = value.shape[1]
             torch.testing.assert_close(value.sum(-1), torch.ones_like(value.sum(-1)))
-        elif name.endswith("mlp.hook_post"):
+        elif name.endswith(("mlp.hook_post", "mlp.hook_pre", "mlp.hook_pre_linear")):
             assert value.shape[:2] == (2, n_tokens) and value.shape[2] > d
+        elif name.endswith(("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z")):
+            assert value.shape == (2, n_tokens, 2, d // 2), name  # [batch, tokens, heads, d_head]
         elif name == "hook_output":
             assert value.shape == (2, 1, out.shape[-1])
             assert torch.equal(value[:, 0], out)
@@ -246,8 +248,20 @@ def test_bad_input_messages(model):
             model(_input(model))
 
 
+# per-block hooks a family cannot offer (docs/hooks.md says why)
+NOT_OFFERED = {
+    "tiny-vit": {"mlp.hook_pre_linear"},
+    "tiny-dinov2-reg": {"mlp.hook_pre_linear"},
+    "tiny-eva02": set(),
+    "tiny-siglip": {"mlp.hook_pre_linear"},
+    "tiny-clip": {"attn.hook_z", "mlp.hook_pre_linear"},
+    "tiny-clip-siglip": {"attn.hook_z", "mlp.hook_pre_linear"},
+}
+
+
 def test_block_hook_names_complete(model):
-    expected = {f"blocks.{i}.{h}" for i in range(model.n_layers) for h in BLOCK_HOOKS}
+    offered = [h for h in BLOCK_HOOKS if h not in NOT_OFFERED[model.card.name]]
+    expected = {f"blocks.{i}.{h}" for i in range(model.n_layers) for h in offered}
     expected |= {"hook_embed", "ln_final.hook_normalized", "hook_output"}
     assert set(model.hook_names) == expected
 
@@ -269,6 +283,7 @@ def test_prefix_tokens_per_family():
         "tiny-eva02": 1,
         "tiny-siglip": 0,
         "tiny-clip": 1,
+        "tiny-clip-siglip": 1,
     }
     for name, n_prefix in expected.items():
         assert prisma_mm.zoo.registry.build_on_meta(name).layout.n_prefix == n_prefix
@@ -339,3 +354,213 @@ def test_run_with_hooks_like_transformer_lens():
         assert torch.equal(model(x), kept) and not torch.equal(kept, clean)
         model.reset_hooks()
         assert torch.equal(model(x), clean)
+
+
+def _attn_scale(block, branch: torch.Tensor) -> torch.Tensor:
+    """The attention output ``[batch, tokens, d]`` through the block's layer scale."""
+    if hasattr(block, "ls1"):
+        return block.ls1(branch)
+    if getattr(block, "gamma_1", None) is not None:
+        return block.gamma_1 * branch
+    return block.ls_1(branch) if hasattr(block, "ls_1") else branch
+
+
+@pytest.mark.parametrize("edit_first", [True, False], ids=["edit-first", "read-first"])
+def test_hooks_fire_in_forward_order_whatever_the_dict_order(model, edit_first):
+    # the issue's case: {resid_mid: read, attn_out: edit} read a stale resid_mid
+    x = _input(model)
+    mid, out = "blocks.1.hook_resid_mid", "blocks.1.hook_attn_out"
+    with torch.no_grad():
+        _, clean = model.run_with_cache(x, ["blocks.1.hook_resid_pre", out])
+        seen = {}
+
+        def read(act, hook):
+            seen[hook.name] = act.clone()
+
+        def double(act, hook):
+            return 2 * act
+
+        fns = {out: double, mid: read} if edit_first else {mid: read, out: double}
+        with model.hooks(fns):
+            model(x)
+    expected = clean["blocks.1.hook_resid_pre"] + 2 * clean[out]
+    assert torch.equal(seen[mid], expected)
+    assert not torch.equal(seen[mid], clean["blocks.1.hook_resid_pre"] + clean[out])
+
+
+def test_z_through_the_output_projection_is_attn_out(model):
+    x = _input(model)
+    block = model.spec.blocks[0]
+    if model.spec.block_spec.pattern_style == "mha":
+        with pytest.raises(PrismaError, match="not offered on this model: nn.MultiheadAttention"):
+            model.run_with_cache(x, ["blocks.0.attn.hook_z"])
+        return
+    with torch.no_grad():
+        _, cache = model.run_with_cache(x, ["blocks.0.attn.hook_z", "blocks.0.hook_attn_out"])
+        z = cache["blocks.0.attn.hook_z"]
+        attn = block.attn
+        through = _attn_scale(block, attn.proj(attn.norm(z.flatten(-2))))
+    assert z.shape[2:] == (attn.num_heads, attn.head_dim)
+    assert torch.equal(through, cache["blocks.0.hook_attn_out"])
+
+
+def test_qkv_recomputed_from_ln1_and_weights(model):
+    x = _input(model)
+    names = [f"blocks.0.{h}" for h in ("ln1.hook_normalized", "attn.hook_q", "attn.hook_k")]
+    names += ["blocks.0.attn.hook_v", "blocks.0.hook_attn_out", "blocks.0.hook_resid_pre"]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(x, names)
+        ln1 = cache["blocks.0.ln1.hook_normalized"]
+        block = model.spec.blocks[0]
+        norm1 = block.get_submodule(model.spec.block_spec.norm1)
+        assert torch.equal(ln1, norm1(cache["blocks.0.hook_resid_pre"]))
+        attn = block.get_submodule(model.spec.block_spec.attn)
+        if isinstance(attn, torch.nn.MultiheadAttention):
+            weight, bias, heads = attn.in_proj_weight, attn.in_proj_bias, attn.num_heads
+        elif getattr(attn, "q_bias", None) is not None:
+            weight, heads = attn.qkv.weight, attn.num_heads
+            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        else:
+            weight, bias, heads = attn.qkv.weight, attn.qkv.bias, attn.num_heads
+        q, k, v = (
+            torch.nn.functional.linear(ln1, weight, bias).unflatten(-1, (3, heads, -1)).unbind(2)
+        )
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+    torch.testing.assert_close(cache["blocks.0.attn.hook_q"], q, rtol=0, atol=1e-6)
+    torch.testing.assert_close(cache["blocks.0.attn.hook_k"], k, rtol=0, atol=1e-6)
+    torch.testing.assert_close(cache["blocks.0.attn.hook_v"], v, rtol=0, atol=1e-6)
+    if model.card.name == "tiny-eva02":
+        return  # rotary embeddings act on q and k after their hooks
+    # softmax(q k^T / sqrt(d_head)) v through the output projection is the attention branch
+    pattern = q.transpose(1, 2) @ k.transpose(1, 2).transpose(-2, -1) * q.shape[-1] ** -0.5
+    z = (pattern.softmax(-1) @ v.transpose(1, 2)).transpose(1, 2).flatten(-2)
+    if isinstance(attn, torch.nn.MultiheadAttention):
+        branch = attn.out_proj(z)
+    else:
+        branch = attn.proj(attn.norm(z))
+    torch.testing.assert_close(
+        _attn_scale(block, branch), cache["blocks.0.hook_attn_out"], rtol=0, atol=1e-5
+    )
+
+
+def test_editing_v_and_q(model):
+    x = _input(model)
+    attn = model.spec.blocks[0].get_submodule(model.spec.block_spec.attn)
+    zero = {"blocks.0.attn.hook_v": lambda a, h: torch.zeros_like(a)}
+    if isinstance(attn, torch.nn.MultiheadAttention) or getattr(attn, "q_bias", None) is not None:
+        with pytest.raises(PrismaError, match="can be read but not replaced"), model.hooks(zero):
+            model(x)
+    else:
+        with torch.no_grad(), model.hooks(zero):
+            _, cache = model.run_with_cache(x, ["blocks.0.attn.hook_z"])
+        assert torch.equal(
+            cache["blocks.0.attn.hook_z"], torch.zeros_like(cache["blocks.0.attn.hook_z"])
+        )
+    if isinstance(attn, torch.nn.MultiheadAttention):
+        return
+    with torch.no_grad():
+        _, clean = model.run_with_cache(x, ["blocks.0.attn.hook_z"])
+        with model.hooks({"blocks.0.attn.hook_q": lambda a, h: torch.zeros_like(a)}):
+            _, edited = model.run_with_cache(x, ["blocks.0.attn.hook_z"])
+    # q = 0 gives a uniform pattern: every query gets the mean of the values
+    z = edited["blocks.0.attn.hook_z"]
+    if model.card.name != "tiny-eva02":  # rotary embeddings of 0 are 0: still uniform
+        torch.testing.assert_close(z, z[:, :1].expand_as(z))
+    assert (z - clean["blocks.0.attn.hook_z"]).norm() > 0.01 * z.norm()
+
+
+def test_mlp_pre_activation(model):
+    x = _input(model)
+    mlp = model.spec.blocks[0].get_submodule(model.spec.block_spec.mlp)
+    names = ["blocks.0.mlp.hook_pre", "blocks.0.mlp.hook_post"]
+    gated = "blocks.0.mlp.hook_pre_linear" in model.hook_names
+    with torch.no_grad():
+        _, cache = model.run_with_cache(x, names + ["blocks.0.mlp.hook_pre_linear"] * gated)
+        act = mlp.act if hasattr(mlp, "act") else mlp.gelu
+        expected = act(cache["blocks.0.mlp.hook_pre"])
+        if gated:
+            expected = expected * cache["blocks.0.mlp.hook_pre_linear"]
+        assert torch.equal(expected, cache["blocks.0.mlp.hook_post"])
+        with model.hooks({"blocks.0.mlp.hook_pre": lambda a, h: torch.zeros_like(a)}):
+            _, edited = model.run_with_cache(x, ["blocks.0.mlp.hook_post"])
+    # GELU(0) = SiLU(0) = 0: the MLP hidden is zero
+    assert torch.equal(edited["blocks.0.mlp.hook_post"], torch.zeros_like(expected))
+
+
+@pytest.fixture(scope="module", params=["tiny-clip", "tiny-clip-siglip"])
+def clip(request):
+    return prisma_mm.load_model(request.param, weights=None)
+
+
+# prompts of one token length: the pooled position (EOT / last) is the same in both
+PROMPT_A, PROMPT_B = "a photo of a cat", "a photo of a dog"
+
+
+def test_text_tower_outputs_bit_identical_with_hooks(clip):
+    tokens = clip.text.preprocess([PROMPT_A, PROMPT_B])
+    assert tokens.shape == (2, clip.text.layout.n_tokens) and tokens.dtype == torch.long
+    readable = [n for n in clip.text.hook_names if not n.endswith("hook_pattern")]
+    with torch.no_grad():
+        native = clip.module.encode_text(tokens)
+        plain = clip.text(tokens)
+        out, cache = clip.run_with_cache(tokens, readable)
+    assert torch.equal(plain, native) and torch.equal(out, native)
+    assert torch.equal(cache["text.hook_output"][:, 0], native)
+    n_ctx, d = clip.text.layout.n_tokens, clip.text.d_model
+    assert clip.text.layout.n_prefix == 0 and clip.text.layout.grid == (1, 1, n_ctx)
+    assert cache["text.blocks.1.hook_resid_post"].shape == (2, n_ctx, d)
+    torch.testing.assert_close(
+        clip.encode_text([PROMPT_A, PROMPT_B]), torch.nn.functional.normalize(native, dim=-1)
+    )
+
+
+def test_text_hook_values(clip):
+    tokens = clip.text.preprocess([PROMPT_A, PROMPT_B])
+    tower = clip.module.text if hasattr(clip.module, "text") else clip.module
+    with torch.no_grad():
+        _, cache = clip.text.run_with_cache(tokens)
+        embed = tower.token_embedding(tokens) + tower.positional_embedding
+    assert torch.equal(cache["text.hook_embed"], embed)
+    assert torch.equal(cache["text.blocks.0.hook_resid_pre"], embed)
+    for i in range(clip.text.n_layers):
+        pre, mid, post = (
+            cache[f"text.blocks.{i}.{h}"]
+            for h in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
+        )
+        assert torch.equal(mid, pre + cache[f"text.blocks.{i}.hook_attn_out"])
+        assert torch.equal(post, mid + cache[f"text.blocks.{i}.hook_mlp_out"])
+    assert torch.equal(cache["text.ln_final.hook_normalized"], tower.ln_final(post))
+    # the two prompts differ in one token: before it, a causal tower's streams agree
+    first = int((tokens[0] != tokens[1]).nonzero()[0])
+    same = torch.equal(post[0, :first], post[1, :first])
+    assert same == (clip.card.name == "tiny-clip")
+
+
+def test_patching_a_text_resid_reproduces_the_other_prompts_embedding(clip):
+    with torch.no_grad():
+        _, cache_b = clip.run_with_cache([PROMPT_B], ["text.blocks.0.hook_resid_post"])
+        b = clip.encode_text([PROMPT_B])
+        a = clip.encode_text([PROMPT_A])
+        patch = {"text.blocks.0.hook_resid_post": lambda act, hook: cache_b[hook.name]}
+        with clip.hooks(patch):  # the parent model routes text. names to its text tower
+            patched = clip.encode_text([PROMPT_A])
+    assert torch.equal(patched, b) and not torch.equal(a, b)
+    assert torch.equal(clip.encode_text([PROMPT_A]), a)  # removed on exit
+
+
+def test_text_errors(clip):
+    with pytest.raises(PrismaError, match="different inputs"):
+        clip.run_with_cache(
+            [PROMPT_A], ["text.blocks.0.hook_resid_post", "blocks.0.hook_resid_post"]
+        )
+    with pytest.raises(PrismaError, match="integer tokens"):
+        clip.text(torch.zeros(1, clip.text.layout.n_tokens))
+    with pytest.raises(PrismaError, match="integer tokens"):
+        clip.text(torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(PrismaError, match="expected a prompt"):
+        clip.text([])
+    with pytest.raises(PrismaError, match="unknown hook 'text.blocks.5.hook_resid_post'"):
+        clip.text.run_with_cache([PROMPT_A], ["text.blocks.5.hook_resid_post"])
+    with pytest.raises(PrismaError, match="has no text tower"):
+        _ = prisma_mm.load_model("tiny-vit", weights=None).text

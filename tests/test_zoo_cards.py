@@ -145,11 +145,15 @@ def test_card_builds_on_meta_and_every_hook_fires_with_the_layout_shapes(name: s
             assert tuple(value.shape) == (1, n_heads, layout.n_tokens, layout.n_tokens), hook
         elif hook == "hook_output":
             assert value.shape[:2] == (1, 1)
-        elif hook.endswith("mlp.hook_post"):
+        elif hook.endswith(("mlp.hook_post", "mlp.hook_pre", "mlp.hook_pre_linear")):
             assert value.shape[:2] == (1, layout.n_tokens) and value.shape[2] >= model.d_model
+        elif hook.endswith(("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z")):
+            assert value.shape[:2] == (1, layout.n_tokens), hook  # [batch, tokens, heads, d_head]
+            assert value.shape[2] * value.shape[3] == model.d_model, hook
         else:
             assert tuple(value.shape) == (1, layout.n_tokens, model.d_model), hook
     assert model.d_model % n_heads == 0
+    assert n_heads == cache[f"blocks.{last}.attn.hook_q"].shape[2]
     assert out is not None and out.dim() == 2 and out.shape[0] == 1
     if card.task == "classifier":
         expected = (
@@ -159,8 +163,14 @@ def test_card_builds_on_meta_and_every_hook_fires_with_the_layout_shapes(name: s
         assert out.shape[1] == expected
 
     if card.task == "clip":  # a text tower for zero-shot
-        assert callable(model.spec.extras.get("encode_text"))
-        assert hasattr(model.module, "encode_text")
+        text = model.text
+        n_ctx = text.layout.n_tokens
+        tokens = torch.zeros(1, n_ctx, dtype=torch.long, device="meta")
+        text_names = [f"text.blocks.{text.n_layers - 1}.hook_resid_post", "text.hook_output"]
+        with _middle_blocks_pass_through(text.spec.blocks):
+            out, cache = model.run_with_cache(tokens, text_names)
+        assert tuple(cache[text_names[0]].shape) == (1, n_ctx, text.d_model)
+        assert out.dim() == 2 and tuple(cache["text.hook_output"].shape) == (1, 1, out.shape[1])
     else:
         with pytest.raises(PrismaError, match="no text tower"):
             model.encode_text(["a photo of a cat"])

@@ -81,8 +81,38 @@ def clip_spec(model: nn.Module, card: registry.ModelCard) -> ModelSpec:
             "prisma-mm hooks ViT towers only"
         )
     spec.module = model
-    spec.extras["encode_text"] = functools.partial(_encode_text, model, card)
+    spec.text = text_spec(model, card)
     return spec
+
+
+def text_spec(model: nn.Module, card: registry.ModelCard) -> ModelSpec:
+    """A :class:`ModelSpec` over the text tower (CLIP's own or a CustomTextCLIP's
+    TextTransformer): hook names under ``text.``, tokens as positions ``(1, 1, n_ctx)``."""
+    tower = model.text if hasattr(model, "text") else model
+    if not (hasattr(tower, "transformer") and hasattr(tower, "ln_final")):
+        raise PrismaError(
+            f"{card.name!r}: text tower {type(tower).__name__} is not open_clip's "
+            "TextTransformer; prisma-mm hooks native text towers only"
+        )
+    transformer = tower.transformer
+    n_ctx = int(getattr(model, "context_length", 0) or tower.context_length)
+    return ModelSpec(
+        module=model,
+        forward=model.encode_text,
+        blocks=list(transformer.resblocks),
+        block_spec=OPEN_CLIP_BLOCK,
+        embed=transformer,
+        embed_is_input=True,  # token + position embedding: the transformer's input
+        final_norm=tower.ln_final,
+        output_module=None,  # the projection is a matmul in encode_text: hook its return
+        layout=TokenLayout(
+            n_prefix=0, grid=(1, 1, n_ctx), patch_size=(1, 1), input_size=(1, n_ctx)
+        ),
+        transform=None,
+        d_model=int(transformer.width),
+        prefix="text.",
+        prepare=functools.partial(_tokens, model, card, n_ctx),
+    )
 
 
 @functools.cache
@@ -90,19 +120,34 @@ def _tokenizer(arch: str):
     return open_clip.get_tokenizer(arch)
 
 
-def _encode_text(model: nn.Module, card: registry.ModelCard, texts: list[str]) -> Tensor:
-    """Unit-norm text embeddings ``[len(texts), d_embed]`` for zero-shot classification."""
-    try:
-        tokenizer = _tokenizer(card.arch)
-    except OSError as error:
+def _tokens(model: nn.Module, card: registry.ModelCard, n_ctx: int, texts) -> Tensor:
+    """Prompts (a string or a list of strings) or tokens ``[batch, n_ctx]`` as the text
+    tower's input ``[batch, n_ctx]`` (int64, on the model's device)."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if isinstance(texts, Tensor):
+        if texts.dim() != 2 or texts.shape[1] != n_ctx or texts.is_floating_point():
+            raise PrismaError(
+                f"text input has shape {tuple(texts.shape)} and dtype {texts.dtype}; expected "
+                f"integer tokens [batch, {n_ctx}] (or pass the prompts as a list of strings)"
+            )
+        tokens = texts
+    elif isinstance(texts, list | tuple) and texts and all(isinstance(t, str) for t in texts):
+        try:
+            tokenizer = _tokenizer(card.arch)
+        except OSError as error:
+            raise PrismaError(
+                f"the tokenizer of {card.name!r} is not available offline "
+                f"({error.__class__.__name__}); "
+                f"{registry.offline_hint(card.source, ['tokenizer.json'])}"
+            ) from error
+        tokens = tokenizer(list(texts))
+    else:
         raise PrismaError(
-            f"the tokenizer of {card.name!r} is not available offline ({error.__class__.__name__}); "
-            f"{registry.offline_hint(card.source, ['tokenizer.json'])}"
-        ) from error
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        tokens = tokenizer(list(texts)).to(device)
-        return nn.functional.normalize(model.encode_text(tokens).float(), dim=-1)
+            f"text input is a {type(texts).__name__}; expected a prompt, a non-empty list of "
+            f"prompts, or integer tokens [batch, {n_ctx}]"
+        )
+    return tokens.to(device=next(model.parameters()).device, dtype=torch.long)
 
 
 def _create(card: registry.ModelCard, pretrained: str | None, device: torch.device) -> nn.Module:
