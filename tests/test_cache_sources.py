@@ -268,3 +268,28 @@ def test_bad_inputs_are_skipped_with_reasons_and_odd_modes_converted(tmp_path):
             _, cache = model.run_with_cache(model.preprocess([image]), ["blocks.1.hook_resid_post"])
             expected = cache["blocks.1.hook_resid_post"][0].numpy()
             np.testing.assert_allclose(sample["blocks.1.hook_resid_post"], expected, atol=1e-5)
+
+
+def test_tar_shards_are_visited_in_seeded_shard_order_through_a_buffer(tmp_path):
+    from prisma_mm.cache.inputs import stream_in_order
+
+    _tar_shards(tmp_path, n_shards=4, per_shard=5)
+    pattern = str(tmp_path / "train-{000..003}.tar")
+    source = open_source(pattern)
+    assert source.n_parts() == 4
+    natural = [r.key for r in _records(source)]
+    first = [r.key for r, _ in stream_in_order(source, 0, buffer=4)]
+    assert sorted(first) == sorted(natural) and first != natural
+    assert [r.key for r, _ in stream_in_order(source, 0, buffer=4)] == first  # reproducible
+    assert [r.key for r, _ in stream_in_order(source, 1, buffer=4)] != first
+    assert [r.key for r, _ in stream_in_order(source, None)] == natural
+    # the writer: the order is recorded, and decode workers do not change it
+    model = seeded_tiny_vit(0)
+    options = {"dtype": "float32", "batch_size": 3, "shard_size": 4, "progress": False}
+    one = write_cache(model, pattern, tmp_path / "w0", "blocks.1.hook_resid_post", **options)
+    two = write_cache(model, pattern, tmp_path / "w2", "blocks.1.hook_resid_post", workers=2,
+                      **options)  # fmt: skip
+    assert one["order"] == {"method": "shards+buffer", "seed": 0, "buffer": 1000}
+    keys = list(read_samples(tmp_path / "w0"))
+    assert keys == list(read_samples(tmp_path / "w2")) and two["n_samples"] == 20
+    assert keys == [r.key for r, _ in stream_in_order(source, 0)] and keys != natural

@@ -307,3 +307,54 @@ def test_cli_writes_a_cache_from_a_weights_file(model, images, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already holds a different cache: tokens" in err[0]
     json.loads((tmp_path / "c" / "manifest.json").read_text())
+
+
+def _visited_sources(out):
+    return [s["meta"]["source"] for s in read_samples(out).values()]
+
+
+def test_inputs_are_visited_in_the_seeded_order_recorded_in_the_manifest(model, images, tmp_path):
+    from prisma_mm.data.sources import open_source
+
+    source = open_source(str(images))
+    in_source_order = [source.record(i).source for i in range(11)]
+    manifest = _write(model, images, tmp_path / "seed0")
+    permutation = np.random.default_rng(0).permutation(11)
+    expected = hashlib.sha256(permutation.astype("<i8").tobytes()).hexdigest()
+    assert manifest["order"] == {"method": "permutation", "seed": 0, "sha256": expected}
+    visited = _visited_sources(tmp_path / "seed0")
+    assert visited == [in_source_order[i] for i in permutation]
+    assert visited != in_source_order and sorted(visited) == sorted(in_source_order)
+    metas = [s["meta"] for s in read_samples(tmp_path / "seed0").values()]
+    assert [m["position"] for m in metas] == list(range(11))
+    assert [m["index"] for m in metas] == permutation.tolist()
+    # another seed, another order; none keeps the source's order
+    _write(model, images, tmp_path / "seed5", order_seed=5)
+    assert _visited_sources(tmp_path / "seed5") == [
+        in_source_order[i] for i in np.random.default_rng(5).permutation(11)
+    ]
+    plain = _write(model, images, tmp_path / "plain", order_seed=None)
+    assert plain["order"] == {"method": "source", "seed": None}
+    assert _visited_sources(tmp_path / "plain") == in_source_order
+    # a limit takes the first inputs of the order, and growing it resumes the same order
+    _write(model, images, tmp_path / "grown", limit=4)
+    with pytest.raises(
+        PrismaError, match="the visiting order differs .*--order-seed 0, this run 5"
+    ):
+        _write(model, images, tmp_path / "grown", order_seed=5)
+    _write(model, images, tmp_path / "grown")
+    assert _visited_sources(tmp_path / "grown") == visited
+
+
+def test_the_writer_asks_run_with_cache_to_stop_after_the_last_hook(model, images, tmp_path,
+                                                                     monkeypatch):  # fmt: skip
+    calls = []
+    original = model.run_with_cache
+
+    def spy(x, names_filter=None, **kwargs):
+        calls.append(kwargs.get("stop_at_layer"))
+        return original(x, names_filter, **kwargs)
+
+    monkeypatch.setattr(model, "run_with_cache", spy)
+    _write(model, images, tmp_path / "c", hooks=HOOKS[:1])
+    assert len(calls) == 1 + 3 and set(calls) == {"auto"}  # the probe, then 3 batches of 4
