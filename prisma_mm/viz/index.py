@@ -304,14 +304,17 @@ def iter_shard(cache_dir: Path, manifest: dict[str, Any], shard: str, hook: str,
 
 def _sparse_code(dictionary: Any, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Non-zero entries ``(row, latent, value)`` of the code of ``x [rows, d]``: through
-    ``encode_sparse`` where the dictionary has it (TopK), else the dense code."""
-    from prisma_mm.sae.base import SparseCode
-
+    ``encode_sparse`` (``(values [rows, m], indices [rows, m])``, zero-padded) where the
+    dictionary has it, else the dense code in one piece."""
     encode_sparse = getattr(dictionary, "encode_sparse", None)
-    code = encode_sparse(x) if encode_sparse is not None else dictionary.encode(x)
-    if not isinstance(code, SparseCode):
-        code = SparseCode.from_dense(code)
-    rows, latents, values = code.rows(), code.latents, code.values.float()
+    if encode_sparse is not None:
+        values, latents = encode_sparse(x)
+        rows = torch.arange(values.shape[0]).unsqueeze(1).expand_as(values)
+    else:
+        code = dictionary.encode(x)
+        rows, latents = torch.nonzero(code, as_tuple=True)
+        values = code[rows, latents]
+    values = values.float()
     keep = values > 0
     return rows[keep], latents[keep], values[keep]
 
@@ -1011,8 +1014,8 @@ def _display_transform(card_name: str | None) -> Callable[[Any], Any] | None:
 
         tensor = transform(to_pil_rgb(image))
         if normalize is not None:
-            mean = torch.tensor(normalize.mean).view(-1, 1, 1)
-            std = torch.tensor(normalize.std).view(-1, 1, 1)
+            mean = torch.as_tensor(normalize.mean).view(-1, 1, 1)
+            std = torch.as_tensor(normalize.std).view(-1, 1, 1)
             tensor = tensor * std + mean
         pixels = (tensor.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
         return Image.fromarray(np.ascontiguousarray(pixels))
