@@ -313,7 +313,7 @@ def test_crosscoder_shapes_losses_and_norm_weighted_l1():
     code = (torch.einsum("bsd,sdn->bn", x, l1cc.W_enc) + l1cc.b_enc).relu()
     weights = l1cc.W_dec.norm(dim=-1).sum(-1)  # sum over sources of per-source norms
     torch.testing.assert_close(out.losses["l1"], (code * weights).sum(1).mean().detach())
-    with pytest.raises(PrismaError, match=r"\[batch, 3, 6\]"):
+    with pytest.raises(PrismaError, match=r"input of shape \(10, 6\) must end in \(3, 6\)"):
         cc(torch.randn(10, 6))
 
 

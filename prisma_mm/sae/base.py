@@ -75,6 +75,8 @@ def _matches(value: Any, hint: Any) -> bool:
 
 
 def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(hint)))
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
@@ -205,7 +207,7 @@ def fvu(recon: Tensor, target: Tensor) -> Tensor:
     """
     target = target.float()
     err = (recon.float() - target).pow(2).sum()
-    var = (target - target.mean(0, keepdim=True)).pow(2).sum()
+    var = ((target) - (target).mean(0, keepdim=True)).pow(2).sum()
     return err / var.clamp_min(torch.finfo(torch.float32).tiny)
 
 
@@ -214,7 +216,7 @@ def prefix_fvus(prefixes: Tensor, target: Tensor) -> Tensor:
     ``target [batch, d]`` -> ``[G]`` (the target's variance is computed once)."""
     target = target.float()
     err = (prefixes.float() - target[:, None]).pow(2).sum((0, 2))
-    var = (target - target.mean(0, keepdim=True)).pow(2).sum()
+    var = ((target) - (target).mean(0, keepdim=True)).pow(2).sum()
     return err / var.clamp_min(torch.finfo(torch.float32).tiny)
 
 
@@ -722,11 +724,38 @@ class SparseAutoencoder(Dictionary):
         """Dense pre-activations ``[batch, n_latents]`` from flat ``x [batch, D]``."""
         return torch.addmm(self.b_enc, self.encoder_input(x_in), self.encoder_weight())
 
-    def _flat_in(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
-        lead = x.shape[: x.ndim - self._in_dims]
-        return x.reshape(-1, *x.shape[len(lead) :]), tuple(lead)
-
     _in_dims: ClassVar[int] = 1  # trailing dims of one input row (crosscoder: 2)
+
+    def _flat_in(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        """``x [..., *row]`` -> ``(x [rows, *row], leading shape)``, after checking that ``x``
+        ends in one input row's shape (shapes only: no device sync)."""
+        row = tuple(self.encoder_shape()[:-1])
+        if tuple(x.shape[max(0, x.ndim - len(row)) :]) != row or x.ndim <= len(row) - 1:
+            raise PrismaError(self._size_error("input", tuple(x.shape), row, "d_in"))
+        lead = x.shape[: x.ndim - len(row)]
+        return x.reshape(-1, *row), tuple(lead)
+
+    def _flat_target(self, target: Tensor, n_rows: int) -> Tensor:
+        """``target [..., *out]`` -> ``[n_rows, prod(out)]``, checking it ends in the output
+        shape and holds ``n_rows`` rows (the input's)."""
+        out = tuple(self.b_dec.shape)
+        if tuple(target.shape[max(0, target.ndim - len(out)) :]) != out:
+            raise PrismaError(self._size_error("target", tuple(target.shape), out, "d_out"))
+        if target.numel() != n_rows * self.b_dec.numel():
+            raise PrismaError(
+                f"{type(self).__name__}: target of shape {tuple(target.shape)} holds "
+                f"{target.numel() // max(1, self.b_dec.numel())} rows, the input {n_rows}"
+            )
+        return target.reshape(n_rows, -1)
+
+    def _size_error(self, what: str, got: tuple[int, ...], want: tuple[int, ...], name: str) -> str:
+        if len(want) == 1:
+            last = got[-1] if got else None
+            return (
+                f"{type(self).__name__}: the {what}'s last dimension is {last} (shape {got}), "
+                f"but this dictionary's {name} is {want[0]}"
+            )
+        return f"{type(self).__name__}: the {what} of shape {got} must end in {want}"
 
     def encode(self, x: Tensor) -> Tensor:
         """``x [..., d_in]`` -> dense code ``[..., n_latents]`` (inference encoding)."""
@@ -735,6 +764,23 @@ class SparseAutoencoder(Dictionary):
         if isinstance(code, SparseCode):
             code = code.dense()
         return code.reshape(*lead, self.cfg.n_latents)
+
+    def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``x [..., d_in]`` -> ``(values [..., m], indices [..., m])``: each row's active
+        latents without the dense ``[..., n_latents]`` code (inference encoding).
+
+        TopK (and Matryoshka with ``nesting="k"``): ``m = k``, entries in ascending latent
+        order; a value is 0 where fewer than ``k`` pre-activations are positive. Per-row
+        variable counts (BatchTopK and Matryoshka over BatchTopK at inference, ReLU, JumpReLU):
+        ``m`` is the largest count among the rows and shorter rows are padded with value 0 at
+        index 0, so ``zeros(n_latents).scatter_add(-1, indices, values)`` is the dense code.
+        """
+        flat, lead = self._flat_in(x)
+        code = self.activation.encode(self, flat.reshape(flat.shape[0], -1))
+        if not isinstance(code, SparseCode):
+            code = SparseCode.from_dense(code)
+        values, latents = code.padded()
+        return values.reshape(*lead, -1), latents.reshape(*lead, -1)
 
     def decode_sparse(self, code: SparseCode) -> Tensor:
         """Decode a sparse code without ``b_dec``: ``[batch, d_out_flat]`` (sparse kernel)."""
@@ -768,6 +814,12 @@ class SparseAutoencoder(Dictionary):
 
     def decode(self, code: Tensor) -> Tensor:
         """``code [..., n_latents]`` -> ``[..., d_out]`` (``W_dec^T code + b_dec``)."""
+        if code.ndim == 0 or code.shape[-1] != self.cfg.n_latents:
+            got = tuple(code.shape)
+            raise PrismaError(
+                f"{type(self).__name__}.decode: the code's last dimension is "
+                f"{got[-1] if got else None} (shape {got}), but n_latents is {self.cfg.n_latents}"
+            )
         lead = code.shape[:-1]
         flat = code.reshape(-1, code.shape[-1])
         out = self.decode_latents(flat) + self.b_dec.reshape(-1).to(flat.dtype)
@@ -792,7 +844,7 @@ class SparseAutoencoder(Dictionary):
         """
         target = x if target is None else target
         flat_x, lead = self._flat_in(x)
-        flat_t = target.reshape(flat_x.shape[0], -1)
+        flat_t = self._flat_target(target, flat_x.shape[0])
         x_in = flat_x.reshape(flat_x.shape[0], -1)
         code = self.activation.encode(self, x_in)
         recon = self.decode_latents(code) + self.b_dec.reshape(-1)

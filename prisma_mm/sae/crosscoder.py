@@ -12,7 +12,7 @@ TopK/BatchTopK each latent's joint decoder row (all sources) has unit norm.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from torch import Tensor
 
@@ -76,18 +76,3 @@ class Crosscoder(SparseAutoencoder):
         terms["fvu"] = sum(terms[f"fvu_source_{i}"] for i in range(s))  # type: ignore[assignment]
         terms["mse"] = (recon.float() - target.float()).pow(2).sum((1, 2)).mean()
         return terms
-
-    def _check_input(self, x: Tensor) -> None:
-        if x.ndim < 2 or tuple(x.shape[-2:]) != (self.cfg.n_sources, self.cfg.d_in):
-            raise PrismaError(
-                f"crosscoder input must be [batch, {self.cfg.n_sources}, {self.cfg.d_in}], "
-                f"got {tuple(x.shape)}"
-            )
-
-    def encode(self, x: Tensor) -> Tensor:
-        self._check_input(x)
-        return super().encode(x)
-
-    def forward(self, x: Tensor, target: Tensor | None = None) -> Any:
-        self._check_input(x)
-        return super().forward(x, target)

@@ -74,8 +74,8 @@ def _saelens_architecture(d: Dictionary) -> tuple[str, dict[str, Any]]:
         )
     if d.architecture == "crosscoder":
         raise PrismaError("SAELens export does not cover crosscoders; save with .save()")
-    if act == "topk":
-        return "topk", {"k": int(d.cfg.k)}
+    if act == "topk":  # our decoder rows enter as they are: no decoder-norm rescaling
+        return "topk", {"k": int(d.cfg.k), "rescale_acts_by_decoder_norm": False}
     if act == "relu":
         return "standard", {}
     if act in ("jumprelu", "batchtopk"):
@@ -159,29 +159,35 @@ def from_saelens(path: str | Path, device: str | torch.device = "cpu") -> Dictio
     model = meta.get("model_name") or cfg.get("model_name")
 
     if isinstance(cfg.get("prisma_mm"), dict):
-        ours = cfg["prisma_mm"]
-        d = Dictionary.from_config(ours["architecture"], ours["config"], cfg_path)
-        d.metadata = dict(ours.get("metadata") or {})
+        d = _from_embedded(cfg["prisma_mm"], cfg_path)
         state = _from_saelens_tensors(d, tensors, w_path)
         return load_state(d, state, w_path).to(device).eval()
 
     arch = cfg["architecture"]
+    rescale = bool(cfg.get("rescale_acts_by_decoder_norm", False))
+    if rescale and arch not in ("topk", "batchtopk"):
+        raise PrismaError(
+            f"{cfg_path}: rescale_acts_by_decoder_norm with architecture {arch!r} is not "
+            "supported (it is folded on import for topk and batchtopk SAEs only)"
+        )
     common = {
-        "d_in": int(cfg["d_in"]),
-        "n_latents": int(cfg["d_sae"]),
+        "d_in": _int_field(cfg, "d_in", cfg_path),
+        "n_latents": _int_field(cfg, "d_sae", cfg_path),
         "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True)),
     }
     if arch == "standard":
         d = Dictionary.from_config("relu", common, cfg_path)
     elif arch == "topk":
         require(cfg, ["k"], cfg_path)
-        d = Dictionary.from_config("topk", {**common, "k": int(cfg["k"])}, cfg_path)
+        d = Dictionary.from_config(
+            "topk", {**common, "k": _int_field(cfg, "k", cfg_path)}, cfg_path
+        )
     elif arch == "jumprelu":
         d = Dictionary.from_config("jumprelu", common, cfg_path)
     elif arch == "batchtopk":
         require(cfg, ["k"], cfg_path)
         d = Dictionary.from_config(
-            "batchtopk", {**common, "k": max(1, round(float(cfg["k"])))}, cfg_path
+            "batchtopk", {**common, "k": max(1, round(_number(cfg, "k", cfg_path)))}, cfg_path
         )
     elif arch in ("transcoder", "skip_transcoder", "jumprelu_transcoder"):
         require(cfg, ["d_out"], cfg_path)
@@ -190,7 +196,7 @@ def from_saelens(path: str | Path, device: str | torch.device = "cpu") -> Dictio
             {
                 **common,
                 "apply_b_dec_to_input": False,
-                "d_out": int(cfg["d_out"]),
+                "d_out": _int_field(cfg, "d_out", cfg_path),
                 "activation": "jumprelu" if arch == "jumprelu_transcoder" else "relu",
                 "skip": arch == "skip_transcoder",
             },
@@ -207,7 +213,30 @@ def from_saelens(path: str | Path, device: str | torch.device = "cpu") -> Dictio
     if cfg.get("hook_name_out"):
         d.metadata["hook_out"] = cfg["hook_name_out"]
     state = _from_saelens_tensors(d, tensors, w_path)
+    if rescale:
+        _fold_decoder_norms(state)
     return load_state(d, state, w_path).to(device).eval()
+
+
+def _fold_decoder_norms(state: dict[str, Tensor]) -> None:
+    """SAELens ``rescale_acts_by_decoder_norm``: its encoder multiplies the pre-activations by
+    each decoder row's norm ``n_i`` before the top-k (and any threshold), its decoder divides
+    the code by ``n_i`` again. Folded as SAELens folds it on saving: ``W_enc[:, i] * n_i``,
+    ``b_enc[i] * n_i``, ``W_dec[i] / n_i``, so the code and the reconstruction are unchanged
+    and the decoder rows have unit norm."""
+    norms = state["W_dec"].norm(dim=-1).clamp_min(1e-8)
+    state["W_enc"] = state["W_enc"] * norms
+    state["b_enc"] = state["b_enc"] * norms
+    state["W_dec"] = state["W_dec"] / norms[:, None]
+
+
+def _from_embedded(ours: dict[str, Any], cfg_path: Path) -> Dictionary:
+    """The dictionary described by the ``"prisma_mm"`` key our exports embed in a config."""
+    require(ours, ["architecture", "config"], cfg_path)
+    d = Dictionary.from_config(ours["architecture"], ours["config"], cfg_path)
+    metadata = ours.get("metadata") or {}
+    d.metadata = dict(metadata) if isinstance(metadata, dict) else {}
+    return d
 
 
 def _from_saelens_tensors(
@@ -255,35 +284,45 @@ def from_sparsify(path: str | Path, device: str | torch.device = "cpu") -> Dicti
     """Read a sparsify ``cfg.json`` + ``sae.safetensors`` directory (TopK activation).
 
     ``encoder.weight [n_latents, d_in]`` -> ``W_enc`` (transposed), ``encoder.bias``,
-    ``W_dec [n_latents, d_in]``, ``b_dec``; ``transcode`` / ``skip_connection`` give a
-    :class:`~prisma_mm.sae.transcoder.Transcoder` (sparsify's ``W_skip`` is transposed).
+    ``W_dec [n_latents, d_in]``, ``b_dec``. sparsify's ``transcode`` means "do not subtract
+    ``b_dec`` before encoding": ``transcode`` / ``skip_connection`` give a
+    :class:`~prisma_mm.sae.transcoder.Transcoder` with ``apply_b_dec_to_input = not
+    transcode`` (sparsify's ``W_skip`` is transposed). Files written by :func:`to_sparsify`
+    come back as the exact original dictionary (its ``"prisma_mm"`` key).
     """
     path = Path(path)
     cfg_path, w_path = path / CFG_FILE, path / SPARSIFY_WEIGHTS
     cfg = read_json(cfg_path)
-    require(cfg, ["d_in", "k"], cfg_path)
-    activation = cfg.get("activation", "topk")
-    if activation != "topk":
-        raise PrismaError(f"{cfg_path}: sparsify activation {activation!r} is not supported (topk)")
-    d_in = int(cfg["d_in"])
-    n = int(cfg.get("num_latents") or 0) or d_in * int(cfg.get("expansion_factor", 32))
-    transcode, skip = bool(cfg.get("transcode", False)), bool(cfg.get("skip_connection", False))
-    common = {
-        "d_in": d_in,
-        "n_latents": n,
-        "k": int(cfg["k"]),
-        "multi_topk": bool(cfg.get("multi_topk", False)),
-        "normalize_decoder": bool(cfg.get("normalize_decoder", True)),
-    }
-    if transcode or skip:
-        d = Dictionary.from_config(
-            "transcoder",
-            {**common, "activation": "topk", "skip": skip, "apply_b_dec_to_input": not transcode},
-            cfg_path,
-        )
+    if isinstance(cfg.get("prisma_mm"), dict):
+        d = _from_embedded(cfg["prisma_mm"], cfg_path)
     else:
-        d = Dictionary.from_config("topk", common, cfg_path)
+        require(cfg, ["d_in", "k"], cfg_path)
+        activation = cfg.get("activation", "topk")
+        if activation != "topk":
+            raise PrismaError(
+                f"{cfg_path}: sparsify activation {activation!r} is not supported (topk)"
+            )
+        d_in = _int_field(cfg, "d_in", cfg_path)
+        n = _int_field(cfg, "num_latents", cfg_path, 0) or d_in * _int_field(
+            cfg, "expansion_factor", cfg_path, 32
+        )
+        transcode = bool(cfg.get("transcode", False))
+        skip = bool(cfg.get("skip_connection", False))
+        common = {
+            "d_in": d_in,
+            "n_latents": n,
+            "k": _int_field(cfg, "k", cfg_path),
+            "multi_topk": bool(cfg.get("multi_topk", False)),
+            "normalize_decoder": bool(cfg.get("normalize_decoder", True)),
+        }
+        if transcode or skip:
+            common.update(activation="topk", skip=skip, apply_b_dec_to_input=not transcode)
+            d = Dictionary.from_config("transcoder", common, cfg_path)
+        else:
+            d = Dictionary.from_config("topk", common, cfg_path)
     tensors = load_safetensors(w_path)
+    n, d_in = d.cfg.n_latents, d.cfg.d_in
+    skip = "W_skip" in d.inference_state_dict()
     expected = {
         "encoder.weight": (n, d_in),
         "encoder.bias": (n,),
@@ -304,8 +343,31 @@ def from_sparsify(path: str | Path, device: str | torch.device = "cpu") -> Dicti
     return load_state(d, state, w_path).to(device).eval()
 
 
+def _number(cfg: dict[str, Any], key: str, path: Path, default: float | None = None) -> float:
+    """``cfg[key]`` as a number (``default`` when absent or null), else one clear error."""
+    value = cfg.get(key)
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PrismaError(f"{path}: {key!r} must be a number, got {value!r}")
+    return float(value)
+
+
+def _int_field(cfg: dict[str, Any], key: str, path: Path, default: int | None = None) -> int:
+    """``cfg[key]`` as an int (a whole float such as ``32.0`` too), else one clear error."""
+    value = _number(cfg, key, path, default)
+    if value != int(value):
+        raise PrismaError(f"{path}: {key!r} must be an integer, got {cfg.get(key)!r}")
+    return int(value)
+
+
 def to_sparsify(d: Dictionary, path: str | Path) -> Path:
-    """Write a TopK SAE (or a TopK transcoder with ``d_out == d_in``) in sparsify's format."""
+    """Write a TopK SAE (or a TopK transcoder with ``d_out == d_in``) in sparsify's format.
+
+    sparsify subtracts ``b_dec`` from the input before encoding unless ``transcode`` is set,
+    so ``transcode`` is written as ``not apply_b_dec_to_input`` (an SAE that does not centre its
+    input encodes in sparsify exactly as here). Our architecture and config ride along under
+    the ``"prisma_mm"`` key (sparsify drops unknown keys) so :func:`from_sparsify` restores
+    ``d`` exactly."""
     act = getattr(getattr(d, "activation", None), "name", "")
     is_tc = isinstance(d, Transcoder)
     if act != "topk" or d.architecture not in ("topk", "transcoder"):
@@ -315,7 +377,6 @@ def to_sparsify(d: Dictionary, path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     skip = bool(is_tc and d.cfg.skip)
-    transcode = bool(is_tc and not d.apply_b_dec_to_input)  # type: ignore[attr-defined]
     cfg = {
         "activation": "topk",
         "expansion_factor": max(1, d.cfg.n_latents // d.cfg.d_in),
@@ -324,8 +385,13 @@ def to_sparsify(d: Dictionary, path: str | Path) -> Path:
         "k": int(d.cfg.k),
         "multi_topk": bool(d.cfg.multi_topk),
         "skip_connection": skip,
-        "transcode": transcode,
+        "transcode": not d.apply_b_dec_to_input,  # type: ignore[attr-defined]
         "d_in": d.cfg.d_in,
+        "prisma_mm": {
+            "architecture": d.architecture,
+            "config": d.cfg.to_dict(),
+            "metadata": d.metadata,
+        },
     }
     state = d.inference_state_dict()
     tensors = {
@@ -367,8 +433,10 @@ def from_vit_prisma(
     cfg_path, w_path = path / PRISMA_CONFIG, path / weights_file
     cfg = read_json(cfg_path)
     require(cfg, ["d_in"], cfg_path)
-    d_in = int(cfg["d_in"])
-    n = int(cfg.get("d_sae") or 0) or d_in * int(cfg.get("expansion_factor") or 0)
+    d_in = _int_field(cfg, "d_in", cfg_path)
+    n = _int_field(cfg, "d_sae", cfg_path, 0) or d_in * _int_field(
+        cfg, "expansion_factor", cfg_path, 0
+    )
     if n <= 0:
         raise PrismaError(f"{cfg_path}: needs 'd_sae' or 'expansion_factor'")
     norm = cfg.get("normalize_activations") or "none"

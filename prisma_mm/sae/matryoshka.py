@@ -110,7 +110,7 @@ class MatryoshkaSAE(SparseAutoencoder):
             )
         target = x if target is None else target
         flat_x, lead = self._flat_in(x)
-        flat_t = target.reshape(flat_x.shape[0], -1)
+        flat_t = self._flat_target(target, flat_x.shape[0])
         x_in = flat_x.reshape(flat_x.shape[0], -1)
         code = self.activation.encode(self, x_in)
         if not isinstance(code, SparseCode):  # eval: the threshold code is dense

@@ -8,7 +8,7 @@ docs/dictionaries.md for the exact terms.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -34,7 +34,9 @@ class TopKParams:
     ``k``: latents kept per row. ``k_aux``: latents used by AuxK (default ``d_out // 2``).
     ``auxk_coefficient``: weight of the AuxK term. ``dead_tokens_threshold``: a latent is dead
     after this many tokens without firing. ``multi_topk``: also reconstruct with ``4k``
-    latents and add that FVU to the loss (sparsify's multi-TopK).
+    latents and add that FVU to the loss (sparsify's multi-TopK). ``auxk_normalization``:
+    ``"prisma"`` divides the AuxK error by the residual's variance; ``"sparsify"`` by the
+    target's variance, times ``min(n_dead / k_aux, 1)`` (docs/dictionaries.md).
     """
 
     k: int = 32
@@ -42,6 +44,7 @@ class TopKParams:
     auxk_coefficient: float = 1.0 / 32.0
     dead_tokens_threshold: int = 10_000_000
     multi_topk: bool = False
+    auxk_normalization: Literal["prisma", "sparsify"] = "prisma"
 
 
 def _check_k(cfg: Any) -> None:
@@ -69,22 +72,30 @@ def auxk_term(
 
     ``e = (target - recon).detach()``; the top ``k_aux`` pre-activations among dead latents
     are decoded WITHOUT ``b_dec`` (so the bias is not counted twice) into ``e_hat``;
-    ``auxk = sum (e_hat - e)^2 / sum (e - mean_batch(e))^2``. ``x_in [B, D]`` (flat, uncentred),
-    ``recon, target [B, d_out]`` (flat).
+    ``auxk = sum (e_hat - e)^2 / sum (e - mean_batch(e))^2`` (``auxk_normalization="prisma"``)
+    or ``min(n_dead / k_aux, 1) * sum (e_hat - e)^2 / sum (y - mean_batch(y))^2`` with ``y``
+    the target (``"sparsify"``). ``x_in [B, D]`` (flat, uncentred), ``recon, target [B, d_out]``
+    (flat).
     """
     if not sae.training:
         return None
     dead = sae.tracker.dead_mask(int(sae.cfg.dead_tokens_threshold)).nonzero().flatten()
     if dead.numel() == 0:
         return None
-    k = min(k_aux or max(1, target.shape[-1] // 2), dead.numel())
+    k_wanted = k_aux or max(1, target.shape[-1] // 2)
+    k = min(k_wanted, dead.numel())
     weight = sae.encoder_weight()
     aux = topk_encode(x_in, weight[:, dead], sae.b_enc[dead], k, center=sae.encoder_center())
     # map sub-matrix columns back to latent ids (dead is ascending, so rows stay sorted)
     aux = SparseCode(aux.values, dead[aux.latents], aux.offsets, aux.batch, sae.cfg.n_latents)
     e_hat = sae.decode_sparse(aux).float()
     residual = (target.float() - recon.float()).detach()
-    variance = (residual - residual.mean(0, keepdim=True)).pow(2).sum()
+    if getattr(sae.cfg, "auxk_normalization", "prisma") == "sparsify":
+        # sparsify: the target's variance, the term scaled down while few latents are dead
+        scale = min(dead.numel() / k_wanted, 1.0)
+        variance = ((target.float()) - (target.float()).mean(0, keepdim=True)).pow(2).sum() / scale
+    else:
+        variance = ((residual) - (residual).mean(0, keepdim=True)).pow(2).sum()
     return (e_hat - residual).pow(2).sum() / variance.clamp_min(torch.finfo(torch.float32).tiny)
 
 
@@ -144,7 +155,7 @@ def nested_k_forward(
     are those of ``code_k`` (default ``ks[0]``). ``x [B, d_in]``."""
     target = x if target is None else target
     flat_x, lead = sae._flat_in(x)
-    flat_t = target.reshape(flat_x.shape[0], -1)
+    flat_t = sae._flat_target(target, flat_x.shape[0])
     x_in = flat_x.reshape(flat_x.shape[0], -1)
     n = sae.cfg.n_latents
     ks = [min(k, n) for k in ks]
