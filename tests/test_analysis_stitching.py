@@ -162,3 +162,60 @@ def test_proxy_split_and_errors():
     uncalibrated = BatchTopKSAE(d_in=D, n_latents=8, k=2)
     with pytest.raises(PrismaError, match="threshold"):
         Stitcher(uncalibrated, large)
+
+
+@pytest.mark.parametrize("cls,kwargs,family", FAMILIES, ids=[f[0].__name__ for f in FAMILIES])
+def test_latents_that_never_fire_are_inactive(cls, kwargs, family):
+    """Three extra latents of L read directions the data never has (e30, e31, e29), so they
+    never fire on the sample. One decodes to a copy of an S latent, one to a direction S lacks:
+    neither is a reconstruction latent (their insertion changes nothing: ΔMSE = 0) nor novel."""
+    small, large, novel, _ = constructed_pair(cls, **kwargs)
+    extra_enc = torch.stack([E[30], E[31], E[29]])
+    extra_dec = torch.stack([E[1], E[26], (E[2] + E[27]) / math.sqrt(2)])
+    grown = make(
+        cls,
+        torch.cat([large.W_enc.detach().T, extra_enc]),
+        torch.cat([large.W_dec.detach(), extra_dec]),
+        **kwargs,
+    )
+    inactive = [16, 17, 18]
+    x = world()
+    result = stitch(small, grown, x, progress=False, max_points=None)
+    classes = result.classes
+    assert np.flatnonzero(classes.inactive).tolist() == inactive
+    assert np.flatnonzero(classes.novel_test).tolist() == novel
+    np.testing.assert_array_equal(classes.delta_mse[inactive], 0.0)
+    assert not classes.reconstruction_test[inactive].any()
+    assert not classes.novel_proxy[inactive].any()  # e26 has cosine 0 with S, yet no verdict
+    counts = classes.counts()
+    assert counts == {
+        "n_novel_test": 5,
+        "n_reconstruction_test": 11,
+        "n_inactive": 3,
+        "n_novel_proxy": 5,
+        "n_fired_small": 10,
+        "n_small": 10,
+        "n_fired_large": 16,
+        "n_large": 19,
+    }
+    assert classes.confusion()["inactive"] == 3 and classes.agreement == 1.0
+    assert result.to_dict()["classes"]["n_inactive"] == 3
+    # inactive latents come last, in one step that leaves the sample's MSE unchanged
+    assert [s.kind for s in result.steps] == ["insert"] * 5 + ["swap"] * 10 + ["inactive"]
+    assert result.steps[-1].add_large == inactive
+    mse = [row["mse"] for row in result.curve]
+    assert mse[-1] == pytest.approx(mse[-2], abs=1e-12) and mse[-1] < 1e-10
+    assert result.curve[-1]["n_latents"] == 19 and result.monotone
+
+
+def test_all_reconstruction_latents_inactive_still_ends_at_large():
+    """When no latent of L is an active reconstruction latent, the inactive ones are added
+    before the remaining S latents are dropped, so no member is left without latents."""
+    small = make(ReLUSAE, torch.stack([E[0], E[1]]), torch.stack([E[0], E[1]]))
+    large = make(ReLUSAE, torch.stack([E[2], E[30], E[31]]), torch.stack([E[2], E[0], E[1]]))
+    x = torch.rand(50, D) * torch.cat([torch.ones(3), torch.zeros(D - 3)])
+    result = stitch(small, large, x, progress=False, max_points=None)
+    assert [s.kind for s in result.steps] == ["insert", "inactive", "remove"]
+    assert np.flatnonzero(result.classes.inactive).tolist() == [1, 2]
+    assert [row["n_latents"] for row in result.curve] == [2, 3, 5, 3]
+    assert result.curve[-1]["mse"] == pytest.approx(result.mse_large, abs=1e-9)

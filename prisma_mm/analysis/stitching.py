@@ -4,20 +4,21 @@ on the same hook, and a sequence of stitched SAEs running from ``S`` to ``L``.
 
 1. **Matching.** For each latent ``j`` of ``L``: its best-matching latent of ``S`` and the
    cosine ``max_i cos(d_j, d_i)`` between unit decoder rows.
-2. **Exact test.** Insert ``j`` alone into ``S`` and measure on a data sample
-   ``ΔMSE_j = MSE(S ∪ {j}) - MSE(S)``: ``j`` is *novel* when ``ΔMSE_j < 0`` (it adds
-   information ``S`` lacks), a *reconstruction* latent otherwise (a copy or a finer version
-   of ``S`` latents: adding it double-counts). Computed in closed form for every ``j`` at once
-   (see docs/metrics.md).
-3. **Proxy.** ``j`` is predicted novel when its max cosine is below ``threshold`` (0.7);
-   ``agreement`` is the fraction of ``L`` latents on which test and proxy agree.
+2. **Exact test.** A latent of ``L`` that never fires (in ``L``'s own encoding) on the data
+   sample is *inactive*: the sample says nothing about it. For every other ``j``, insert it
+   alone into ``S`` and measure ``ΔMSE_j = MSE(S ∪ {j}) - MSE(S)``: ``j`` is *novel* when
+   ``ΔMSE_j < 0`` (it adds information ``S`` lacks), a *reconstruction* latent otherwise (a
+   copy or a finer version of ``S`` latents: adding it double-counts). Computed in closed
+   form for every ``j`` at once (see docs/metrics.md).
+3. **Proxy.** An active ``j`` is predicted novel when its max cosine is below ``threshold``
+   (0.7); ``agreement`` is the fraction of active ``L`` latents on which test and proxy agree.
 4. **Stitching.** Starting from ``S``: insert the novel latents one at a time (largest MSE
    drop first), then swap groups: the connected components of the graph joining each
    reconstruction latent to the ``S`` latents it matches (cosine ≥ ``threshold``, and always
    its best match; every ``S`` latent joins its best-matching reconstruction latent), each
-   swap removing the group's ``S`` latents and adding its ``L`` latents. The last member is
-   ``L`` itself. MSE (and, with ``loss_fn``, any task loss) is measured along the way, and
-   whether it falls monotonically is reported.
+   swap removing the group's ``S`` latents and adding its ``L`` latents; the inactive latents
+   come last, in one step. The last member is ``L`` itself. MSE (and, with ``loss_fn``, any
+   task loss) is measured along the way, and whether it falls monotonically is reported.
 
 A stitched dictionary keeps each latent's own encoder row, bias and threshold, so every
 latent fires exactly as in its source SAE: pre-activations are put in one frame,
@@ -160,8 +161,11 @@ class LatentClasses:
     """Each latent of ``L`` against ``S`` (arrays of length ``n_L``).
 
     ``max_cosine`` / ``best_match``: best decoder cosine with ``S`` and that ``S`` latent;
+    ``active``: the latent fires (non-zero code in ``L``'s own encoding) on at least one row
+    of the sample; the others are *inactive*, neither novel nor reconstruction latents;
     ``delta_mse``: ``MSE(S ∪ {j}) - MSE(S)`` per element on the sample; ``novel_test``:
-    ``delta_mse < 0``; ``novel_proxy``: ``max_cosine < threshold``.
+    active and ``delta_mse < 0``; ``novel_proxy``: active and ``max_cosine < threshold``.
+    ``active_small [n_S]``: the ``S`` latents that fire on the sample.
     """
 
     max_cosine: np.ndarray
@@ -169,23 +173,52 @@ class LatentClasses:
     delta_mse: np.ndarray
     novel_test: np.ndarray
     novel_proxy: np.ndarray
+    active: np.ndarray
+    active_small: np.ndarray
     threshold: float
     mse_small: float
     n_tokens: int
 
     @property
+    def inactive(self) -> np.ndarray:
+        """``[n_L]`` bool: latents of ``L`` that never fire on the sample."""
+        return ~self.active
+
+    @property
+    def reconstruction_test(self) -> np.ndarray:
+        """``[n_L]`` bool: active latents whose insertion does not lower the MSE."""
+        return self.active & ~self.novel_test
+
+    @property
     def agreement(self) -> float:
-        """Fraction of ``L`` latents where the exact test and the proxy agree."""
-        return float((self.novel_test == self.novel_proxy).mean())
+        """Fraction of active ``L`` latents where the exact test and the proxy agree (NaN
+        when none fired)."""
+        if not self.active.any():
+            return float("nan")
+        return float((self.novel_test == self.novel_proxy)[self.active].mean())
 
     def confusion(self) -> dict[str, int]:
-        """Counts of (test, proxy) outcomes."""
-        t, p = self.novel_test, self.novel_proxy
+        """Counts of (test, proxy) outcomes over the active latents, and the inactive ones."""
+        t, p, a = self.novel_test, self.novel_proxy, self.active
         return {
             "novel_both": int((t & p).sum()),
-            "reconstruction_both": int((~t & ~p).sum()),
+            "reconstruction_both": int((a & ~t & ~p).sum()),
             "novel_test_only": int((t & ~p).sum()),
             "novel_proxy_only": int((~t & p).sum()),
+            "inactive": int((~a).sum()),
+        }
+
+    def counts(self) -> dict[str, int]:
+        """Sizes of the classes and how many latents of each SAE fired on the sample."""
+        return {
+            "n_novel_test": int(self.novel_test.sum()),
+            "n_reconstruction_test": int(self.reconstruction_test.sum()),
+            "n_inactive": int(self.inactive.sum()),
+            "n_novel_proxy": int(self.novel_proxy.sum()),
+            "n_fired_small": int(self.active_small.sum()),
+            "n_small": int(self.active_small.size),
+            "n_fired_large": int(self.active.sum()),
+            "n_large": int(self.active.size),
         }
 
     def to_dict(self, per_latent: bool = True) -> dict[str, Any]:
@@ -193,8 +226,7 @@ class LatentClasses:
             "threshold": self.threshold,
             "n_tokens": self.n_tokens,
             "mse_small": self.mse_small,
-            "n_novel_test": int(self.novel_test.sum()),
-            "n_novel_proxy": int(self.novel_proxy.sum()),
+            **self.counts(),
             "agreement": self.agreement,
             "confusion": self.confusion(),
         }
@@ -203,6 +235,7 @@ class LatentClasses:
                 "max_cosine": self.max_cosine.tolist(),
                 "best_match": self.best_match.tolist(),
                 "delta_mse": self.delta_mse.tolist(),
+                "active": self.active.tolist(),
                 "novel_test": self.novel_test.tolist(),
                 "novel_proxy": self.novel_proxy.tolist(),
             }
@@ -212,12 +245,15 @@ class LatentClasses:
 @torch.no_grad()
 def _insertion_deltas(
     small: _Latents, large: _Latents, x: Tensor, chunk_elements: int = 1 << 24
-) -> tuple[Tensor, float]:
+) -> tuple[Tensor, float, Tensor, Tensor]:
     """``ΔSSE_j`` (float64 ``[n_L]``, summed over rows) of inserting each ``L`` latent alone
-    into ``S``, and ``SSE(S)``. ``x [N, d]``."""
+    into ``S``, ``SSE(S)``, and which latents of ``S`` ``[n_S]`` and of ``L`` ``[n_L]`` (each in
+    its own SAE's encoding) fire on some row. ``x [N, d]``."""
     n_large = large.w_dec.shape[0]
     chunk = max(1, chunk_elements // max(n_large, small.w_dec.shape[0]))
     delta = torch.zeros(n_large, dtype=torch.float64, device=x.device)
+    fired_small = torch.zeros(small.w_dec.shape[0], dtype=torch.bool, device=x.device)
+    fired_large = torch.zeros(n_large, dtype=torch.bool, device=x.device)
     sse = 0.0
     dec_norm_sq = large.w_dec.pow(2).sum(1)  # [n_L]
     for rows in x.split(chunk):
@@ -245,6 +281,9 @@ def _insertion_deltas(
                 + removed[:, None]
             )
             delta += (change * enters).sum(0, dtype=torch.float64)
+            assert large.k is not None
+            vals_l, idx_l = pre_l.topk(min(large.k, n_large), dim=1)
+            fired_large[idx_l[vals_l > 0]] = True
         else:
             code_s = _threshold_codes(pre_s, small.threshold)
             recon = code_s @ small.w_dec + small.b_dec
@@ -252,8 +291,10 @@ def _insertion_deltas(
             a = _threshold_codes(pre_l, large.threshold)
             change = -2 * a * (err @ large.w_dec.T) + a.pow(2) * dec_norm_sq
             delta += change.sum(0, dtype=torch.float64)
+            fired_large |= (a != 0).any(0)
+        fired_small |= (code_s != 0).any(0)
         sse += float(err.double().pow(2).sum())
-    return delta, sse
+    return delta, sse, fired_small, fired_large
 
 
 @torch.no_grad()
@@ -264,9 +305,9 @@ def classify_latents(
     threshold: float = DEFAULT_THRESHOLD,
     cos: Tensor | None = None,
 ) -> LatentClasses:
-    """Novel / reconstruction split of ``large``'s latents against ``small`` (module doc) on the
-    sample ``x [N, d]`` (raw activations of the hook both SAEs were trained on); ``cos``:
-    :func:`decoder_cosines` ``(large, small)`` when already computed."""
+    """Novel / reconstruction / inactive split of ``large``'s latents against ``small`` (module
+    doc) on the sample ``x [N, d]`` (raw activations of the hook both SAEs were trained on);
+    ``cos``: :func:`decoder_cosines` ``(large, small)`` when already computed."""
     s, lg = _latents(small, "small SAE"), _latents(large, "large SAE")
     _stitched_family(s, lg)
     if not 0.0 < threshold <= 1.0:
@@ -282,15 +323,18 @@ def classify_latents(
     x = x.to(device)
     cos = decoder_cosines(large, small) if cos is None else cos  # [n_L, n_S]
     max_cos, best = cos.max(dim=1)
-    delta_sse, sse = _insertion_deltas(s, lg, x)
+    delta_sse, sse, fired_small, fired_large = _insertion_deltas(s, lg, x)
     n_elements = x.shape[0] * x.shape[1]
     delta = (delta_sse / n_elements).cpu().numpy()
+    active = fired_large.cpu().numpy()
     return LatentClasses(
         max_cosine=max_cos.cpu().numpy(),
         best_match=best.cpu().numpy(),
         delta_mse=delta,
-        novel_test=delta < 0,
-        novel_proxy=(max_cos < threshold).cpu().numpy(),
+        novel_test=active & (delta < 0),
+        novel_proxy=active & (max_cos < threshold).cpu().numpy(),
+        active=active,
+        active_small=fired_small.cpu().numpy(),
         threshold=float(threshold),
         mse_small=sse / n_elements,
         n_tokens=int(x.shape[0]),
@@ -301,8 +345,10 @@ def classify_latents(
 @dataclass
 class StitchStep:
     """One step from a stitched SAE to the next: ``kind`` is ``"insert"`` (one novel latent),
-    ``"swap"`` (a group) or ``"remove"`` (S latents no reconstruction latent matched, dropped
-    at the end); ``add_large`` / ``remove_small``: latent indices of ``L`` / ``S``."""
+    ``"swap"`` (a group), ``"inactive"`` (the ``L`` latents that never fired on the sample,
+    added together) or ``"remove"`` (the remaining ``S`` latents, dropped at the end when ``L``
+    has no reconstruction latent); ``add_large`` / ``remove_small``: latent indices of ``L`` /
+    ``S``."""
 
     kind: str
     add_large: list[int]
@@ -314,7 +360,8 @@ class StitchStep:
 
 def stitch_plan(classes: LatentClasses, cos: Tensor, use: str = "test") -> list[StitchStep]:
     """The steps from ``S`` to ``L`` (module doc). ``cos [n_L, n_S]`` decoder cosines; ``use``
-    picks the novel / reconstruction split: the exact ``"test"`` or the ``"proxy"``."""
+    picks the novel / reconstruction split of the active latents: the exact ``"test"`` or the
+    ``"proxy"``; the inactive latents are added in one step after the swaps."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -327,7 +374,8 @@ def stitch_plan(classes: LatentClasses, cos: Tensor, use: str = "test") -> list[
         StitchStep("insert", [int(j)], [])
         for j in sorted(np.flatnonzero(novel), key=lambda j: (classes.delta_mse[j], j))
     ]
-    recon = np.flatnonzero(~novel)
+    recon = np.flatnonzero(classes.active & ~novel)
+    inactive = np.flatnonzero(classes.inactive)
     if recon.size:
         # nodes: S latents 0..n_S-1, then reconstruction latents n_S..n_S+|R|-1
         sub = cos_np[recon]  # [|R|, n_S]
@@ -350,7 +398,9 @@ def stitch_plan(classes: LatentClasses, cos: Tensor, use: str = "test") -> list[
                 large_list.append(int(recon[node - n_small]))
         ordered = sorted(groups.values(), key=lambda g: (min(g[1]) if g[1] else n_large, g[0]))
         steps += [StitchStep("swap", sorted(lg), sorted(sm)) for sm, lg in ordered]
-    else:
+    if inactive.size:  # before any "remove", so that no member is left without latents
+        steps.append(StitchStep("inactive", inactive.tolist(), []))
+    if not recon.size:
         steps.append(StitchStep("remove", [], list(range(n_small))))
     return steps
 
@@ -483,16 +533,19 @@ class StitchResult:
 
     def rows(self) -> list[tuple[str, str]]:
         c = self.classes
+        n = c.counts()
+        fired = f"{n['n_fired_small']} / {n['n_small']}, {n['n_fired_large']} / {n['n_large']}"
         first, last = self.curve[0], self.curve[-1]
         return [
             ("stitched family", self.family),
             ("latents S -> L", f"{first['n_latents']} -> {last['n_latents']}"),
-            ("novel (exact test)", f"{int(c.novel_test.sum())} / {len(c.novel_test)}"),
-            (
-                f"novel (cos < {c.threshold:g})",
-                f"{int(c.novel_proxy.sum())} / {len(c.novel_proxy)}",
-            ),
-            ("test/proxy agreement", f"{c.agreement:.3f}"),
+            ("sample rows", str(c.n_tokens)),
+            ("fired on the sample (S, L)", fired),
+            ("novel (exact test)", f"{n['n_novel_test']} / {n['n_large']}"),
+            ("reconstruction (exact test)", f"{n['n_reconstruction_test']} / {n['n_large']}"),
+            ("inactive (never fired)", f"{n['n_inactive']} / {n['n_large']}"),
+            (f"novel (cos < {c.threshold:g})", f"{n['n_novel_proxy']} / {n['n_large']}"),
+            ("test/proxy agreement (active)", f"{c.agreement:.3f}"),
             ("steps", str(len(self.steps))),
             ("mse S -> L", f"{first['mse']:.4g} -> {last['mse']:.4g}"),
             (
@@ -582,10 +635,10 @@ def plot_stitching(result: StitchResult, path: str | Path, title: str | None = N
     has_loss = all("loss" in r for r in result.curve)
     fig, axes = plt.subplots(1, 2 if has_loss else 1, figsize=(11 if has_loss else 6, 3.8))
     axes = np.atleast_1d(axes)
-    n_insert = sum(s.kind == "insert" for s in result.steps)
-    phase = ["S" if r["step"] == 0 else ("insert" if r["step"] <= n_insert else "swap")
-             for r in result.curve]  # fmt: skip
-    colours = {"S": "#444444", "insert": "#2a9d8f", "swap": "#e76f51"}
+    # each member is coloured by the kind of the step that produced it
+    phase = ["S" if r["step"] == 0 else result.steps[r["step"] - 1].kind for r in result.curve]
+    colours = {"S": "#444444", "insert": "#2a9d8f", "swap": "#e76f51", "inactive": "#8d99ae",
+               "remove": "#6d597a"}  # fmt: skip
     for ax, values, label in [(axes[0], mse, "MSE (per element)")] + (
         [(axes[1], [r["loss"] for r in result.curve], "loss")] if has_loss else []
     ):
