@@ -21,6 +21,12 @@ Task: classifier cards give logits; CLIP / SigLIP cards give zero-shot logits
 ``scale * <normalize(image_embedding), text_c> + bias`` with ``text_c`` the unit-norm mean of
 the class's prompt embeddings. Per mode: cross-entropy and accuracy against the labels,
 ``KL(p_clean || p_mode)`` (softmax over the classes) and top-1 agreement with the clean run.
+A ``multilabel`` task (``task="multilabel"``: independent sigmoid outputs, e.g. ``toyvit``
+predicting every toy-world factor value) takes multi-hot labels ``[B, n_classes]``; per
+image, CE is the mean binary cross-entropy over the classes, accuracy the fraction of classes
+decided right (``logit > 0`` against the label), KL the sum over classes of the Bernoulli
+``KL(p_clean || p_mode)``, and ``top1_agreement`` the fraction of decisions the clean run
+makes alike.
 ``score = (CE_ablated - CE_spliced) / (CE_ablated - CE_clean)`` for zero and mean ablation,
 ``kl_score = (KL_ablated - KL_spliced) / KL_ablated``. Dictionaries take raw activations (the
 training normalization is folded into their weights), so no normalization happens here.
@@ -113,7 +119,8 @@ def reconstruct(dictionary: Dictionary, x: Tensor, chunk: int = _ROW_CHUNK) -> T
 class TaskHead:
     """Turns the model's output into class logits ``[batch, n_classes]``.
 
-    ``kind``: ``"classifier"`` (the output is the logits) or ``"clip"`` (the output is the image
+    ``kind``: ``"classifier"`` (the output is the logits of one class), ``"multilabel"`` (the
+    output is one independent sigmoid logit per class) or ``"clip"`` (the output is the image
     embedding; ``text [n_classes, e]`` unit-norm class embeddings, logits
     ``logit_scale * normalize(output) @ text.T + logit_bias``).
     """
@@ -127,7 +134,7 @@ class TaskHead:
     def logits(self, output: Tensor) -> Tensor:
         """``output [batch, ...]`` -> float32 logits ``[batch, n_classes]``."""
         output = output.float()
-        if self.kind == "classifier":
+        if self.kind in ("classifier", "multilabel"):
             return output
         assert self.text is not None
         image = F.normalize(output, dim=-1)
@@ -140,17 +147,18 @@ def task_head(
     templates: Sequence[str] = DEFAULT_TEMPLATES,
     task: str | None = None,
 ) -> TaskHead:
-    """The task of a hooked model: its card's ``task`` (or ``task=``), ``"classifier"`` or
-    ``"clip"``. CLIP / SigLIP need ``class_names``; each is put into every template
-    (``"a photo of a {}."``), encoded with ``model.encode_text`` and the unit-norm mean kept."""
+    """The task of a hooked model: its card's ``task`` (or ``task=``), ``"classifier"``,
+    ``"multilabel"`` or ``"clip"``. CLIP / SigLIP need ``class_names``; each is put into every
+    template (``"a photo of a {}."``), encoded with ``model.encode_text`` and the unit-norm mean
+    kept."""
     kind = task or getattr(getattr(model, "card", None), "task", None) or "classifier"
-    if kind == "classifier":
-        return TaskHead("classifier", class_names=list(class_names) if class_names else None)
+    if kind in ("classifier", "multilabel"):
+        return TaskHead(kind, class_names=list(class_names) if class_names else None)
     if kind != "clip":
         raise PrismaError(
-            f"spliced evaluation measures a classifier's or a CLIP/SigLIP model's task; this "
-            f"model's task is {kind!r} (evaluate reconstruction metrics with `prisma-mm eval` "
-            "without --data)"
+            f"spliced evaluation measures a classifier's (single- or multi-label) or a "
+            f"CLIP/SigLIP model's task; this model's task is {kind!r} (evaluate reconstruction "
+            "metrics with `prisma-mm eval` without --data)"
         )
     if not class_names:
         raise PrismaError("zero-shot evaluation of a CLIP/SigLIP model needs class names")
@@ -401,7 +409,10 @@ class SplicedResult:
 
 
 class _Sums:
-    def __init__(self) -> None:
+    """Per-mode sums over images; ``multilabel``: sigmoid outputs against multi-hot labels."""
+
+    def __init__(self, multilabel: bool = False) -> None:
+        self.multilabel = multilabel
         self.ce = 0.0
         self.correct = 0.0
         self.kl = 0.0
@@ -411,6 +422,9 @@ class _Sums:
 
     def add(self, logits: Tensor, clean_logits: Tensor, labels: Tensor | None) -> None:
         logits, clean_logits = logits.double(), clean_logits.double()
+        if self.multilabel:
+            self._add_multilabel(logits, clean_logits, labels)
+            return
         log_p = F.log_softmax(logits, dim=-1)
         log_clean = F.log_softmax(clean_logits, dim=-1)
         self.kl += float((log_clean.exp() * (log_clean - log_p)).sum(-1).clamp_min(0).sum())
@@ -420,6 +434,27 @@ class _Sums:
             labels = labels.to(logits.device)
             self.ce += float(F.cross_entropy(logits, labels, reduction="sum"))
             self.correct += float((logits.argmax(-1) == labels).sum())
+            self.n_labelled += logits.shape[0]
+
+    def _add_multilabel(self, logits: Tensor, clean_logits: Tensor, labels: Tensor | None) -> None:
+        p_clean = torch.sigmoid(clean_logits)
+        # Bernoulli KL per class from log-sigmoids (stable for large logits), summed over classes
+        kl = p_clean * (F.logsigmoid(clean_logits) - F.logsigmoid(logits)) + (1 - p_clean) * (
+            F.logsigmoid(-clean_logits) - F.logsigmoid(-logits)
+        )
+        self.kl += float(kl.sum(-1).clamp_min(0).sum())
+        self.agree += float(((logits > 0) == (clean_logits > 0)).double().mean(-1).sum())
+        self.n += logits.shape[0]
+        if labels is not None:
+            if labels.shape != logits.shape:
+                raise PrismaError(
+                    f"multi-label targets {tuple(labels.shape)} do not match the model's "
+                    f"{tuple(logits.shape)} outputs: give one 0/1 label per output"
+                )
+            target = labels.to(logits.device, logits.dtype)
+            bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+            self.ce += float(bce.mean(-1).sum())
+            self.correct += float(((logits > 0) == (target > 0.5)).double().mean(-1).sum())
             self.n_labelled += logits.shape[0]
 
     def result(self) -> ModeResult:
@@ -444,13 +479,17 @@ def _require_reiterable(batches: Iterable[Any], why: str) -> None:
         raise PrismaError(f"{why}: pass a list or a DataLoader, not a one-shot iterator")
 
 
-def _images_labels(batch: Any) -> tuple[Tensor, Tensor | None]:
+def _images_labels(batch: Any, multilabel: bool = False) -> tuple[Tensor, Tensor | None]:
     if isinstance(batch, Tensor):
         return batch, None
     images, labels = batch
     if labels is None:
         return images, None
     labels = torch.as_tensor(labels)
+    if multilabel:
+        if labels.ndim != 2 or bool(((labels != 0) & (labels != 1)).any()):
+            raise PrismaError("multi-label targets must be 0/1 tensors [batch, n_classes]")
+        return images, labels.float()
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise PrismaError("labels must be integer class indices")
     return images, labels.long()
@@ -475,7 +514,7 @@ def spliced_eval(
 
     ``batches`` yields ``images [B, 3, H, W]`` (preprocessed) or ``(images, labels [B])`` with
     integer labels (class indices of the classifier's head, or indices into ``class_names``
-    for CLIP / SigLIP). Mean ablation uses ``means`` ({hook: [d]}), else the means over
+    for CLIP / SigLIP); for ``task="multilabel"``, ``labels [B, n_classes]`` multi-hot. Mean ablation uses ``means`` ({hook: [d]}), else the means over
     ``batches`` in a first pass (``batches`` must then be re-iterable, e.g. a list or
     DataLoader). Returns a :class:`SplicedResult`.
     """
@@ -487,10 +526,11 @@ def spliced_eval(
     if "mean" in modes and means is None:
         _require_reiterable(batches, "mean ablation without means= reads the batches twice")
         means = splice.means(batches, progress=progress)
-    sums = {mode: _Sums() for mode in ("clean", *modes)}
+    multilabel = head.kind == "multilabel"
+    sums = {mode: _Sums(multilabel) for mode in ("clean", *modes)}
     max_identity_error = 0.0
     for batch in tqdm(batches, desc="spliced eval", unit="batch", disable=not progress):
-        images, labels = _images_labels(batch)
+        images, labels = _images_labels(batch, multilabel)
         output, acts = splice.clean(images)
         clean_logits = head.logits(output)
         if (
@@ -559,9 +599,9 @@ def make_spliced_loss(
 
     def loss(dictionary: Dictionary) -> float:
         splice = Splice(model, dictionary, hooks, token_index)
-        sums = _Sums()
+        sums = _Sums(head.kind == "multilabel")
         for batch in batches:
-            images, labels = _images_labels(batch)
+            images, labels = _images_labels(batch, head.kind == "multilabel")
             output, acts = splice.clean(images)
             logits = head.logits(splice.run(images, splice.values("spliced", acts)))
             sums.add(logits, head.logits(output), labels)
