@@ -65,6 +65,36 @@ def world(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
+def test_stitch_sample_is_uniform_over_the_whole_cache(world, tmp_path):
+    """The stitching sample draws every row of the split with the same chance: from a cache of
+    6 shards (2 images, 34 rows each), a 60-row sample takes rows from every shard, about
+    10 each, not the first 60 rows (which all lie in the first two shards)."""
+    from prisma_mm.cache import ActivationDataset, write_cache
+
+    cache = tmp_path / "sharded"
+    model = prisma_mm.load_model("tiny-vit", weights=str(world["weights"]))
+    write_cache(model, str(world["images"]), cache, [HOOK], shard_size=2, progress=False)
+    ds = ActivationDataset(cache, HOOK, batch_size=7, shuffle_buffer=0)
+    full = torch.cat(list(ds))  # cache order: shard by shard
+    sizes = [s["samples"] * 17 for s in ds.manifest["shards"]]
+    assert len(sizes) == 6 and sum(sizes) == full.shape[0] == 204
+    shard_of = np.repeat(np.arange(6), sizes)
+    position = {row.numpy().tobytes(): i for i, row in enumerate(full)}
+    assert len(position) == 204  # every row is distinct, so each sampled row has one origin
+
+    sample = load_cache_rows(str(cache), [HOOK], 60, split="all")
+    drawn = [position[row.numpy().tobytes()] for row in sample]
+    assert len(set(drawn)) == 60  # without replacement
+    per_shard = np.bincount(shard_of[drawn], minlength=6)
+    assert per_shard.min() >= 3 and per_shard.max() <= 20, per_shard
+    assert max(drawn) >= 150  # the old reader took rows 0..59 only
+    again = load_cache_rows(str(cache), [HOOK], 60, split="all")
+    other = load_cache_rows(str(cache), [HOOK], 60, split="all", seed=1)
+    assert torch.equal(again, sample) and not torch.equal(other, sample)
+    everything = load_cache_rows(str(cache), [HOOK], 10_000, split="all")
+    assert sorted(position[r.numpy().tobytes()] for r in everything) == list(range(204))
+
+
 def test_eval_writes_report_with_spliced_results(world, capsys):
     root = world["root"]
     out = root / "report.json"
@@ -138,6 +168,12 @@ def test_stitch_meta_sae_compare(world, capsys):
     report = json.loads((root / "stitch" / "stitch.json").read_text())
     confusion = report["classes"]["confusion"]
     assert sum(confusion.values()) == 32
+    classes = report["classes"]
+    assert classes["n_tokens"] == 12 * 17  # the default sample is larger than this cache
+    assert classes["n_novel_test"] + classes["n_reconstruction_test"] + classes["n_inactive"] == 32
+    assert classes["n_fired_large"] == 32 - classes["n_inactive"]
+    assert 0 < classes["n_fired_small"] <= classes["n_small"] == 16
+    assert "fired on the sample" in capsys.readouterr().out
     assert report["curve"][0]["n_latents"] == 16 and report["curve"][-1]["n_latents"] == 32
     assert isinstance(report["monotone"], bool)
     assert len(report["curve"]) == 4 and all(row["loss"] > 0 for row in report["curve"])

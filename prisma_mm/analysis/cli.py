@@ -1,7 +1,9 @@
 """``prisma-mm eval``, ``stitch``, ``meta-sae`` and ``compare``: the analysis stages on the
 command line. :func:`add_analysis_parsers` adds the four subcommands; each handler takes the
 parsed arguments and returns an exit code. Outputs land beside the analysed dictionary unless
-``--out`` says otherwise. Formulas and options: docs/metrics.md.
+``--out`` says otherwise. Every input (paths, sizes, output locations) is checked before any
+work starts, and a mistake ends in one :class:`~prisma_mm.errors.PrismaError` line.
+Formulas and options: docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -15,11 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from prisma_mm.errors import PrismaError
 
+DEFAULT_STITCH_TOKENS = 65536  # rows of the stitching sample
+
 __all__ = [
     "add_analysis_parsers",
+    "check_output_dir",
+    "check_output_file",
     "image_batches",
     "load_cache_rows",
     "run_compare",
@@ -53,16 +60,73 @@ def _write_json(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
+def check_output_file(path: str | Path, flag: str) -> Path:
+    """``path`` as a file to be written: refused when it is a directory or lies under a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise PrismaError(
+            f"{flag} {str(path)!r} is a directory: give a file path (e.g. {path / 'report.json'})"
+        )
+    if (
+        path.is_file()
+        and (path.parent / "cfg.json").is_file()
+        and path.name
+        in (
+            "cfg.json",
+            "weights.safetensors",
+        )
+    ):
+        raise PrismaError(
+            f"{flag} {str(path)!r} would overwrite a saved dictionary: choose another"
+        )
+    _check_parents(path, flag)
+    return path
+
+
+def check_output_dir(path: str | Path, flag: str) -> Path:
+    """``path`` as a directory to be written into: refused when it is a file or lies under one."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise PrismaError(f"{flag} {str(path)!r} is a file: give a directory for the outputs")
+    _check_parents(path, flag)
+    return path
+
+
+def _check_parents(path: Path, flag: str) -> None:
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise PrismaError(f"{flag} {str(path)!r}: {str(parent)!r} is a file, not a folder")
+            return
+
+
 def _load_dictionary(path: str, device: str | None) -> Any:
     from prisma_mm.sae import load
 
     folder = Path(path)
+    if not folder.exists():
+        raise PrismaError(f"dictionary {path!r} does not exist: check the path")
     if not (folder / "cfg.json").is_file():
         raise PrismaError(
             f"{path!r} is not a saved dictionary (no cfg.json): pass the directory written by "
             "training or Dictionary.save"
         )
     return load(folder, device=device or "cpu")
+
+
+def _check_width(dictionary: Any, d: int, hooks: list[str], cache: str) -> None:
+    """The cache's rows must have the width the dictionary reads (one line naming both)."""
+    cfg = dictionary.cfg
+    wanted = {"d_in": int(cfg.d_in)}
+    if getattr(dictionary, "architecture", "") == "transcoder":
+        wanted["d_out"] = int(getattr(dictionary, "d_out", cfg.d_in))
+    wrong = {name: size for name, size in wanted.items() if size != d}
+    if wrong:
+        sizes = ", ".join(f"{name}={size}" for name, size in wanted.items())
+        raise PrismaError(
+            f"the dictionary reads {sizes} but cache {cache!r} holds rows of width {d} at "
+            f"{', '.join(hooks)}: evaluate it on a cache of the hook it was trained on"
+        )
 
 
 def _hooks_of(dictionary: Any, override: Sequence[str] | None) -> list[str]:
@@ -95,19 +159,56 @@ def load_cache_rows(
     max_tokens: int,
     split: str = "eval",
     eval_fraction: float = 0.01,
+    seed: int = 0,
+    progress: bool = False,
 ) -> torch.Tensor:
-    """The first ``max_tokens`` rows (in cache order) of ``hooks``: ``[n, d]`` for one hook,
-    ``[n, n_hooks, d]`` for several."""
-    ds = _dataset(cache, hooks, split, eval_fraction, min(max_tokens, 8192))
-    parts, total = [], 0
+    """A uniform random sample (without replacement, seeded) of ``max_tokens`` token rows of
+    ``hooks`` from the whole ``split`` of the cache, or all its rows when it holds fewer:
+    ``[n, d]`` for one hook, ``[n, n_hooks, d]`` for several (in no particular order).
+
+    The split is read once; memory stays at ``max_tokens`` rows plus one batch. Each row gets
+    a uniform random key and the ``max_tokens`` smallest keys are kept (a bottom-k
+    reservoir), so every row of every shard is equally likely to be drawn.
+    """
+    if max_tokens <= 0:
+        raise PrismaError(f"max_tokens must be positive, got {max_tokens}")
+    ds = _dataset(cache, hooks, split, eval_fraction, 8192)
+    generator = torch.Generator().manual_seed(seed)
+    rows: torch.Tensor | None = None  # [max_tokens, ...] reservoir
+    keys = torch.empty(0)
+    filled = 0
+    bar = tqdm(total=ds.n_rows, desc="sample rows", unit="tok", unit_scale=True,
+               disable=not progress)  # fmt: skip
     for batch in ds:
-        parts.append(batch[: max_tokens - total])
-        total += parts[-1].shape[0]
-        if total >= max_tokens:
-            break
-    if not parts:
+        bar.update(batch.shape[0])
+        batch_keys = torch.rand(batch.shape[0], generator=generator)
+        if rows is None:
+            rows = batch.new_empty((max_tokens, *batch.shape[1:]))
+            keys = torch.empty(max_tokens)
+        room = max_tokens - filled
+        if room > 0:  # filling: take rows as they come
+            take = min(room, batch.shape[0])
+            rows[filled : filled + take] = batch[:take]
+            keys[filled : filled + take] = batch_keys[:take]
+            filled += take
+            batch, batch_keys = batch[take:], batch_keys[take:]
+        if batch.shape[0] == 0:
+            continue
+        enter = batch_keys < keys.max()  # only these can be among the smallest keys
+        if not bool(enter.any()):
+            continue
+        batch, batch_keys = batch[enter], batch_keys[enter]
+        merged = torch.cat([keys, batch_keys])
+        kept = torch.zeros(merged.numel(), dtype=torch.bool)
+        kept[merged.topk(max_tokens, largest=False).indices] = True
+        evicted = (~kept[:max_tokens]).nonzero().flatten()
+        arrived = kept[max_tokens:].nonzero().flatten()
+        rows[evicted] = batch[arrived]
+        keys[evicted] = batch_keys[arrived]
+    bar.close()
+    if rows is None or filled == 0:
         raise PrismaError(_no_rows(cache, split))
-    return torch.cat(parts)
+    return rows[:filled]
 
 
 def _no_rows(cache: str, split: str) -> str:
@@ -217,9 +318,16 @@ def run_eval(args: argparse.Namespace) -> int:
     """``prisma-mm eval DICT --cache CACHE``: metrics JSON + table (+ spliced with --data)."""
     from prisma_mm.analysis.metrics import EmptyEvaluation, evaluate, plot_density_histogram
 
+    folder = Path(args.dictionary)
+    out = check_output_file(args.out or folder / "eval.json", "--out")
+    histogram = check_output_file(
+        args.histogram or out.with_name(out.stem + "_density.png"), "--histogram"
+    )
     dictionary = _load_dictionary(args.dictionary, args.device)
     hooks = _hooks_of(dictionary, args.hook)
     ds = _dataset(args.cache, hooks, args.split, args.eval_fraction, args.batch_size)
+    _check_width(dictionary, ds.d, hooks, args.cache)
+    task = _task_data(args, ds.manifest, hooks) if args.data is not None else None
     try:
         metrics = evaluate(
             dictionary,
@@ -240,11 +348,8 @@ def run_eval(args: argparse.Namespace) -> int:
         "metrics": metrics.to_dict(),
     }
     _print_table(f"{dictionary.architecture} dictionary on {', '.join(hooks)}", metrics.rows())
-    if args.data is not None:
-        report["spliced"] = _spliced(args, dictionary, hooks, ds.manifest)
-    folder = Path(args.dictionary)
-    out = Path(args.out) if args.out else folder / "eval.json"
-    histogram = Path(args.histogram) if args.histogram else out.with_name(out.stem + "_density.png")
+    if task is not None:
+        report["spliced"] = _spliced(args, task, dictionary, hooks, ds.manifest)
     plot_density_histogram(metrics, histogram, title=f"feature density ({metrics.n_tokens} tokens)")
     report["histogram"] = str(histogram)
     _write_json(out, report)
@@ -252,11 +357,19 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _task_data(args: argparse.Namespace, manifest: dict[str, Any]) -> dict[str, Any]:
-    """The cache's model (or ``--model`` / ``--weights``) and ``--data``'s labelled batches."""
+def _task_data(
+    args: argparse.Namespace, manifest: dict[str, Any], hooks: list[str]
+) -> dict[str, Any]:
+    """The cache's model (or ``--model`` / ``--weights``) and ``--data``'s labelled batches;
+    the model must have ``hooks``."""
     import prisma_mm
     from prisma_mm.cache.writer import weights_fingerprint
 
+    templates = tuple(args.template or ("a photo of a {}.",))
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise PrismaError(f"--template {bad[0]!r} has no '{{}}' for the class name")
+    class_names = _class_names(args.class_names)
     cached_model = manifest.get("model") or {}
     name = args.model or cached_model.get("name")
     if not name:
@@ -277,23 +390,24 @@ def _task_data(args: argparse.Namespace, manifest: dict[str, Any]) -> dict[str, 
             file=sys.stderr,
         )
     batches, class_names = image_batches(
-        model, args.data, args.image_batch_size, args.max_images, _class_names(args.class_names)
+        model, args.data, args.image_batch_size, args.max_images, class_names
     )
+    for hook in hooks:
+        model.hook_point(hook)  # an unknown hook fails here, before any work
     return {
         "model": model,
         "name": name,
         "weights": weights,
         "batches": batches,
         "class_names": class_names,
-        "templates": tuple(args.template or ("a photo of a {}.",)),
+        "templates": templates,
     }
 
 
-def _spliced(args: argparse.Namespace, dictionary: Any, hooks: list[str],
-             manifest: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+def _spliced(args: argparse.Namespace, task: dict[str, Any], dictionary: Any,
+             hooks: list[str], manifest: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     from prisma_mm.analysis.spliced import spliced_eval
 
-    task = _task_data(args, manifest)
     token_index = (manifest.get("token_index") or {}).get(hooks[0])
     replaced = [hooks[1]] if dictionary.architecture == "transcoder" else hooks
     stats = manifest.get("stats") or {}
@@ -323,8 +437,11 @@ def _spliced(args: argparse.Namespace, dictionary: Any, hooks: list[str],
 # ----- stitch --------------------------------------------------------------------------------
 def run_stitch(args: argparse.Namespace) -> int:
     """``prisma-mm stitch SMALL LARGE --cache CACHE``: stitch.json + stitch.png."""
-    from prisma_mm.analysis.stitching import plot_stitching, stitch
+    from prisma_mm.analysis.stitching import Stitcher, plot_stitching, stitch
 
+    out = check_output_dir(
+        args.out or Path(args.large) / f"stitch_{Path(args.small).name}", "--out"
+    )
     small = _load_dictionary(args.small, args.device)
     large = _load_dictionary(args.large, args.device)
     hooks = _hooks_of(small, args.hook)
@@ -333,14 +450,20 @@ def run_stitch(args: argparse.Namespace) -> int:
             f"the SAEs were trained on different hooks ({small.metadata.get('hook')!r} vs "
             f"{large.metadata.get('hook')!r}): stitch SAEs of the same hook"
         )
-    x = load_cache_rows(args.cache, hooks, args.max_tokens, args.split, args.eval_fraction)
+    Stitcher(small, large)  # refuses pairs of other sizes or families before any work
+    if small.cfg.n_latents > large.cfg.n_latents:
+        raise PrismaError(
+            f"SMALL has {small.cfg.n_latents} latents and LARGE {large.cfg.n_latents}: pass the "
+            "smaller SAE first"
+        )
+    ds = _dataset(args.cache, hooks, args.split, args.eval_fraction, 8192)
+    _check_width(small, ds.d, hooks, args.cache)
     loss_fn = None
     if args.data is not None:
         from prisma_mm.analysis.spliced import make_spliced_loss
-        from prisma_mm.cache import read_manifest
 
-        manifest = read_manifest(args.cache)
-        task = _task_data(args, manifest)
+        manifest = ds.manifest
+        task = _task_data(args, manifest, hooks)
         loss_fn = make_spliced_loss(
             task["model"],
             list(task["batches"]),  # read and preprocessed once for every stitched SAE
@@ -349,6 +472,10 @@ def run_stitch(args: argparse.Namespace) -> int:
             class_names=task["class_names"],
             templates=task["templates"],
         )
+    x = load_cache_rows(
+        args.cache, hooks, args.max_tokens, args.split, args.eval_fraction, args.seed,
+        progress=not args.quiet,
+    )  # fmt: skip
     result = stitch(
         small,
         large,
@@ -359,7 +486,6 @@ def run_stitch(args: argparse.Namespace) -> int:
         loss_fn=loss_fn,
         progress=not args.quiet,
     )
-    out = Path(args.out) if args.out else Path(args.large) / f"stitch_{Path(args.small).name}"
     report = {
         "small": str(Path(args.small).resolve()),
         "large": str(Path(args.large).resolve()),
@@ -379,6 +505,7 @@ def run_meta_sae(args: argparse.Namespace) -> int:
     """``prisma-mm meta-sae DICT``: the meta-SAE and its JSON export."""
     from prisma_mm.analysis.meta_sae import train_meta_sae
 
+    out = check_output_dir(args.out or Path(args.dictionary) / "meta_sae", "--out")
     dictionary = _load_dictionary(args.dictionary, args.device)
     result = train_meta_sae(
         dictionary,
@@ -393,7 +520,6 @@ def run_meta_sae(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     result.source["path"] = str(Path(args.dictionary).resolve())
-    out = Path(args.out) if args.out else Path(args.dictionary) / "meta_sae"
     path = result.save(out)
     summary = result.to_dict()["meta"]
     rows = [
@@ -414,32 +540,88 @@ def run_compare(args: argparse.Namespace) -> int:
     """``prisma-mm compare A B``: Hungarian matching of decoder directions."""
     from prisma_mm.analysis.matching import match_dictionaries
 
+    out = check_output_file(args.out, "--out") if args.out else None
     a = _load_dictionary(args.a, args.device)
     b = _load_dictionary(args.b, args.device)
     result = match_dictionaries(a, b, threshold=args.threshold)
     _print_table(f"{args.a} vs {args.b}", result.rows())
-    if args.out:
+    if out is not None:
         report = {"a": str(Path(args.a).resolve()), "b": str(Path(args.b).resolve())}
         report.update(result.to_dict())
-        _write_json(Path(args.out), report)
+        _write_json(out, report)
         print(f"wrote {args.out}")
     return 0
 
 
 # ----- parsers -------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+def _int_at_least(minimum: int) -> Any:
+    """An argparse type: an integer ``>= minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_seed = _int_at_least(0)
+
+
+def _float_in(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Any:
+    """An argparse type: a float in the interval from ``low`` to ``high``."""
+    shown = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        below = value <= low if low_open else value < low
+        above = value >= high if high_open else value > high
+        if not math.isfinite(value) or below or above:
+            raise argparse.ArgumentTypeError(f"expected a number in {shown}, got {text}")
+        return value
+
+    return parse
+
+
+def device_arg(text: str) -> str:
+    """An argparse type: a torch device that exists on this machine (``cpu``, ``cuda:1`` ...)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"unknown device {text!r}: use cpu, cuda, cuda:N or mps"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA GPU is available (use cpu)")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has cuda:0-{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available here (use cpu)")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"device {text!r} is not supported: use cpu, cuda or mps")
+    return text
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default=None, help="torch device (default: cpu)")
+    parser.add_argument(
+        "--device", type=device_arg, default=None, help="torch device (default: cpu)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _cache_args(parser: argparse.ArgumentParser, max_tokens: int | None) -> None:
+def _cache_args(
+    parser: argparse.ArgumentParser, max_tokens: int | None, help_max_tokens: str
+) -> None:
     parser.add_argument("--cache", required=True, help="activation cache directory")
     parser.add_argument(
         "--hook",
@@ -455,7 +637,7 @@ def _cache_args(parser: argparse.ArgumentParser, max_tokens: int | None) -> None
     )
     parser.add_argument(
         "--eval-fraction",
-        type=float,
+        type=_float_in(0.0, 1.0, high_open=True),
         default=0.01,
         help="held-out fraction the dictionary was trained with (default 0.01)",
     )
@@ -463,7 +645,7 @@ def _cache_args(parser: argparse.ArgumentParser, max_tokens: int | None) -> None
         "--max-tokens",
         type=_positive_int,
         default=max_tokens,
-        help=f"evaluate at most this many token rows (default {max_tokens or 'all'})",
+        help=help_max_tokens,
     )
 
 
@@ -502,10 +684,13 @@ def add_analysis_parsers(subparsers: Any) -> None:
         "class-folder tree), also the spliced-in evaluation on the cache's model.",
     )
     ev.add_argument("dictionary", help="saved dictionary directory (cfg.json + weights)")
-    _cache_args(ev, None)
+    _cache_args(ev, None, "evaluate the first N token rows of the split (default all)")
     ev.add_argument("--batch-size", type=_positive_int, default=4096, help="token rows per batch")
     ev.add_argument(
-        "--dense-threshold", type=float, default=0.1, help="dense: firing on more than this"
+        "--dense-threshold",
+        type=_float_in(0.0, 1.0),
+        default=0.1,
+        help="dense: firing on more than this fraction of tokens",
     )
     ev.add_argument("--out", default=None, help="report path (default DICT/eval.json)")
     ev.add_argument("--histogram", default=None, help="density PNG (default beside the report)")
@@ -522,8 +707,18 @@ def add_analysis_parsers(subparsers: Any) -> None:
     )
     st.add_argument("small", help="the smaller saved SAE")
     st.add_argument("large", help="the larger saved SAE")
-    _cache_args(st, 16384)
-    st.add_argument("--threshold", type=float, default=0.7, help="cosine proxy threshold")
+    _cache_args(
+        st,
+        DEFAULT_STITCH_TOKENS,
+        f"token rows drawn uniformly from the whole split (default {DEFAULT_STITCH_TOKENS})",
+    )
+    st.add_argument("--seed", type=_seed, default=0, help="seed of the row sample")
+    st.add_argument(
+        "--threshold",
+        type=_float_in(0.0, 1.0, low_open=True),
+        default=0.7,
+        help="cosine proxy threshold, in (0, 1]",
+    )
     st.add_argument(
         "--use",
         choices=("test", "proxy"),
@@ -531,7 +726,10 @@ def add_analysis_parsers(subparsers: Any) -> None:
         help="novel/reconstruction split driving the stitching (default: the exact test)",
     )
     st.add_argument(
-        "--max-points", type=_positive_int, default=64, help="stitched SAEs measured on the curve"
+        "--max-points",
+        type=_int_at_least(2),
+        default=64,
+        help="stitched SAEs measured on the curve (at least 2: the two ends)",
     )
     st.add_argument("--out", default=None, help="output folder (default LARGE/stitch_<SMALL>)")
     _spliced_args(st, "spliced-in loss along the curve (optional)")
@@ -548,10 +746,10 @@ def add_analysis_parsers(subparsers: Any) -> None:
     ms.add_argument("--k", type=_positive_int, default=4, help="meta-latents per latent (avg)")
     ms.add_argument("--n-meta", type=_positive_int, default=None, help="default n_latents // 4")
     ms.add_argument("--steps", type=_positive_int, default=2000)
-    ms.add_argument("--lr", type=float, default=1e-3)
+    ms.add_argument("--lr", type=_float_in(0.0, 1.0, low_open=True), default=1e-3)
     ms.add_argument("--batch-size", type=_positive_int, default=None)
     ms.add_argument("--decoder-bias", action="store_true", help="learn a decoder bias")
-    ms.add_argument("--seed", type=int, default=0)
+    ms.add_argument("--seed", type=_seed, default=0)
     ms.add_argument("--out", default=None, help="output folder (default DICT/meta_sae)")
     _common(ms)
     ms.set_defaults(handler=run_meta_sae)
@@ -564,7 +762,12 @@ def add_analysis_parsers(subparsers: Any) -> None:
     )
     cp.add_argument("a", help="first saved dictionary")
     cp.add_argument("b", help="second saved dictionary")
-    cp.add_argument("--threshold", type=float, default=0.7, help="shared: cosine at least this")
+    cp.add_argument(
+        "--threshold",
+        type=_float_in(-1.0, 1.0),
+        default=0.7,
+        help="shared: cosine at least this, in [-1, 1]",
+    )
     cp.add_argument("--out", default=None, help="write the full matching as JSON")
     _common(cp)
     cp.set_defaults(handler=run_compare)
