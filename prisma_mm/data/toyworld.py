@@ -107,6 +107,22 @@ TEXTURE_PERIOD = 4.0  # pixels at 64 px
 SHADE = 0.35  # brightness of a texture's dark pixels relative to the object colour
 # Mid-tone grey levels (0-255) of each background kind.
 BG_GRAY, BG_NOISE_MEAN, BG_NOISE_AMPLITUDE, BG_GRADIENT = 110, 45, 25, (0, 140)
+# Image sides that keep every factor visible: at 32 px the smallest objects are 5 px across and
+# textures have a 2 px period (below, stripes, dots and checkers alias and small shapes blur
+# into blobs); 1024 px bounds the memory of one image.
+MIN_SIZE, MAX_SIZE = 32, 1024
+
+
+def check_size(size: int) -> int:
+    """``size`` if it is a usable image side (``MIN_SIZE..MAX_SIZE`` pixels), else a PrismaError."""
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
+        raise PrismaError(f"toy-world image size {size!r} must be a whole number of pixels")
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise PrismaError(
+            f"toy-world image size {size} is outside {MIN_SIZE}..{MAX_SIZE} pixels: below "
+            f"{MIN_SIZE} the smallest shapes and the textures are no longer visible"
+        )
+    return int(size)
 
 
 @dataclass(frozen=True)
@@ -473,10 +489,14 @@ class ToyWorld(torch.utils.data.Dataset):
         start: int = 0,
         inside_prob: float = 0.25,
     ) -> None:
-        if n < 0 or start < 0:
-            raise PrismaError(f"ToyWorld needs n >= 0 and start >= 0, got n={n}, start={start}")
-        if size < 16:
-            raise PrismaError(f"toy-world image size {size} is too small: use 16 pixels or more")
+        if n < 0 or start < 0 or seed < 0:
+            raise PrismaError(
+                f"ToyWorld needs n >= 0, start >= 0 and seed >= 0, got n={n}, start={start}, "
+                f"seed={seed}"
+            )
+        check_size(size)
+        if not 0.0 <= inside_prob <= 1.0:
+            raise PrismaError(f"inside_prob {inside_prob} is not a probability in [0, 1]")
         if patch_grid is not None:
             _grid(patch_grid, size)
         self.n, self.seed, self.size, self.start = int(n), int(seed), int(size), int(start)
@@ -542,6 +562,9 @@ def render_arrays(
     Returns ``{"images": uint8 [n, size, size, 3], "labels": uint8 [n, n_values]}`` plus
     ``"patches": uint8 [n, rows, cols, n_values]`` when ``patch_grid`` is given.
     """
+    check_size(size)
+    if n < 0 or start < 0 or seed < 0:
+        raise PrismaError(f"render_arrays needs n, start and seed >= 0, got {n}, {start}, {seed}")
     images = np.empty((n, size, size, 3), np.uint8)
     labels = np.empty((n, len(VALUE_NAMES)), np.uint8)
     patches = None
@@ -576,13 +599,20 @@ def write_shards(
     the image) and, with ``patch_grid``, ``"patch_grid"`` and ``"patch_values"`` (per patch,
     row-major, the value indices present). ``out_dir/toyworld.json`` records the vocabulary
     and parameters. Each shard is written under a temporary name and renamed when complete.
+    Everything is checked before the first image is drawn: the sizes, and ``out_dir`` (not a
+    file, and not holding a toy world written with other parameters, which would be mixed).
     """
     import webdataset as wds
 
     if n <= 0 or shard_size <= 0:
         raise PrismaError(f"write_shards needs n > 0 and shard_size > 0, got {n} and {shard_size}")
+    if seed < 0:
+        raise PrismaError(f"seed {seed}: use a seed >= 0")
+    check_size(size)
     grid = _grid(patch_grid, size) if patch_grid is not None else None
     out = Path(out_dir)
+    _check_shard_dir(out, {"n": n, "seed": seed, "size": size, "shard_size": shard_size,
+                           "patch_grid": list(grid) if grid else None})  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     bar = tqdm(total=n, desc="write toy world", unit="img", disable=not progress)
@@ -618,6 +648,36 @@ def write_shards(
     return paths
 
 
+def _check_shard_dir(out: Path, params: dict[str, Any]) -> None:
+    """``out`` can take toy-world shards of ``params``: refused when it (or a folder above it)
+    is a file, or when it holds a toy world written with other parameters."""
+    if out.exists() and not out.is_dir():
+        raise PrismaError(f"{str(out)!r} is a file: give a directory for the toy-world shards")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise PrismaError(f"{str(out)!r}: {str(parent)!r} is a file, not a folder")
+            break
+    meta_path = out / "toyworld.json"
+    if not meta_path.is_file():
+        return
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise PrismaError(
+            f"{meta_path} is damaged: delete {str(out)!r} or choose another directory"
+        )
+    changed = [key for key, value in params.items() if meta.get(key) != value]
+    if changed:
+        key = changed[0]
+        raise PrismaError(
+            f"{str(out)!r} holds a toy world with other parameters ({key} {meta.get(key)} there, "
+            f"{params[key]} now): choose another directory or delete it"
+        )
+
+
 def add_toyworld_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The arguments of ``prisma-mm toyworld`` (subcommands ``write`` and ``vocab``)."""
     sub = parser.add_subparsers(dest="action", required=True)
@@ -626,7 +686,12 @@ def add_toyworld_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     write.add_argument("--n", type=int, default=10_000, help="number of images")
     write.add_argument("--seed", type=int, default=0)
     write.add_argument("--shard-size", type=int, default=1000, help="images per shard")
-    write.add_argument("--size", type=int, default=64, help="image side in pixels")
+    write.add_argument(
+        "--size",
+        type=int,
+        default=64,
+        help=f"image side in pixels ({MIN_SIZE}-{MAX_SIZE}; toyvit was trained at 64)",
+    )
     write.add_argument(
         "--patch-grid", type=int, default=None, help="also store per-patch labels on an NxN grid"
     )
