@@ -24,12 +24,21 @@ def model_card(name: str) -> Any:
     return get_card(name)
 
 
-def load_model(name: str, weights: Any = "pretrained", device: Any = "cpu", dtype: Any = None):
+def load_model(
+    name: str,
+    weights: Any = "pretrained",
+    device: Any = "cpu",
+    dtype: Any = None,
+    *,
+    img_size: int | None = None,
+    seed: int = 0,
+):
     """Build a carded model wrapped as a :class:`~prisma_mm.hooks.HookedModel`.
 
     ``weights``: ``None`` for random init, ``"pretrained"`` for the library's own loader
     (Hugging Face hub / open_clip tag, offline from a populated cache), or a local path.
+    ``img_size``: run at this input size; ``seed``: seeds random initialisation.
     """
     from prisma_mm.zoo.registry import load_model as _load
 
-    return _load(name, weights=weights, device=device, dtype=dtype)
+    return _load(name, weights=weights, device=device, dtype=dtype, img_size=img_size, seed=seed)

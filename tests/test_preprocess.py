@@ -91,3 +91,21 @@ def test_open_clip_transform_used_for_clip_cards():
     image = Image.fromarray(_rgb(2, (50, 70)))
     expected = open_clip.image_transform(32, is_train=False)(image)
     assert torch.equal(clip.preprocess(image)[0], expected)
+
+
+def test_missing_corrupt_and_directory_paths_are_prisma_errors(vit, tmp_path):
+    with pytest.raises(PrismaError, match="does not exist"):
+        vit.preprocess(str(tmp_path / "nope.jpg"))
+    with pytest.raises(PrismaError, match="is not a file"):
+        vit.preprocess(tmp_path)
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is no jpeg")
+    with pytest.raises(PrismaError, match="corrupt.jpg: OSError"):
+        vit.preprocess([corrupt])
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(PrismaError, match="empty file"):
+        vit.preprocess(empty)
+    good = tmp_path / "good.png"
+    Image.fromarray(_rgb()).save(good)
+    assert vit.preprocess([good, str(good)]).shape == (2, 3, 32, 32)

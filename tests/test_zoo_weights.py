@@ -22,8 +22,7 @@ from prisma_mm.zoo.registry import get_card, list_models
 
 
 def _seeded(name: str, seed: int = 3):
-    torch.manual_seed(seed)
-    return prisma_mm.load_model(name, weights=None)
+    return prisma_mm.load_model(name, weights=None, seed=seed)
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -216,3 +215,79 @@ def test_pretrained_missing_offline_names_the_files(tmp_path):
     assert len(lines) == 2
     assert "model.safetensors" in lines[0] and get_card(name).source in lines[0]
     assert "open_clip_model.safetensors" in lines[1] and "HF cache" in lines[1]
+
+
+TINY = [name for name in list_models() if get_card(name).is_tiny]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_random_init_is_seeded_and_leaves_the_global_rng_alone(name):
+    state = torch.get_rng_state()
+    first = prisma_mm.load_model(name, weights=None)
+    again = prisma_mm.load_model(name, weights="pretrained")  # tiny: random init too
+    assert torch.equal(torch.get_rng_state(), state)
+    assert _same_weights(first.module, again.module)
+    other = prisma_mm.load_model(name, weights=None, seed=1)
+    assert not _same_weights(first.module, other.module)
+
+
+def test_img_size_runs_dinov2_style_cards_at_another_size_with_resampled_weights(tmp_path):
+    native = _seeded("tiny-dinov2-reg")  # 28 px, patch 7: 4 x 4 patches
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in native.module.state_dict().items()}, str(path))
+    same = prisma_mm.load_model("tiny-dinov2-reg", weights=str(path), img_size=28)
+    assert _same_weights(same.module, native.module)
+    bigger = prisma_mm.load_model("tiny-dinov2-reg", weights=str(path), img_size=42)
+    assert bigger.layout.grid == (1, 6, 6) and bigger.layout.input_size == (42, 42)
+    assert bigger.module.pos_embed.shape[1] == native.module.pos_embed.shape[1] * 36 // 16
+    state = bigger.module.state_dict()
+    for key, value in native.module.state_dict().items():
+        if key != "pos_embed":
+            assert torch.equal(state[key], value), key
+    x = bigger.preprocess(torch.zeros(3, 50, 60))
+    _, cache = bigger.run_with_cache(x, "blocks.1.hook_resid_post")
+    assert cache["blocks.1.hook_resid_post"].shape == (1, 5 + 36, 32)
+
+
+def test_img_size_open_clip(tmp_path):
+    native = _seeded("tiny-clip")
+    path = tmp_path / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in native.module.state_dict().items()}, str(path))
+    model = prisma_mm.load_model("tiny-clip", weights=str(path), img_size=48)
+    assert model.layout.grid == (1, 6, 6) and model.preprocess(torch.zeros(3, 9, 9)).shape[-1] == 48
+    assert torch.equal(model.module.token_embedding.weight, native.module.token_embedding.weight)
+
+
+@pytest.mark.parametrize(
+    ("img_size", "message"),
+    [
+        (0, "positive number"),
+        (-14, "positive number"),
+        ("224", "positive number"),
+        (30, "not a multiple of 'tiny-vit'.s patch size 8: use e.g. 32"),
+    ],
+)
+def test_bad_img_size(img_size, message):
+    with pytest.raises(PrismaError, match=message):
+        prisma_mm.load_model("tiny-vit", weights=None, img_size=img_size)
+
+
+def test_bad_devices():
+    with pytest.raises(PrismaError, match="unknown device 'gpu'"):
+        prisma_mm.load_model("tiny-vit", weights=None, device="gpu")
+    with pytest.raises(PrismaError, match="does not exist|no CUDA GPU"):
+        prisma_mm.load_model("tiny-vit", weights=None, device="cuda:99")
+    if not torch.cuda.is_available():
+        with pytest.raises(PrismaError, match="no CUDA GPU"):
+            prisma_mm.load_model("tiny-vit", weights=None, device="cuda")
+
+
+def test_corrupt_safetensors_file(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"\x00" * 7 + b"not safetensors at all")
+    with pytest.raises(PrismaError, match="not a valid safetensors file"):
+        prisma_mm.load_model("tiny-vit", weights=str(path))
+    text = tmp_path / "weights.txt"
+    text.write_text("hello")
+    with pytest.raises(PrismaError, match="cannot read weights"):
+        prisma_mm.load_model("tiny-vit", weights=str(text))

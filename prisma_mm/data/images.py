@@ -50,7 +50,12 @@ def _from_array(array: np.ndarray) -> Image.Image:
 def to_pil_rgb(image: Any) -> Image.Image:
     """Any supported image as an 8-bit RGB PIL image."""
     if isinstance(image, str | Path):
-        image = load_image(image)
+        path = Path(image).expanduser()
+        if not path.exists():
+            raise PrismaError(f"image file {str(image)!r} does not exist: check the path")
+        if not path.is_file():
+            raise PrismaError(f"image path {str(image)!r} is not a file: pass an image file")
+        image = load_image(path)
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu()
         if image.dtype == torch.bfloat16:
@@ -112,5 +117,6 @@ def _decode(source: Path | io.BytesIO, name: str) -> Image.Image:
         raise BadImage(f"{name}: {error.__class__.__name__}: {error}") from error
 
 
-class BadImage(Exception):
-    """An input that is not a readable image; data sources skip and count these."""
+class BadImage(PrismaError):
+    """An input that is not a readable image; data sources skip and count these, and a
+    user's own call (``model.preprocess(path)``) sees it as the one-line PrismaError it is."""

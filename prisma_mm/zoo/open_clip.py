@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from prisma_mm.errors import PrismaError
 from prisma_mm.hooks import BlockSpec, HookedModel, ModelSpec, TokenLayout
 from prisma_mm.zoo import registry
-from prisma_mm.zoo.timm_vit import vit_spec
+from prisma_mm.zoo.timm_vit import resample_to, vit_spec
 
 OPEN_CLIP_BLOCK = BlockSpec(
     attn_branch="ls_1",
@@ -150,8 +150,13 @@ def _tokens(model: nn.Module, card: registry.ModelCard, n_ctx: int, texts) -> Te
     return tokens.to(device=next(model.parameters()).device, dtype=torch.long)
 
 
-def _create(card: registry.ModelCard, pretrained: str | None, device: torch.device) -> nn.Module:
+def _create(
+    card: registry.ModelCard, pretrained: str | None, device: torch.device, img_size=None
+) -> nn.Module:
     arch = card.arch
+    kwargs = dict(card.kwargs)
+    if img_size is not None:
+        kwargs["force_image_size"] = img_size  # open_clip resizes the position embedding
     if card.config_file:
         _register_config(str(registry.zoo_dir() / card.config_file))
     if pretrained and pretrained.startswith("hf-hub:"):
@@ -170,7 +175,7 @@ def _create(card: registry.ModelCard, pretrained: str | None, device: torch.devi
                 pretrained=pretrained,
                 device="meta" if device.type == "meta" else "cpu",
                 require_pretrained=pretrained is not None,
-                **card.kwargs,
+                **kwargs,
             )
     except (OSError, RuntimeError, ValueError) as error:
         if isinstance(error, PrismaError) or pretrained is None and not arch.startswith("hf-hub:"):
@@ -186,14 +191,30 @@ def _create(card: registry.ModelCard, pretrained: str | None, device: torch.devi
     return model
 
 
-def build(card: registry.ModelCard, weights: str | None, device: torch.device) -> HookedModel:
-    """Build the card's open_clip model with the requested weights, wrapped with hook points."""
+def _resample(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A checkpoint's image position embedding resampled to ``model``'s input size."""
+    open_clip.model.resize_pos_embed(state, model)  # native towers, in place
+    trunk = getattr(model.visual, "trunk", None)
+    if trunk is not None:  # a timm trunk: timm's own filter
+        prefix = "visual.trunk."
+        inner = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        inner = resample_to(trunk, inner)
+        state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+        state.update({prefix + k: v for k, v in inner.items()})
+    return state
+
+
+def build(
+    card: registry.ModelCard, weights: str | None, device: torch.device, img_size: int | None = None
+) -> HookedModel:
+    """Build the card's open_clip model with the requested weights, wrapped with hook points;
+    ``img_size`` overrides the image tower's input size."""
     if weights == "pretrained":
-        model = _create(card, card.pretrained or card.source, device)
+        model = _create(card, card.pretrained or card.source, device, img_size)
     elif weights is not None and weights.startswith("hf-hub:"):
-        model = _create(card, weights, device)
+        model = _create(card, weights, device, img_size)
     else:
-        model = _create(card, None, device)
+        model = _create(card, None, device, img_size)
         if weights is not None:
             path = registry.resolve_local_weights(weights)
             if path.is_dir():
@@ -207,6 +228,8 @@ def build(card: registry.ModelCard, weights: str | None, device: torch.device) -
                     )
                 path = found[0]
             state = registry.load_state_dict_file(Path(path))
+            if img_size is not None:
+                state = _resample(model, state)
             registry.load_into(model, state, str(path))
     if device.type not in ("meta", "cpu"):
         model = model.to(device)

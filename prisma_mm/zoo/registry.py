@@ -146,12 +146,64 @@ def resolve_dtype(dtype: Any) -> torch.dtype | None:
     return names[dtype]
 
 
-def load_model(name: str, weights: Any = "pretrained", device: Any = "cpu", dtype: Any = None):
+def resolve_device(device: Any) -> torch.device:
+    """``device`` as a torch.device that exists on this machine, or one clear line."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise PrismaError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from error
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise PrismaError(
+                f"device {device!r} was asked for but this machine has no CUDA GPU "
+                "(torch.cuda.is_available() is False): use --device cpu"
+            )
+        if resolved.index is not None and resolved.index >= count:
+            raise PrismaError(
+                f"device {device!r} does not exist: this machine has {count} CUDA GPU(s), "
+                f"cuda:0-cuda:{count - 1}"
+            )
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise PrismaError(f"device {device!r} is not available on this machine: use --device cpu")
+    return resolved
+
+
+def check_img_size(card: ModelCard, img_size: Any) -> int | None:
+    """A valid input size for ``card`` (a positive multiple of its patch size), or None."""
+    if img_size is None:
+        return None
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0:
+        raise PrismaError(f"img_size={img_size!r}: give a positive number of pixels, e.g. 224")
+    if card.family != "timm" and card.family != "open_clip":
+        raise PrismaError(f"img_size is not supported for {card.family} cards ({card.name!r})")
+    patch = build_on_meta(card).layout.patch_size
+    if img_size % patch[0] or img_size % patch[1]:
+        raise PrismaError(
+            f"img_size={img_size} is not a multiple of {card.name!r}'s patch size "
+            f"{patch[0]}: use e.g. {max(1, round(img_size / patch[0])) * patch[0]}"
+        )
+    return img_size
+
+
+def load_model(
+    name: str,
+    weights: Any = "pretrained",
+    device: Any = "cpu",
+    dtype: Any = None,
+    *,
+    img_size: int | None = None,
+    seed: int = 0,
+):
     """Build the carded model ``name`` as a :class:`~prisma_mm.hooks.HookedModel` in eval mode.
 
     ``weights``: None (random init), ``"pretrained"`` (the library's own loader: HF hub or
     open_clip tag; offline from the HF cache), ``"hf-hub:org/repo"``, or a local path (a
     safetensors file, a ``save_pretrained`` directory, an open_clip ``.bin`` / ``.pt``).
+    ``img_size``: run at this input size (timm's ``img_size``, open_clip's
+    ``force_image_size``; position embeddings are resampled from the checkpoint's).
+    ``seed``: random initialisation (``weights=None``, tiny cards, fresh heads) is seeded,
+    so the same call builds the same weights; the global RNG state is left as it was.
     """
     card = get_card(name) if isinstance(name, str) else name
     if isinstance(weights, Path):
@@ -160,10 +212,18 @@ def load_model(name: str, weights: Any = "pretrained", device: Any = "cpu", dtyp
         raise PrismaError(
             f"weights={weights!r}: use None, 'pretrained', 'hf-hub:org/repo' or a path"
         )
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise PrismaError(f"seed={seed!r}: give an integer")
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype)
+    img_size = check_img_size(card, img_size)
     if card.is_tiny and weights == "pretrained":
         weights = None  # tiny cards are random-init test models
-    model = _adapter(card).build(card, weights=weights, device=torch.device(device))
-    dtype = resolve_dtype(dtype)
+    if weights not in (None, "pretrained") and not weights.startswith("hf-hub:"):
+        resolve_local_weights(weights)  # a missing path fails before anything is built
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _adapter(card).build(card, weights=weights, device=device, img_size=img_size)
     if dtype is not None:
         model.module.to(dtype)
     model.eval()
@@ -194,9 +254,9 @@ class _SkipInitOnMeta(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def build_on_meta(name: str):
+def build_on_meta(name: str | ModelCard):
     """The card's architecture on the ``meta`` device: no weights, no memory."""
-    card = get_card(name)
+    card = get_card(name) if isinstance(name, str) else name
     with _SkipInitOnMeta():
         return _adapter(card).build(card, weights=None, device=torch.device("meta"))
 
@@ -204,9 +264,16 @@ def build_on_meta(name: str):
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from safetensors or a torch checkpoint, never unpickling arbitrary objects."""
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise PrismaError(
+                f"cannot read weights from {path}: not a valid safetensors file "
+                f"({error.__class__.__name__}); re-download or re-export it"
+            ) from error
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any failure here is a bad user file

@@ -4,6 +4,7 @@ EVA-02, SigLIP/SigLIP2 image towers, CLIP-in-timm): hook points over timm's own 
 from __future__ import annotations
 
 import contextlib
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +76,12 @@ def _timm_name(card: registry.ModelCard) -> str:
     return f"{card.arch}.{card.pretrained}" if card.pretrained else card.arch
 
 
-def _create(card: registry.ModelCard, pretrained: bool, hub_id: str | None, device) -> nn.Module:
+def _create(
+    card: registry.ModelCard, pretrained: bool, hub_id: str | None, device, img_size=None
+) -> nn.Module:
     kwargs = dict(card.kwargs)
+    if img_size is not None:
+        kwargs["img_size"] = img_size  # timm resamples the checkpoint's position embedding
     if hub_id is not None:
         # a checkpoint of this exact architecture: keep its head instead of timm's 1000 classes
         overlay = {"hf_hub_id": hub_id}
@@ -92,10 +97,10 @@ def _hub_files_hint(repo_id: str) -> str:
     return registry.offline_hint(repo_id, ["model.safetensors", "pytorch_model.bin"])
 
 
-def _from_hub(card: registry.ModelCard, hub_id: str | None, device) -> nn.Module:
+def _from_hub(card: registry.ModelCard, hub_id: str | None, device, img_size=None) -> nn.Module:
     repo_id = hub_id or card.source.removeprefix("hf-hub:")
     try:
-        return _create(card, pretrained=True, hub_id=hub_id, device=device)
+        return _create(card, pretrained=True, hub_id=hub_id, device=device, img_size=img_size)
     except (OSError, RuntimeError, ValueError) as error:
         if isinstance(error, PrismaError):
             raise
@@ -120,19 +125,31 @@ def _local_state(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     return registry.load_state_dict_file(path), str(path)
 
 
-def build(card: registry.ModelCard, weights: str | None, device: torch.device) -> HookedModel:
-    """Build the card's timm model with the requested weights, wrapped with hook points."""
+def resample_to(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A timm ViT / Eva state dict with its position embedding resampled to ``module``'s
+    input size, by the model family's own checkpoint filter (as timm's pretrained loader)."""
+    family = importlib.import_module(type(module).__module__)
+    return family.checkpoint_filter_fn(state, module)
+
+
+def build(
+    card: registry.ModelCard, weights: str | None, device: torch.device, img_size: int | None = None
+) -> HookedModel:
+    """Build the card's timm model with the requested weights, wrapped with hook points;
+    ``img_size`` overrides the card's input size."""
     if weights == "pretrained" and card.weights and card.weights.startswith("asset:"):
         weights = str(registry.assets_dir() / card.weights.removeprefix("asset:"))
     if weights == "pretrained":
-        module = _from_hub(card, None, device)
+        module = _from_hub(card, None, device, img_size)
     elif weights is not None and weights.startswith("hf-hub:"):
-        module = _from_hub(card, weights.removeprefix("hf-hub:"), device)
+        module = _from_hub(card, weights.removeprefix("hf-hub:"), device, img_size)
     else:
-        module = _create(card, pretrained=False, hub_id=None, device=device)
+        module = _create(card, pretrained=False, hub_id=None, device=device, img_size=img_size)
         if weights is not None:
             path = registry.resolve_local_weights(weights)
             state, source = _local_state(path)
+            if img_size is not None:
+                state = resample_to(module, state)
             registry.load_into(module, state, source)
     if device.type != "meta":
         module = module.to(device)
