@@ -193,3 +193,61 @@ def test_spliced_loss_function(vit, batches):
     assert loss(sae) == pytest.approx(want.modes["spliced"].ce, rel=1e-6)
     kl = make_spliced_loss(vit, batches, hooks=HOOK, metric="kl")
     assert kl(sae) == pytest.approx(want.modes["spliced"].kl, rel=1e-6)
+
+
+def test_multilabel_task_against_hand_computed_values(vit, batches):
+    """task="multilabel": each output is its own sigmoid. Clean accuracy is the fraction of
+    (image, class) decisions right, CE the mean binary cross-entropy, KL the Bernoulli KL
+    summed over classes; the error term gives back the clean outputs."""
+    gen = torch.Generator().manual_seed(2)
+    labelled = [(x, torch.randint(0, 2, (x.shape[0], 10), generator=gen)) for x, _ in batches]
+    sae = TopKSAE(d_in=32, n_latents=64, k=4, seed=3)
+    sae.metadata["hook"] = HOOK
+    result = spliced_eval(
+        vit, sae, labelled, task="multilabel", modes=("spliced", "with_error"), progress=False
+    )
+    x = torch.cat([x for x, _ in labelled])
+    y = torch.cat([y for _, y in labelled]).double()
+    with torch.no_grad():
+        clean = vit(x).double()
+        with vit.hooks(
+            {HOOK: lambda act, hook: reconstruct(sae, act.reshape(-1, 32)).reshape(act.shape)}
+        ):
+            spliced = vit(x).double()
+
+    def bce(logits):
+        return float(F.binary_cross_entropy_with_logits(logits, y))
+
+    def bernoulli_kl(logits):
+        p, q = torch.sigmoid(clean), torch.sigmoid(logits)
+        kl = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
+        return float(kl.sum(1).mean())
+
+    assert result.task == "multilabel"
+    assert result.modes["clean"].accuracy == pytest.approx(
+        float(((clean > 0) == (y > 0)).double().mean())
+    )
+    assert result.modes["clean"].ce == pytest.approx(bce(clean), rel=1e-6)
+    assert result.modes["spliced"].ce == pytest.approx(bce(spliced), rel=1e-5)
+    assert result.modes["spliced"].accuracy == pytest.approx(
+        float(((spliced > 0) == (y > 0)).double().mean())
+    )
+    assert result.modes["spliced"].kl == pytest.approx(bernoulli_kl(spliced), rel=1e-4)
+    assert result.modes["spliced"].kl > 1e-4  # the SAE changes the outputs
+    assert result.modes["spliced"].top1_agreement == pytest.approx(
+        float(((spliced > 0) == (clean > 0)).double().mean())
+    )
+    assert result.max_abs_error_with_error < 1e-5 and result.modes["with_error"].kl < 1e-8
+    with pytest.raises(PrismaError, match="0/1"):
+        spliced_eval(
+            vit,
+            sae,
+            [(x, torch.full((8, 10), 2))],
+            task="multilabel",
+            modes=("spliced",),
+            progress=False,
+        )
+    with pytest.raises(PrismaError, match="do not match"):
+        spliced_eval(
+            vit, sae, [(x, torch.ones(8, 3))], task="multilabel", modes=("spliced",), progress=False
+        )
