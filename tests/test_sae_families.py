@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -498,3 +499,165 @@ def test_matryoshka_reports_prefix_fvus_in_eval_mode_too():
     torch.testing.assert_close(out.code, _dense_code(nested, x, 2))
     f1 = fvu(_dense_code(nested, x, 1) @ nested.W_dec + nested.b_dec, x)
     torch.testing.assert_close(out.losses["fvu_prefix_0"], f1.detach())
+
+
+# ---- sparse codes, aliases, input checks, AuxK normalisation ---------------------------------
+
+SPARSE_FAMILIES = {
+    "topk": lambda: S.TopKSAE(d_in=8, n_latents=32, k=4),
+    "batchtopk": lambda: S.BatchTopKSAE(d_in=8, n_latents=32, k=4),
+    "matryoshka": lambda: S.MatryoshkaSAE(d_in=8, n_latents=32, k=4, group_sizes=[8, 8, 16]),
+    "matryoshka-k": lambda: S.MatryoshkaSAE(d_in=8, n_latents=32, nesting="k", ks=[2, 5]),
+    "relu": lambda: S.ReLUSAE(d_in=8, n_latents=32),
+    "jumprelu": lambda: S.JumpReLUSAE(d_in=8, n_latents=32),
+    "transcoder": lambda: S.Transcoder(d_in=8, n_latents=32, d_out=5, k=3),
+    "crosscoder": lambda: S.Crosscoder(d_in=4, n_sources=2, n_latents=32, k=3),
+}
+
+
+@pytest.mark.parametrize("name", list(SPARSE_FAMILIES))
+def test_encode_sparse_holds_exactly_the_dense_codes_nonzeros(name):
+    sae = _randomise(SPARSE_FAMILIES[name]()).eval()
+    if isinstance(getattr(sae, "activation", None), BatchTopKActivation):
+        sae.activation.threshold.fill_(0.15)  # calibrated: per-row counts vary
+    shape = (2, 12, 2, 4) if name == "crosscoder" else (2, 12, 8)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        dense = sae.encode(x)
+        values, indices = sae.encode_sparse(x)
+    assert values.shape[:2] == (2, 12) and indices.shape == values.shape
+    assert indices.dtype == torch.long
+    rebuilt = torch.zeros_like(dense).scatter_add(-1, indices, values)
+    assert torch.equal(rebuilt, dense)
+    counts = (dense != 0).sum(-1)
+    k = getattr(sae.activation, "k", None)
+    if isinstance(sae.activation, TopKActivation):
+        assert values.shape[-1] == k  # every row holds exactly k entries
+    else:  # width: the largest count of active latents among the rows; the rest pads with 0
+        assert values.shape[-1] == int(counts.max()) and int(counts.min()) < int(counts.max())
+    assert torch.equal((values != 0).sum(-1), counts)
+    # active entries in ascending latent order within each row
+    active = torch.where(values != 0, indices, torch.full_like(indices, -1))
+    for row in active.reshape(-1, active.shape[-1]):
+        kept = row[row >= 0]
+        assert torch.equal(kept, kept.sort().values)
+
+
+def test_d_sae_is_an_alias_of_n_latents_everywhere(tmp_path):
+    a = S.TopKSAE(d_in=6, d_sae=20, k=3)
+    assert a.cfg.n_latents == 20 and a.W_dec.shape == (20, 6)
+    assert "d_sae" not in a.cfg.to_dict()  # stored once, as n_latents
+    assert S.TopKConfig(d_in=6, d_sae=20, k=3) == a.cfg
+    assert S.build("relu", d_in=6, d_sae=12).cfg.n_latents == 12
+    assert S.TopKSAE(a.cfg, d_sae=24).cfg.n_latents == 24  # replaces the config's value
+    with pytest.raises(PrismaError, match=r"n_latents=20 and d_sae=21 disagree"):
+        S.TopKSAE(d_in=6, n_latents=20, d_sae=21, k=3)
+    with pytest.raises(PrismaError, match=r"needs n_latents \(or its alias d_sae\)"):
+        S.TopKSAE(d_in=6, k=3)
+    S.TopKSAE(d_in=6, d_sae=20, n_latents=20, k=3)  # both, agreeing, is fine
+    a.save(tmp_path / "a")
+    cfg = tmp_path / "a" / "cfg.json"
+    data = json.loads(cfg.read_text())
+    data["config"]["d_sae"] = data["config"].pop("n_latents")
+    cfg.write_text(json.dumps(data))
+    assert S.from_pretrained(tmp_path / "a").cfg == a.cfg
+    data["config"]["n_latents"] = 19
+    cfg.write_text(json.dumps(data))
+    with pytest.raises(PrismaError, match=r"cfg.json: n_latents=19 and d_sae=20 disagree"):
+        S.load(tmp_path / "a")
+
+
+def test_config_values_are_checked_against_their_types():
+    with pytest.raises(PrismaError, match=r"TopKConfig: k must be int, got '8' \(str\)"):
+        S.TopKSAE(d_in=6, n_latents=20, k="8")
+    with pytest.raises(PrismaError, match=r"apply_b_dec_to_input must be bool, got 1"):
+        S.ReLUSAE(d_in=6, n_latents=20, apply_b_dec_to_input=1)
+    with pytest.raises(PrismaError, match=r"group_sizes must be list\[int\] \| None"):
+        S.MatryoshkaSAE(d_in=6, n_latents=4, group_sizes=[2, "2"])
+    assert S.ReLUSAE(d_in=6, n_latents=20, l1_coefficient=3).cfg.l1_coefficient == 3  # int ok
+
+
+@pytest.mark.parametrize("name", list(SPARSE_FAMILIES))
+def test_wrong_sizes_give_one_line_naming_both(name):
+    sae = SPARSE_FAMILIES[name]().eval()
+    if name == "crosscoder":
+        bad, want = torch.randn(3, 2, 5), r"input of shape \(3, 2, 5\) must end in \(2, 4\)"
+    else:
+        bad, want = torch.randn(3, 7), r"the input's last dimension is 7 .*d_in is 8"
+    target = torch.randn(3, 5) if name == "transcoder" else None
+    for call in (sae.encode, sae.encode_sparse, lambda v: sae(v, target)):
+        with pytest.raises(PrismaError, match=want) as err:
+            call(bad)
+        assert "\n" not in str(err.value)
+    with pytest.raises(
+        PrismaError, match=r"decode: the code's last dimension is 31 .*n_latents is 32"
+    ):
+        sae.decode(torch.zeros(3, 31))
+    if name in ("topk", "transcoder"):
+        x = torch.randn(3, 8)
+        with pytest.raises(PrismaError, match=r"the target's last dimension is 9 .*d_out is"):
+            sae(x, torch.randn(3, 9))
+        d_out = sae.d_out
+        with pytest.raises(PrismaError, match=r"holds 6 rows, the input 3"):
+            sae(x, torch.randn(6, d_out))
+
+
+@pytest.mark.parametrize("normalization", ["prisma", "sparsify"])
+def test_auxk_normalisation_options_match_hand_computation(normalization):
+    sae = _randomise(
+        S.TopKSAE(
+            d_in=8, n_latents=32, k=3, dead_tokens_threshold=100, k_aux=5,
+            auxk_normalization=normalization,
+        )
+    ).train()  # fmt: skip
+    x = _x(16)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[[1, 4, 9]] = True  # 3 dead latents, fewer than k_aux = 5
+    sae.tracker.tokens_since_fired[dead] = 100
+    out = sae(x)
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    vals, idx = torch.where(dead, pre, torch.tensor(-torch.inf)).topk(3, dim=1)
+    e = (x - out.recon).detach()
+    e_hat = torch.zeros_like(pre).scatter(1, idx, vals.relu()) @ sae.W_dec
+    error = (e_hat - e).pow(2).sum()
+    if normalization == "prisma":  # the residual's variance
+        want = error / (e - e.mean(0)).pow(2).sum()
+    else:  # sparsify: the target's variance, scaled by min(dead / k_aux, 1) = 3 / 5
+        want = 0.6 * error / (x - x.mean(0)).pow(2).sum()
+    torch.testing.assert_close(out.losses["auxk"], want.detach())
+    torch.testing.assert_close(out.loss, out.losses["fvu"] + want / 32, rtol=1e-5, atol=1e-6)
+
+
+def test_sae_modules_import_without_cycles_or_local_dodges():
+    import ast
+    from pathlib import Path
+
+    folder = Path(S.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        deps = set()
+        for node in tree.body:  # module level only
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("prisma_mm.sae"):
+                target = node.module.removeprefix("prisma_mm.sae").lstrip(".")
+                deps |= {target} if target else {alias.name for alias in node.names}
+        graph[path.stem] = deps & {p.stem for p in folder.glob("*.py")}
+        if path.stem in ("base", "io", "kernels", "code", "files"):
+            local = [
+                n.module
+                for fn in ast.walk(tree)
+                if isinstance(fn, ast.FunctionDef)
+                for n in ast.walk(fn)
+                if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("prisma_mm.sae")
+            ]
+            assert not local, f"{path.name} imports {local} inside a function"
+    assert "io" not in graph["base"] and "base" not in graph["kernels"]
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(
+            d == goal or (d not in seen and reaches(d, goal, seen | {d})) for d in graph[start]
+        )
+
+    for module in graph:
+        if module != "__init__":
+            assert not reaches(module, module, {module}), f"import cycle through sae/{module}.py"

@@ -327,3 +327,130 @@ def test_prepare_hub_folder_holds_what_push_to_hub_uploads(tmp_path):
     assert "library_name: prisma-mm" in card and "matryoshka" in card
     assert 'from_pretrained("me/saes", subfolder="layer5")' in card
     _assert_same(d, S.from_pretrained(folder, subfolder="layer5"))
+
+
+@pytest.mark.parametrize(
+    "name", ["topk", "batchtopk", "relu", "jumprelu", "matryoshka", "matryoshka-k", "transcoder"]
+)
+def test_saelens_export_reads_back_as_saelens_wrote_it(tmp_path, name):
+    """Without the embedded ``prisma_mm`` key (a file as SAELens itself writes it), the
+    import still encodes and reconstructs exactly as the exported dictionary."""
+    d = _randomise(EXAMPLES[name]())
+    S.to_saelens(d, tmp_path / "sl")
+    cfg_path = tmp_path / "sl" / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["prisma_mm"]
+    cfg_path.write_text(json.dumps(cfg))
+    back = S.from_saelens(tmp_path / "sl")
+    assert back.architecture == {"batchtopk": "jumprelu", "matryoshka": "jumprelu"}.get(
+        name, {"matryoshka-k": "topk"}.get(name, d.architecture)
+    )
+    x, target = _inputs(d)
+    with torch.no_grad():
+        torch.testing.assert_close(back.encode(x), d.encode(x), rtol=0, atol=0)
+        # Matryoshka sums its nested prefixes: equal up to float rounding
+        torch.testing.assert_close(back(x, target).recon, d(x, target).recon)
+        code = d.encode(x)
+        torch.testing.assert_close(back.decode(code), d.decode(code), rtol=0, atol=0)
+
+
+def _saelens_rescaled(path, arch, **extra):
+    """A SAELens TopK/BatchTopK file trained with rescale_acts_by_decoder_norm (decoder rows of
+    norms 0.25..2.75) and SAELens' encode/decode on it, computed by hand."""
+    gen = torch.Generator().manual_seed(5)
+    w_enc = torch.randn(6, 20, generator=gen) * 0.5
+    rows = torch.randn(20, 6, generator=gen)
+    norms = torch.rand(20, generator=gen) * 2.5 + 0.25
+    w_dec = rows / rows.norm(dim=1, keepdim=True) * norms[:, None]
+    b_enc, b_dec = torch.randn(20, generator=gen) * 0.1, torch.randn(6, generator=gen) * 0.5
+    tensors = {"W_enc": w_enc, "W_dec": w_dec, "b_enc": b_enc, "b_dec": b_dec}
+    tensors.update(extra.pop("tensors", {}))
+    _write_saelens(
+        path, arch, tensors, d_in=6, d_sae=20, rescale_acts_by_decoder_norm=True, **extra
+    )
+
+    def encode(x, select):
+        hidden_pre = ((x - b_dec) @ w_enc + b_enc) * w_dec.norm(dim=-1)  # SAELens' encode
+        return select(hidden_pre)
+
+    def decode(acts):
+        return (acts / w_dec.norm(dim=-1)) @ w_dec + b_dec  # SAELens' act_times_W_dec + b_dec
+
+    return encode, decode
+
+
+def test_saelens_rescale_acts_by_decoder_norm_is_folded_on_import(tmp_path):
+    x = torch.randn(64, 6, generator=torch.Generator().manual_seed(6)) * 2
+
+    def topk(pre):
+        vals, idx = pre.topk(4, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+
+    encode, decode = _saelens_rescaled(tmp_path / "t", "topk", k=4)
+    sae = S.from_saelens(tmp_path / "t")
+    with torch.no_grad():
+        z = sae.encode(x)
+        torch.testing.assert_close(z, encode(x, topk), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sae.decode(z), decode(z), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sae(x).recon, decode(encode(x, topk)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae.decoder_norms(), torch.ones(20))  # folded: unit rows
+
+    encode, decode = _saelens_rescaled(
+        tmp_path / "b", "batchtopk", k=4.0, tensors={"topk_threshold": torch.tensor(0.4)}
+    )
+    sae = S.from_saelens(tmp_path / "b")
+    with torch.no_grad():
+        z = sae.encode(x)
+        torch.testing.assert_close(z, encode(x, lambda p: p * (p > 0.4)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sae.decode(z), decode(z), rtol=1e-5, atol=1e-5)
+
+    _saelens_rescaled(tmp_path / "j", "jumprelu", tensors={"threshold": torch.full((20,), 0.1)})
+    with pytest.raises(
+        PrismaError, match="rescale_acts_by_decoder_norm with architecture 'jumprelu'"
+    ):
+        S.from_saelens(tmp_path / "j")
+    # our TopK exports say they are not rescaled
+    S.to_saelens(_randomise(EXAMPLES["topk"]()), tmp_path / "ours")
+    ours = json.loads((tmp_path / "ours" / "cfg.json").read_text())
+    assert ours["rescale_acts_by_decoder_norm"] is False
+
+
+def _sparsify_reference(folder, x):
+    """sparsify's SparseCoder.encode/decode on the files in ``folder``, by hand: it subtracts
+    b_dec before encoding unless ``transcode``, relu, top-k, decode + b_dec (+ W_skip)."""
+    cfg = json.loads((folder / "cfg.json").read_text())
+    w = load_file(folder / "sae.safetensors")
+    x_in = x if cfg["transcode"] else x - w["b_dec"]
+    pre = (x_in @ w["encoder.weight"].T + w["encoder.bias"]).relu()
+    vals, idx = pre.topk(cfg["k"], dim=-1)
+    code = torch.zeros_like(pre).scatter(-1, idx, vals)
+    out = code @ w["W_dec"] + w["b_dec"]
+    if cfg["skip_connection"]:
+        out = out + x @ w["W_skip"].T
+    return code, out
+
+
+@pytest.mark.parametrize("centred", [True, False])
+def test_sparsify_export_encodes_in_sparsify_as_here_both_ways(tmp_path, centred):
+    d = _randomise(S.TopKSAE(d_in=6, n_latents=20, k=3, apply_b_dec_to_input=centred))
+    with torch.no_grad():
+        d.b_dec.mul_(5)  # a large b_dec: centring or not changes the supports
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(8))
+    S.to_sparsify(d, tmp_path / "sp")
+    cfg = json.loads((tmp_path / "sp" / "cfg.json").read_text())
+    assert cfg["transcode"] is (not centred)  # sparsify's "do not subtract b_dec"
+    code, out = _sparsify_reference(tmp_path / "sp", x)
+    with torch.no_grad():
+        assert torch.equal(code, d.encode(x))
+        torch.testing.assert_close(out, d(x).recon)
+    back = S.from_sparsify(tmp_path / "sp")  # ours: exactly the exported dictionary
+    _assert_same(d, back)
+    assert back.apply_b_dec_to_input is centred
+    # as sparsify writes it (no prisma_mm key): sparsify's semantics, whatever the class
+    del cfg["prisma_mm"]
+    (tmp_path / "sp" / "cfg.json").write_text(json.dumps(cfg))
+    native = S.from_sparsify(tmp_path / "sp")
+    assert native.apply_b_dec_to_input is centred
+    with torch.no_grad():
+        assert torch.equal(native.encode(x), code)
+        torch.testing.assert_close(native(x).recon, out)
