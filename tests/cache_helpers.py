@@ -38,8 +38,7 @@ def image_folder(root: Path, n: int, nested: bool = True) -> list[Path]:
 def seeded_tiny_vit(seed: int = 0):
     from prisma_mm.zoo.registry import load_model
 
-    torch.manual_seed(seed)
-    return load_model("tiny-vit", weights=None)
+    return load_model("tiny-vit", weights=None, seed=seed)
 
 
 class SlowImages(torch.utils.data.Dataset):

@@ -92,7 +92,9 @@ def add_cache_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     parser.add_argument("--dtype", default="float16", help="float16 (default), bfloat16 or float32")
     parser.add_argument("--batch-size", type=int, default=32, help="inputs per forward (32)")
-    parser.add_argument("--workers", type=int, default=4, help="DataLoader decode workers (4)")
+    parser.add_argument(
+        "--workers", "--num-workers", type=int, default=4, help="DataLoader decode workers (4)"
+    )
     parser.add_argument("--shard-size", type=int, default=256, help="inputs per shard (256)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, …")
     parser.add_argument("--limit", type=int, default=None, help="read at most this many inputs")

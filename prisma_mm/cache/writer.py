@@ -149,6 +149,22 @@ def _check_out(out: Path) -> None:
             f"cannot write to output directory {str(out)!r} ({str(above)!r} is a file): "
             "choose a writable --out"
         )
+    if out.is_dir() and not (out / fmt.MANIFEST).exists():
+        _refuse_foreign(out)
+
+
+def _refuse_foreign(out: Path) -> None:
+    """Refuse a directory without a manifest that holds files a writer did not leave."""
+    foreign = sorted(
+        path.name
+        for path in out.iterdir()
+        if path.name != fmt.LOCK_FILE and not path.name.endswith(fmt.TMP_SUFFIX)
+    )
+    if foreign:
+        raise PrismaError(
+            f"--out {str(out)!r} is not empty and holds no cache ({foreign[0]!r} …): choose an "
+            "empty or new directory"
+        )
 
 
 def _prepare_out(out: Path) -> Any:
@@ -175,23 +191,14 @@ def _prepare_out(out: Path) -> Any:
 
 def _clean_leftovers(out: Path, manifest: Mapping[str, Any] | None) -> None:
     """Remove partial files and shards that the manifest does not list (an interrupted run)."""
+    if manifest is None:
+        _refuse_foreign(out)  # checked again under the lock
     listed = {s["name"] for s in manifest["shards"]} if manifest else set()
-    foreign = []
     for path in out.iterdir():
         if path.name.endswith(fmt.TMP_SUFFIX) or (
             fmt.SHARD_RE.match(path.name) and path.name not in listed
         ):
-            if manifest is None and not path.name.endswith(fmt.TMP_SUFFIX):
-                foreign.append(path.name)
-                continue
             path.unlink()
-        elif path.name not in (fmt.MANIFEST, fmt.LOCK_FILE) and manifest is None:
-            foreign.append(path.name)
-    if foreign:
-        raise PrismaError(
-            f"--out {str(out)!r} is not empty and holds no cache ({foreign[0]!r} …): choose an "
-            "empty or new directory"
-        )
 
 
 _IDENTITY = ("model", "fingerprint", "hooks", "dtype", "tokens", "source", "order")
@@ -364,6 +371,10 @@ def write_cache(
     dtype_name = fmt.canonical_dtype(dtype)
     out = Path(out).expanduser()
     _check_out(out)
+    if isinstance(model, str):
+        from prisma_mm.zoo.registry import resolve_device
+
+        device = resolve_device(device)  # an unknown or absent device: one line, before work
     source = open_source(data)
     if source.kind not in PREPARERS:
         raise PrismaError(
