@@ -328,3 +328,16 @@ def test_docs_zoo_table_is_up_to_date_and_lists_every_card() -> None:
         assert card.source in row and f"| {card.task} |" in row
     assert f"{len(REAL_CARDS)} pretrained checkpoints" in text
     assert zoo_table.main(["--check"]) == 0
+
+
+@pytest.mark.parametrize(("img_size", "n_tokens"), [(None, 37 * 37 + 1), (224, 16 * 16 + 1)])
+def test_dinov2_token_arithmetic_of_the_recipes(img_size, n_tokens):
+    # trainers/dinov2-*.yaml cache at --img-size 224: 257 tokens; the card's 518 px: 1,370
+    model = registry.build_on_meta("dinov2-b14", img_size=img_size)
+    assert model.layout.n_tokens == n_tokens
+    assert model.layout.input_size == ((img_size or 518),) * 2
+    reg = registry.build_on_meta("dinov2-b14-reg", img_size=img_size)
+    assert reg.layout.n_tokens == n_tokens + 4
+    for recipe in sorted((registry.zoo_dir().parent / "trainers").glob("dinov2-*.yaml")):
+        text = recipe.read_text()
+        assert "--img-size 224" in text and "257 tokens" in text and "1,370 tokens" in text

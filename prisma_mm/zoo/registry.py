@@ -254,11 +254,16 @@ class _SkipInitOnMeta(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def build_on_meta(name: str | ModelCard):
-    """The card's architecture on the ``meta`` device: no weights, no memory."""
+def build_on_meta(name: str | ModelCard, img_size: int | None = None):
+    """The card's architecture on the ``meta`` device (at ``img_size`` if given): no weights,
+    no memory."""
     card = get_card(name) if isinstance(name, str) else name
+    if img_size is not None:
+        img_size = check_img_size(card, img_size)
     with _SkipInitOnMeta():
-        return _adapter(card).build(card, weights=None, device=torch.device("meta"))
+        return _adapter(card).build(
+            card, weights=None, device=torch.device("meta"), img_size=img_size
+        )
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
