@@ -398,6 +398,13 @@ def _open(page, url: str) -> None:
     page.wait_for_selector("body[data-ready='1']", timeout=15000)
 
 
+def _follow(page, action) -> None:
+    """Run ``action`` (a click on a link, back) and wait until the page it opens is ready."""
+    with page.expect_navigation():
+        action()
+    page.wait_for_selector("body[data-ready='1']", timeout=15000)
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.3g}%"
 
@@ -431,8 +438,7 @@ def test_walk_index_latent_neighbour_back(page, built, shots):
     page.select_option("#class-filter", "")
 
     latent = strongest
-    page.click(f"#rows tr[data-id='{latent}'] a")
-    page.wait_for_selector("body[data-ready='1']")
+    _follow(page, lambda: page.click(f"#rows tr[data-id='{latent}'] a"))
     assert page.url.endswith(f"latent.html?id={latent}")
     assert page.text_content("#latent-title") == f"Latent #{latent}"
     assert page.text_content("#stat-max .stat-value") == f"{float(index.max_value[latent]):.3g}"
@@ -449,24 +455,20 @@ def test_walk_index_latent_neighbour_back(page, built, shots):
     page.screenshot(path=str(shots / "latent.png"), full_page=True)
 
     neighbour = shown[0]
-    page.click(f"#neighbours a[data-id='{neighbour}']")
-    page.wait_for_selector("body[data-ready='1']")
+    _follow(page, lambda: page.click(f"#neighbours a[data-id='{neighbour}']"))
     assert page.text_content("#latent-title") == f"Latent #{neighbour}"
     assert page.text_content("#stat-density .stat-value") == _pct(
         float(index.freq_token[neighbour])
     )
     page.screenshot(path=str(shots / "neighbour.png"), full_page=True)
 
-    page.go_back()
-    page.wait_for_selector("body[data-ready='1']")
+    _follow(page, page.go_back)
     assert page.text_content("#latent-title") == f"Latent #{latent}"
-    page.click("#to-index")
-    page.wait_for_selector("body[data-ready='1']")
+    _follow(page, lambda: page.click("#to-index"))
     assert page.locator("#rows tr").count() == N_LATENTS
 
     page.fill("#jump-id", str(DEAD))
-    page.click("#jump button")
-    page.wait_for_selector("body[data-ready='1']")
+    _follow(page, lambda: page.click("#jump button"))
     assert "never fired" in page.text_content("#main")
     assert all(url.startswith("file://") for url in page.requests)
 

@@ -93,6 +93,18 @@ def _num(value: float, digits: int = 5) -> float | None:
     return float(f"{value:.{digits}g}")
 
 
+def _round_sig(values: np.ndarray, digits: int) -> np.ndarray:
+    """``values`` rounded to ``digits`` significant digits, vectorised (float64; NaN kept):
+    each result is the double nearest its decimal form, so JSON prints it short."""
+    values = np.asarray(values, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        power = digits - 1 - np.floor(np.log10(np.abs(values)))
+    power = np.where(np.isfinite(power), power, 0).astype(np.int64)
+    up = np.round(values * 10.0 ** np.maximum(power, 0)) / 10.0 ** np.maximum(power, 0)
+    down = np.round(values / 10.0 ** np.maximum(-power, 0)) * 10.0 ** np.maximum(-power, 0)
+    return np.where(power >= 0, up, down)
+
+
 def _script(call: str, key: int | None, data: Any) -> str:
     """``PRISMA.call(key, data);`` with data as JSON that cannot end a script or a string."""
     text = json.dumps(data, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
@@ -394,6 +406,10 @@ class _Tables:
     top_label_frac: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
+        # rounded once, vectorised: the pages show 3 digits, the data keep 5 (4 for cosines)
+        for name in ("top_value", "interval_value", "interval_edges", "hist_edges"):
+            setattr(self, name, _round_sig(getattr(self, name), 5))
+        self.neighbour_cos = _round_sig(self.neighbour_cos, 4)
         if self.label_mix is None:
             self.top_label = np.full(self.freq_token.shape[0], -1)
             self.top_label_frac = np.full(self.freq_token.shape[0], np.nan)
@@ -421,16 +437,17 @@ def _samples(
     images: Sequence[str | None],
 ) -> list[dict[str, Any]]:
     out = []
-    for j, (value, sample, token) in enumerate(zip(values, samples, tokens)):
+    rows = zip(values.tolist(), samples.tolist(), tokens.tolist())  # plain floats: fast
+    for j, (value, sample, token) in enumerate(rows):
         if sample < 0:
             continue
         label = index.sample_labels[sample] if index.sample_labels else None
         out.append(
             {
-                "v": _num(value),
+                "v": value,
                 "key": index.keys[sample],
                 "label": label,
-                "tok": int(token),
+                "tok": token,
                 "img": images[j] if j < len(images) else None,
             }
         )
@@ -675,21 +692,21 @@ def _latent_data(
         )
         if samples:
             lo, hi = t.interval_edges[i, b], t.interval_edges[i, b + 1]
-            intervals.append({"lo": _num(lo), "hi": _num(hi), "samples": samples})
+            intervals.append({"lo": float(lo), "hi": float(hi), "samples": samples})
     data["intervals"] = intervals
     counts = t.hist_counts[i]
     data["hist"] = (
-        {"edges": [_num(e) for e in t.hist_edges[i]], "counts": [int(c) for c in counts]}
+        {"edges": t.hist_edges[i].tolist(), "counts": counts.tolist()}
         if counts.sum() > 0
         else {"edges": [], "counts": []}
     )
     data["neighbours"] = [
         {
-            "id": int(j),
-            "cos": _num(c, 4),
+            "id": j,
+            "cos": c,
             "label": label_names[t.top_label[j]] if t.top_label[j] >= 0 else None,
         }
-        for j, c in zip(t.neighbours[i], t.neighbour_cos[i])
+        for j, c in zip(t.neighbours[i].tolist(), t.neighbour_cos[i].tolist())
         if j >= 0
     ]
     if t.label_mix is not None:
