@@ -1,7 +1,11 @@
-"""Every tutorial (jupytext percent-format) executes as a notebook without error."""
+"""Every tutorial (jupytext percent-format) executes as a notebook in a fresh directory, and
+what it wrote there is checked: files present and non-empty, numbers in the ranges a working
+pipeline gives (a broken stage lands outside them)."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import jupytext
@@ -9,10 +13,105 @@ import pytest
 from nbclient import NotebookClient
 
 TUTORIALS = sorted((Path(__file__).resolve().parent.parent / "tutorials").glob("*.py"))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path: Path, min_bytes: int = 5_000) -> None:
+    assert path.is_file(), path
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > min_bytes, path
+
+
+def results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def check_hooked_models(out: Path, text: str) -> None:
+    assert "per-patch norm grid: (4, 1, 4, 4)" in text  # 4 images; tiny-vit: 32 px, 8 px patches
+    change = float(text.split("logit change from ablating block 0's MLP:")[1].split()[0])
+    assert change > 0  # zeroing an MLP branch changes the logits
+
+
+def check_cache_and_train(out: Path, text: str) -> None:
+    r = results(out)
+    manifest = json.loads((out / "cache-l3" / "manifest.json").read_text())
+    assert manifest["n_samples"] == r["n_samples"] == 400 and r["n_shards"] == 2
+    assert manifest["shapes"]["blocks.3.hook_resid_post"] == [65, 128]
+    assert len(list((out / "images").glob("toyworld-*.tar"))) == 2
+    dictionary = out / r["dictionary"]
+    assert (dictionary / "weights.safetensors").stat().st_size > 100_000  # 2 x 256 x 128 floats
+    cfg = json.loads((dictionary / "cfg.json").read_text())
+    assert cfg["config"]["n_latents"] == r["n_latents"] == 256 and cfg["config"]["k"] == 8
+    assert r["dictionary_hook"] == "blocks.3.hook_resid_post"
+    assert 0.0 < r["heldout_fvu"] < 0.4  # 200 steps already reconstruct most of the variance
+    assert r["l0"] == pytest.approx(8.0)
+    assert 0.0 <= r["dead_fraction"] < 0.5
+    assert r["train_fvu_last"] < 0.6 * r["train_fvu_first"]  # training really lowered the FVU
+    assert 0.0 < r["val_fvu_last"] < 0.4
+    assert list((dictionary.parent / "checkpoints").glob("*.ckpt"))
+    assert_png(out / "training_curve.png")
+
+
+def check_stitching_and_meta_saes(out: Path, text: str) -> None:
+    r = results(out)
+    assert (r["n_latents_small"], r["n_latents_large"]) == (64, 256)
+    assert r["n_novel"] + r["n_reconstruction"] + r["n_inactive"] == 256
+    assert r["n_novel"] >= 1 and r["n_reconstruction"] >= 1
+    curve = r["curve_mse"]
+    assert curve[0] == pytest.approx(r["mse_small"], rel=1e-6)  # the chain starts at S ...
+    assert curve[-1] == pytest.approx(r["mse_large"], rel=1e-6)  # ... and ends at L
+    assert 0.0 < r["mse_large"] < r["mse_small"]  # the larger SAE reconstructs better
+    assert r["monotone"] == all(b <= a * (1 + 1e-4) for a, b in zip(curve, curve[1:]))
+    assert 0.0 <= r["agreement"] <= 1.0
+    assert r["n_meta"] == 64 and 0.0 < r["meta_fvu"] < 0.8
+    assert r["latents_with_factor"] >= 5  # some latents detect a world factor
+    assert 0.0 < r["shuffled_purity"] <= 1.0 and 0.0 < r["factor_purity"] <= 1.0
+    stitched = json.loads((out / "stitching.json").read_text())
+    assert len(stitched["curve"]) == len(curve)
+    assert (out / "meta_sae").is_dir() and any((out / "meta_sae").iterdir())
+    assert_png(out / "stitching.png")
+
+
+def check_splicing_and_steering(out: Path, text: str) -> None:
+    r = results(out)
+    modes = r["spliced"]["modes"]
+    assert r["spliced"]["task"] == "multilabel" and r["spliced"]["n_images"] == 200
+    assert modes["clean"]["accuracy"] > 0.88  # toyvit's held-out per-value accuracy is 0.91
+    assert modes["clean"]["accuracy"] - modes["spliced"]["accuracy"] < 0.05
+    assert modes["mean"]["accuracy"] < modes["spliced"]["accuracy"] - 0.1
+    assert r["spliced"]["max_abs_error_with_error"] < 1e-3  # error term kept: the clean model
+    assert 0.8 < r["spliced"]["score_mean"] <= 1.01
+    assert r["red_correlation"] > 0.8 and r["mean_active"] > 0
+    sweep = {row["strength"]: row for row in r["sweep"]}
+    assert sweep[0.0]["red_logit_delta"] == 0.0  # strength 0 changes nothing
+    assert sweep[0.0]["predicted_red"] < 0.1  # images without red are not called red ...
+    assert sweep[2.0]["predicted_red"] > 0.8  # ... until the red feature is added
+    deltas = [sweep[s]["red_logit_delta"] for s in sorted(sweep)]
+    assert all(b > a for a, b in zip(deltas, deltas[1:]))  # stronger steering, larger change
+    assert sweep[2.0]["top_class"] == "colour=red"
+    assert sweep[2.0]["accuracy"] < sweep[0.0]["accuracy"]
+    assert r["ablation_red_logit_delta"] < -1.0
+    before, after = r["ablation_predicted_red"]
+    assert before > 0.8 and after < before - 0.3
+    assert r["quadrant_red_logit_delta"] > 0
+    assert (out / "index").is_dir() and (out / "sae" / "weights.safetensors").is_file()
+    assert_png(out / "steering.png")
+
+
+CHECKS: dict[str, Callable[[Path, str], None]] = {
+    "01_hooked_models": check_hooked_models,
+    "02_cache_and_train": check_cache_and_train,
+    "04_stitching_and_meta_saes": check_stitching_and_meta_saes,
+    "05_splicing_and_steering": check_splicing_and_steering,
+}
+
+
+def test_every_tutorial_has_a_checker():
+    assert {p.stem for p in TUTORIALS} == set(CHECKS)
 
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=[p.stem for p in TUTORIALS])
-def test_tutorial_executes(path, tmp_path):
+def test_tutorial_runs_and_writes_what_it_says(path, tmp_path):
     notebook = jupytext.read(path)
     client = NotebookClient(
         notebook,
@@ -25,4 +124,6 @@ def test_tutorial_executes(path, tmp_path):
         o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])
     ]
     assert not [o for o in outputs if o.get("output_type") == "error"]
-    assert any(o.get("output_type") == "stream" for o in outputs)
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert text
+    CHECKS[path.stem](tmp_path, text)

@@ -59,9 +59,14 @@ class SteeringEffect:
         return self.class_names[c] if self.class_names else str(c)
 
     def top_classes(self, n: int = 5) -> list[tuple[str, float]]:
-        """The ``n`` classes whose mean logit moved most, as ``(name, delta)``."""
+        """The ``n`` classes whose mean logit moved most, as ``(name, delta)`` (classes that
+        did not move are left out)."""
         order = self.logit_delta.abs().argsort(descending=True)[:n]
-        return [(self.name(int(c)), float(self.logit_delta[c])) for c in order]
+        return [
+            (self.name(int(c)), float(self.logit_delta[c]))
+            for c in order
+            if self.logit_delta[c] != 0
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         def listed(t: Tensor | None) -> list[float] | None:
