@@ -59,7 +59,15 @@ def render() -> str:
         "- **source**: the Hugging Face repo the weights come from (`weights='pretrained'` reads "
         "it through the library's own loader, also offline from a populated HF cache).",
         "- **task**: `classifier` (has an ImageNet head), `embedding` (image embedding only), "
-        "`clip` (image and text towers; `model.encode_text` for zero-shot).",
+        "`clip` (image and text towers; `model.encode_text` for zero-shot, `model.text` for "
+        "the text tower's hooks, see [hooks.md](hooks.md)).",
+        "- **random init** (`weights=None`, `--weights none`, every tiny card) is seeded: "
+        "`load_model(name, weights=None, seed=0)` builds the same weights every time (the "
+        "global RNG state is left as it was), so caches of random baselines resume.",
+        "- **input size**: `load_model(name, img_size=224)` runs a card at another size "
+        "(timm's `img_size`, open_clip's `force_image_size`; the checkpoint's position "
+        "embedding is resampled, e.g. DINOv2 at 224 px: 257 tokens instead of 1,370 at 518 px); "
+        "it must be a multiple of the patch size.",
         "",
         "To add a checkpoint, append a card to its family's file in `model_zoo/` (name, arch, "
         "pretrained tag, source, task, description) and run `python scripts/zoo_table.py`; "
