@@ -392,17 +392,20 @@
   }
 
   // Samples with a thumbnail as cards; the rest (past the drawn ones) as a compact table.
+  // Samples with a thumbnail as cards; the rest as a compact table (all of them when the
+  // browser was built without thumbnails).
   function samples(meta, d, list, size) {
     if (!list.length) return el("p", { class: "muted" }, "no samples");
-    const cards = d.thumbs ? list.filter((s) => s.img) : list;
-    const rest = d.thumbs ? list.filter((s) => !s.img) : [];
+    const cards = list.filter((s) => s.img);
+    const rest = list.filter((s) => !s.img);
+    const table = (rows) => el("table", { class: "samples" }, el("tbody", {}, rows.map((s) => el("tr", {},
+      el("td", { class: "num value" }, fmt(s.v)), el("td", { class: "label" }, s.label ?? ""),
+      el("td", { class: "mono key" }, s.key), el("td", { class: "muted" }, tokenName(meta, s.tok))))));
+    if (!cards.length) return table(rest);
     return [
       el("div", { class: "grid " + size }, cards.map((s) => sampleCard(meta, s, size))),
       rest.length
-        ? el("details", { class: "more" }, el("summary", {}, rest.length + " more without thumbnails"),
-          el("table", { class: "kv" }, el("tbody", {}, rest.map((s) => el("tr", {},
-            el("td", { class: "num" }, fmt(s.v)), el("td", { class: "label" }, s.label ?? ""),
-            el("td", { class: "mono" }, s.key), el("td", { class: "muted" }, tokenName(meta, s.tok)))))))
+        ? el("details", { class: "more" }, el("summary", {}, rest.length + " more without thumbnails"), table(rest))
         : null,
     ];
   }
@@ -521,7 +524,7 @@
     if (d.neighbours && d.neighbours.length)
       parts.push(section("Decoder-cosine neighbours", "neighbours",
         el("div", { class: "grid" }, d.neighbours.map((nb) => el("a", { href: latentHref(nb.id), class: "neighbour", "data-id": nb.id },
-          nb.img ? el("img", { src: nb.img, alt: "", loading: "lazy", class: "thumb" }) : el("div", { class: "thumb missing" }, "no image"),
+          nb.img ? el("img", { src: nb.img, alt: "", loading: "lazy", class: "thumb" }) : null,
           el("div", { class: "value" }, "#" + nb.id),
           el("div", { class: "muted" }, "cos " + fmt(nb.cos)),
           nb.label ? el("div", { class: "label" }, nb.label) : null)))));
