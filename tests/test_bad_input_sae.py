@@ -91,6 +91,8 @@ def tmp(tmp_path_factory) -> Path:
     _variant(root, "class_not_str", cfg=_set("", architecture=["topk"]))
     _variant(root, "config_list", cfg=_set("", config=[32, 64]))
     _variant(root, "k_string", cfg=_set("config", k="4"))
+    _variant(root, "k_null", cfg=_set("config", k=None))
+    _variant(root, "flag_string", cfg=_set("config", normalize_decoder="yes"))
     _variant(root, "unknown_field", cfg=_set("config", kk=4))
     _variant(root, "d_sae_disagrees", cfg=_set("config", d_sae=65))
     _variant(root, "negative_latents", cfg=_set("config", n_latents=-64))
@@ -125,6 +127,8 @@ CASES = [
     _eval("class_not_str", "'architecture' must be a string"),
     _eval("config_list", "'config' must be an object of fields, got list"),
     _eval("k_string", "k must be int, got '4'"),
+    _eval("k_null", "k must be int, got None"),
+    _eval("flag_string", "normalize_decoder must be bool, got 'yes'"),
     _eval("unknown_field", "unknown argument(s) kk"),
     _eval("d_sae_disagrees", "n_latents=64 and d_sae=65 disagree"),
     _eval("negative_latents", "n_latents must be a positive integer, got -64"),
