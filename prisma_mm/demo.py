@@ -104,59 +104,150 @@ def train_sae(config: DemoConfig, name: str, cache_dir: Path) -> Path:
     return saved
 
 
+RUN_FILE = "demo_run.json"
+
+
+def _run_settings(config: DemoConfig) -> dict[str, Any]:
+    """The settings that decide the cache and the trained SAEs (what a re-run reuses)."""
+    keys = ("model", "n_train", "hook", "seed", "train_tokens", "batch_size", "n_latents",
+            "small_latents", "k")  # fmt: skip
+    return {key: getattr(config, key) for key in keys}
+
+
+def check_config(config: DemoConfig) -> None:
+    """Refuse, before any work, settings that cannot run, and an ``out`` that is a file or
+    holds a demo run made with other settings (a re-run reuses its cache and SAEs)."""
+    if config.n_train < 100 or config.n_eval < 10 or config.train_tokens < 1000:
+        raise PrismaError(
+            f"demo needs --n-train >= 100, --n-eval >= 10 and --train-tokens >= 1000; got "
+            f"{config.n_train}, {config.n_eval} and {config.train_tokens}"
+        )
+    if config.seed < 0:
+        raise PrismaError(f"--seed {config.seed}: use a seed >= 0")
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise PrismaError(f"--out {str(out)!r} is a file: give a directory for the demo's outputs")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise PrismaError(f"--out {str(out)!r}: {str(parent)!r} is a file, not a folder")
+            break
+    recorded = out / RUN_FILE
+    if not recorded.is_file():
+        return
+    try:
+        earlier = json.loads(recorded.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        earlier = None
+    if not isinstance(earlier, dict):
+        raise PrismaError(f"{recorded} is damaged: delete {str(out)!r} or use another --out")
+    now = _run_settings(config)
+    changed = [key for key in now if earlier.get(key) != now[key]]
+    if changed:
+        key = changed[0]
+        raise PrismaError(
+            f"--out {str(out)!r} holds a demo run with other settings ({key} {earlier.get(key)} "
+            f"there, {now[key]} now): use another --out or delete it"
+        )
+
+
+@dataclass
+class HeldOut:
+    """The held-out images as the analysis functions take them: ``batches`` of
+    ``(images [B, 3, H, W] preprocessed, multi-hot labels [B, n_values])``, the activations at
+    the hook ``acts [n, tokens, d]`` and the patch labels ``[n, n_patches, n_values]``."""
+
+    batches: list[tuple[Tensor, Tensor]]
+    acts: Tensor
+    patch_labels: Tensor
+
+    @property
+    def image_labels(self) -> Tensor:
+        """``[n, n_values]`` float multi-hot labels of the images."""
+        return torch.cat([labels for _, labels in self.batches]).float()
+
+
 @torch.no_grad()
-def eval_activations(model: Any, world: Any, hook: str, batch: int = 100) -> dict[str, Tensor]:
-    """Activations at ``hook`` ``[n, tokens, d]``, logits ``[n, n_values]`` and labels."""
+def held_out(model: Any, world: Any, hook: str, batch: int = 100) -> HeldOut:
+    """Preprocess ``world`` once and read the activations at ``hook`` (one pass)."""
     from prisma_mm.data.toyworld import collate
 
-    acts, logits, image_labels, patch_labels = [], [], [], []
+    batches, acts, patch_labels = [], [], []
     for start in range(0, len(world), batch):
         images, labels = collate([world[i] for i in range(start, min(start + batch, len(world)))])
         x = model.preprocess(list(images.numpy()))
-        out, cache = model.run_with_cache(x, names_filter=[hook])
+        _, cache = model.run_with_cache(x, [hook])
+        batches.append((x, labels["multi_hot"]))
         acts.append(cache[hook].float())
-        logits.append(out.float())
-        image_labels.append(labels["multi_hot"])
-        patch_labels.append(labels["patches"])
-    return {
-        "acts": torch.cat(acts),
-        "logits": torch.cat(logits),
-        "image_labels": torch.cat(image_labels).float(),
-        "patch_labels": torch.cat(patch_labels).float(),
+        patch_labels.append(labels["patches"].flatten(1, 2))
+    return HeldOut(batches, torch.cat(acts), torch.cat(patch_labels).float())
+
+
+def evaluate_sae(
+    model: Any,
+    sae: Any,
+    data: HeldOut,
+    hook: str,
+    means: dict[str, Tensor] | None = None,
+) -> tuple[dict[str, Any], Any]:
+    """Reconstruction metrics (analysis.metrics), spliced-in accuracy (analysis.spliced, on
+    toyvit's multi-label task) and ground-truth recovery of one SAE on the held-out images.
+    Returns the summary row and the spliced result (with ``means`` ({hook: [d]}), also the
+    mean-ablated run)."""
+    from prisma_mm.analysis.ground_truth import score_ground_truth
+    from prisma_mm.analysis.metrics import evaluate
+    from prisma_mm.analysis.spliced import spliced_eval
+    from prisma_mm.data.toyworld import VALUE_NAMES
+
+    n_images, n_tokens, d = data.acts.shape
+    flat = data.acts.reshape(-1, d)
+    metrics = evaluate(sae, [flat], progress=False)
+    spliced = spliced_eval(
+        model,
+        sae,
+        data.batches,
+        hooks=[hook],
+        task="multilabel",
+        means=means,
+        modes=("spliced", "with_error") + (("mean",) if means is not None else ()),
+        progress=False,
+    )
+    with torch.no_grad():
+        codes = sae.encode(flat).reshape(n_images, n_tokens, -1)
+    report = score_ground_truth(
+        VALUE_NAMES,
+        patch_codes=codes[:, model.layout.n_prefix :],
+        patch_labels=data.patch_labels,
+        image_labels=data.image_labels,
+    )
+    row = {
+        "n_latents": metrics.n_latents,
+        "fvu": metrics.fvu,
+        "mse": metrics.mse,
+        "l0": metrics.l0,
+        "dead_fraction": metrics.dead_fraction,
+        "spliced_accuracy": spliced.modes["spliced"].accuracy,
+        "splice_identity_error": spliced.max_abs_error_with_error,
+        "ground_truth": report.summary(),
     }
-
-
-def label_accuracy(logits: Tensor, labels: Tensor) -> float:
-    """Mean over images and factor values of ``(sigmoid(logit) > 0.5) == label``."""
-    return float(((logits > 0) == (labels > 0.5)).float().mean())
-
-
-@torch.no_grad()
-def spliced_logits(model: Any, world: Any, hook: str, replace: Any, batch: int = 100) -> Tensor:
-    """Model logits with ``replace(act [b, tokens, d]) -> act`` applied at ``hook``."""
-    from prisma_mm.data.toyworld import collate
-
-    logits = []
-    for start in range(0, len(world), batch):
-        images, _ = collate([world[i] for i in range(start, min(start + batch, len(world)))])
-        with model.hooks({hook: lambda act, _hook: replace(act)}):
-            logits.append(model(model.preprocess(list(images.numpy()))).float())
-    return torch.cat(logits)
+    return row, spliced
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Run every stage of the demo; returns (and writes) the summary."""
     import prisma_mm
-    from prisma_mm.analysis.ground_truth import score_ground_truth
-    from prisma_mm.cache import write_cache
+    from prisma_mm.cache import read_manifest, write_cache
     from prisma_mm.data.toyworld import VALUE_NAMES, ToyWorld
     from prisma_mm.sae import load as load_dictionary
 
     started = time.perf_counter()
-    config.out.mkdir(parents=True, exist_ok=True)
+    check_config(config)
     torch.manual_seed(config.seed)
     model = prisma_mm.load_model(config.model)
+    model.hook_point(config.hook)  # an unknown hook fails here, before anything is written
     grid = model.layout.grid[1]
+    config.out.mkdir(parents=True, exist_ok=True)
+    (config.out / RUN_FILE).write_text(json.dumps(_run_settings(config), indent=1))
 
     print(f"[1/4] caching {config.model} {config.hook} over {config.n_train} toy-world images")
     cache_dir = config.out / "cache"
@@ -175,64 +266,37 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
     print(f"[3/4] evaluating on {config.n_eval} held-out images")
     eval_world = ToyWorld(config.n_eval, seed=config.seed, start=config.n_train, patch_grid=grid)
-    data = eval_activations(model, eval_world, config.hook)
-    acts = data["acts"]
-    n_images, n_tokens, d = acts.shape
-    flat = acts.reshape(-1, d)
-    total_var = float(((flat - flat.mean(0)) ** 2).sum())
-    clean_accuracy = label_accuracy(data["logits"], data["image_labels"])
-    mean_act = flat.mean(0)
-    ablated_accuracy = label_accuracy(
-        spliced_logits(model, eval_world, config.hook, lambda a: mean_act.expand_as(a).to(a.dtype)),
-        data["image_labels"],
-    )
+    data = held_out(model, eval_world, config.hook)
+    d = data.acts.shape[-1]
+    # mean ablation sets the layer to its mean over the training cache, as `prisma-mm eval` does
+    stats = read_manifest(cache_dir)["stats"][config.hook]
+    means = {config.hook: torch.tensor(stats["mean"], dtype=torch.float64)}
     results: dict[str, Any] = {}
+    accuracy: dict[str, float] = {}
     for name, path in saved.items():
         sae = load_dictionary(path).eval()
-        with torch.no_grad():
-            code = sae.encode(flat)
-            recon = sae.decode(code)
-        l0 = float((code != 0).float().sum(-1).mean())
-        fired = (code != 0).any(0)
-        accuracy = label_accuracy(
-            spliced_logits(
-                model,
-                eval_world,
-                config.hook,
-                lambda a, s=sae: (
-                    s.decode(s.encode(a.reshape(-1, d).float())).reshape(a.shape).to(a.dtype)
-                ),
-            ),
-            data["image_labels"],
+        # the clean and mean-ablated runs do not depend on the SAE: measured with the first
+        results[name], spliced = evaluate_sae(
+            model, sae, data, config.hook, None if accuracy else means
         )
-        patch_code = code.reshape(n_images, n_tokens, -1)[:, model.layout.n_prefix :]
-        report = score_ground_truth(
-            VALUE_NAMES,
-            patch_codes=patch_code,
-            patch_labels=data["patch_labels"].reshape(n_images, -1, len(VALUE_NAMES)),
-            image_labels=data["image_labels"],
-        )
-        results[name] = {
-            "n_latents": int(code.shape[1]),
-            "fvu": float(((flat - recon) ** 2).sum()) / total_var,
-            "l0": l0,
-            "dead_fraction": float(1 - fired.float().mean()),
-            "spliced_accuracy": accuracy,
-            "ground_truth": report.summary(),
-            "path": str(path),
-        }
-    summary = {
+        results[name]["path"] = str(path)
+        if not accuracy:
+            accuracy = {
+                "clean_accuracy": spliced.modes["clean"].accuracy,
+                "mean_ablated_accuracy": spliced.modes["mean"].accuracy,
+            }
+    summary: dict[str, Any] = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
-        "model": {"clean_accuracy": clean_accuracy, "mean_ablated_accuracy": ablated_accuracy},
+        "model": accuracy,
         "saes": results,
     }
     if "topk" in saved and "topk-small" in saved:
         print("[3b] stitching topk-small into topk, and a meta-SAE of topk")
         small, large = load_dictionary(saved["topk-small"]), load_dictionary(saved["topk"])
-        summary["stitching"] = stitching_stage(config, small, large, flat)
-        patch_flat = acts[:, model.layout.n_prefix :].reshape(-1, d)
+        summary["stitching"] = stitching_stage(config, small, large, data.acts.reshape(-1, d))
+        patch_flat = data.acts[:, model.layout.n_prefix :].reshape(-1, d)
         summary["meta_sae"] = meta_sae_stage(
-            config, large, patch_flat, data["patch_labels"].reshape(-1, len(VALUE_NAMES))
+            config, large, patch_flat, data.patch_labels.reshape(-1, len(VALUE_NAMES))
         )
 
     print("[4/4] writing the summary")
@@ -245,25 +309,28 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
 
 def stitching_stage(config: DemoConfig, small: Any, large: Any, rows: Tensor) -> dict[str, Any]:
-    """Stitch the small TopK SAE into the large one; plot MSE against size."""
+    """Stitch the small TopK SAE into the large one on the held-out rows ``[n, d]`` (all of
+    them: the held-out images are already a uniform sample); plot MSE against size."""
     from prisma_mm.analysis.stitching import plot_stitching, stitch
 
-    sample = rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))[:8192]]
-    result = stitch(small, large, sample, max_points=config.stitch_points)
+    result = stitch(small, large, rows, max_points=config.stitch_points, progress=config.progress)
     plot_stitching(result, config.out / "stitching.png")
     (config.out / "stitching.json").write_text(
         json.dumps(result.to_dict(per_latent=False), indent=1)
     )
     classes = result.classes
     return {
-        "n_novel_test": int(classes.novel_test.sum()),
-        "n_novel_proxy": int(classes.novel_proxy.sum()),
-        "test_proxy_agreement": float((classes.novel_test == classes.novel_proxy).mean()),
+        **classes.counts(),
+        "test_proxy_agreement": classes.agreement,
         "monotone": bool(result.monotone),
         "n_increases": int(result.n_increases),
         "mse_small": float(classes.mse_small),
         "mse_large": float(result.mse_large),
+        "curve_mse_first": float(result.curve[0]["mse"]),
+        "curve_mse_last": float(result.curve[-1]["mse"]),
+        "n_steps": len(result.steps),
         "points": len(result.curve),
+        "n_tokens": int(classes.n_tokens),
     }
 
 
@@ -343,9 +410,13 @@ def summary_table(summary: dict[str, Any]) -> str:
         lines += [
             "",
             f"stitching topk-small -> topk: MSE {st['mse_small']:.4f} -> {st['mse_large']:.4f} "
-            f"over {st['points']} points, monotone: {st['monotone']} ({st['n_increases']} increases); "
-            f"novel latents: {st['n_novel_test']} by the exact test, {st['n_novel_proxy']} by the "
-            f"cosine proxy (agreement {st['test_proxy_agreement']:.2f})",
+            f"over {st['points']} points, monotone: {st['monotone']} ({st['n_increases']} "
+            f"increases); latents fired on {st['n_tokens']} held-out tokens: "
+            f"{st['n_fired_small']} / {st['n_small']} (small), {st['n_fired_large']} / "
+            f"{st['n_large']} (large); the large SAE's latents by the exact test: "
+            f"{st['n_novel_test']} novel, {st['n_reconstruction_test']} reconstruction, "
+            f"{st['n_inactive']} inactive; {st['n_novel_proxy']} novel by the cosine proxy "
+            f"(agreement {st['test_proxy_agreement']:.2f} on the active ones)",
         ]
     if "meta_sae" in summary:
         ms = summary["meta_sae"]
@@ -369,8 +440,6 @@ def add_demo_parser(subparsers: Any) -> None:
 
 
 def _run_from_args(args: argparse.Namespace) -> int:
-    if args.n_train < 100 or args.n_eval < 10 or args.train_tokens < 1000:
-        raise PrismaError("demo needs --n-train >= 100, --n-eval >= 10 and --train-tokens >= 1000")
     run_demo(
         DemoConfig(
             out=args.out,
