@@ -272,3 +272,23 @@ def test_token_scores_definitions():
     with pytest.raises(PrismaError, match="needs prefix"):
         token_scores(code[:, 1:], "prefix", TokenLayout(0, (1, 2, 2), (8, 8), (16, 16)))
     assert math.isfinite(float(token_scores(code, "mean", layout)[0][0]))
+
+
+def test_entry_scores_equal_a_dense_reduction():
+    """The sparse reduction the index streams equals plain dense max / argmax / mean."""
+    from prisma_mm.hooks import TokenLayout
+
+    layout = TokenLayout(2, (1, 3, 3), (8, 8), (24, 24))
+    generator = torch.Generator().manual_seed(0)
+    code = torch.rand(7, 11, 5, generator=generator).sub(0.6).clamp(min=0)
+    code[0, :, 0] = 0  # a latent silent on a sample
+    code[1, 4, 1] = code[1, 7, 1] = 2.0  # a tie: the first token wins
+    patches = code[:, 2:]
+    score, peak, _ = token_scores(code, "max", layout)
+    assert torch.equal(score, patches.amax(dim=1))
+    assert torch.equal(peak, patches.argmax(dim=1) + 2) and peak[1, 1] == 4
+    mean = token_scores(code, "mean", layout)[0]
+    assert torch.equal(mean, patches.double().mean(dim=1).float())
+    prefix, prefix_peak, _ = token_scores(code, "prefix", layout)
+    assert torch.equal(prefix, code[:, :2].amax(dim=1))
+    assert torch.equal(prefix_peak, code[:, :2].argmax(dim=1))

@@ -40,12 +40,11 @@ FORMAT = "prisma-mm-feature-index"
 VERSION = 1
 _EMPTY_HASH = torch.iinfo(torch.int64).max
 _NO_EXPONENT = -(1 << 20)  # "never fired": below any float32 exponent
-_DENSE_ELEMENTS = 1 << 23  # dense code block [S, T, latents] per step: 32 MiB of float32
 
 
 # ----- the score: one function for ranking and heatmaps --------------------------------------
 def token_scores(code: Tensor, score: str, layout: TokenLayout) -> tuple[Tensor, Tensor, Tensor]:
-    """Score samples from their per-token codes.
+    """Score samples from their per-token codes (non-negative, as every dictionary's are).
 
     ``code [S, T]`` (one latent) or ``[S, T, L]`` (several), over the cached tokens that
     ``layout`` describes. Returns ``(sample_score [S] / [S, L], peak_token [S] / [S, L],
@@ -54,26 +53,54 @@ def token_scores(code: Tensor, score: str, layout: TokenLayout) -> tuple[Tensor,
     patch tokens, ``mean`` = the mean over patch tokens (summed in float64), ``prefix`` = the
     maximum over the prefix tokens (CLS, registers). ``peak_token`` is the token (index into
     the cached tokens) where the values peak within that set; ties go to the first token.
+    The reduction itself is :func:`entry_scores`, which the streaming index calls on the
+    sparse code: one definition for ranking and drawing.
     """
+    values = code.float()
+    cube = values if values.ndim == 3 else values.unsqueeze(-1)
+    n_samples, n_tokens, n_latents = cube.shape
+    if n_tokens != layout.n_tokens:
+        raise PrismaError(f"code has {n_tokens} tokens; the layout has {layout.n_tokens}")
+    sample, token, latent = torch.nonzero(cube > 0, as_tuple=True)
+    sample_score, peak = entry_scores(
+        sample, token, latent, cube[sample, token, latent], n_samples, n_latents, score, layout
+    )
+    if values.ndim == 2:
+        sample_score, peak = sample_score[:, 0], peak[:, 0]
+    return sample_score, peak, values
+
+
+def entry_scores(sample: Tensor, token: Tensor, latent: Tensor, value: Tensor, n_samples: int,
+                 n_latents: int, score: str, layout: TokenLayout) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``(sample_score [S, L], peak_token [S, L])`` from a code's positive entries (see
+    :func:`token_scores`); samples where a latent has no entry among the scored tokens score 0
+    and peak at the first of those tokens. Exact and independent of the entries' order."""
     if score not in SCORES:
         raise PrismaError(f"score {score!r}: use one of {', '.join(SCORES)}")
-    values = code.float()
     if score == "prefix":
         if layout.n_prefix == 0:
             raise PrismaError("score 'prefix' needs prefix tokens (CLS): these tokens have none")
-        chosen, offset = values[:, : layout.n_prefix], 0
+        inside, first, count = token < layout.n_prefix, 0, layout.n_prefix
     else:
         if layout.n_patches == 0:
             raise PrismaError(
                 f"score {score!r} needs patch tokens: these tokens have none (use score 'prefix')"
             )
-        chosen, offset = values[:, layout.patch_tokens()], layout.n_prefix
-    peak_value, peak = chosen.max(dim=1)
+        inside, first, count = token >= layout.n_prefix, layout.n_prefix, layout.n_patches
+    pair = (sample * n_latents + latent)[inside]
+    value, token = value[inside].float(), token[inside]
+    size = n_samples * n_latents
+    peak_value = torch.zeros(size).scatter_reduce_(0, pair, value, reduce="amax")
+    at_peak = value == peak_value[pair]
+    peak = torch.full((size,), layout.n_tokens, dtype=torch.long)
+    peak.scatter_reduce_(0, pair[at_peak], token[at_peak], reduce="amin")
+    peak = torch.where(peak == layout.n_tokens, first, peak)
     if score == "mean":
-        sample_score = chosen.double().mean(dim=1).float()
+        total = torch.zeros(size, dtype=torch.float64).index_add_(0, pair, value.double())
+        sample_score = (total / count).float()
     else:
         sample_score = peak_value
-    return sample_score, peak + offset, values
+    return sample_score.view(n_samples, n_latents), peak.view(n_samples, n_latents)
 
 
 def cached_layout(manifest: dict[str, Any], hook: str) -> TokenLayout:
@@ -405,23 +432,16 @@ class IndexState:
         if latents.numel() == 0:
             return
         self._token_stats(latents, values)
-        touched, column = torch.unique(latents, return_inverse=True)
-        chunk = max(1, _DENSE_ELEMENTS // (n_samples * n_tokens))
-        found = []
-        for start in range(0, len(touched), chunk):
-            stop = min(start + chunk, len(touched))
-            inside = (column >= start) & (column < stop)
-            dense = torch.zeros(n_samples * n_tokens, stop - start)
-            dense[rows[inside], column[inside] - start] = values[inside]
-            dense = dense.view(n_samples, n_tokens, stop - start)
-            self.fire_inputs[touched[start:stop]] += (dense > 0).any(dim=1).sum(dim=0)
-            score, peak, _ = token_scores(dense, self.options.score, layout)
-            sample, col = torch.nonzero(score > 0, as_tuple=True)
-            found.append((sample, touched[start + col], score[sample, col], peak[sample, col]))
-        sample = torch.cat([f[0] for f in found])
-        latent = torch.cat([f[1] for f in found])
-        score = torch.cat([f[2] for f in found])
-        peak = torch.cat([f[3] for f in found])
+        n_latents = self.max_value.shape[0]
+        sample, token = rows // n_tokens, rows % n_tokens
+        fired = torch.zeros(n_samples * n_latents, dtype=torch.bool)
+        fired[sample * n_latents + latents] = True
+        self.fire_inputs += fired.view(n_samples, n_latents).sum(dim=0)
+        scores, peaks = entry_scores(
+            sample, token, latents, values, n_samples, n_latents, self.options.score, layout
+        )
+        sample, latent = torch.nonzero(scores > 0, as_tuple=True)
+        score, peak = scores[sample, latent], peaks[sample, latent]
         self._merge_top(latent, ids[sample], score, peak)
         self._merge_intervals(latent, ids[sample], hashes[sample], score, peak)
 
@@ -1034,6 +1054,7 @@ __all__ = [
     "cached_layout",
     "check_index_inputs",
     "decoder_neighbours",
+    "entry_scores",
     "iter_shard",
     "key_hash",
     "latent_token_maps",
