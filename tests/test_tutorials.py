@@ -52,6 +52,37 @@ def check_cache_and_train(out: Path, text: str) -> None:
     assert_png(out / "training_curve.png")
 
 
+def check_patch_features(out: Path, text: str) -> None:
+    import re
+
+    from prisma_mm.viz.index import FeatureIndex
+
+    r = results(out)
+    index = FeatureIndex.load(out / "sae" / "index")
+    assert index.n_latents == r["n_latents"] == 128 and r["n_inputs"] == 300
+    assert index.meta["complete"] and index.meta["n_tokens"] == 300 * 65
+    assert set(r["label_names"]) <= {"red", "orange", "yellow", "green", "cyan", "blue",
+                                     "purple", "white"} and len(r["label_names"]) >= 6  # fmt: skip
+    latent = r["latent"]
+    top = r["latent_top_values"]
+    assert len(top) == 8 and top == sorted(top, reverse=True) and top[0] > 0
+    assert r["latent_purity"] >= 0.75  # its top images mostly share one colour label
+    assert r["latent_mean_active"] == pytest.approx(float(index.mean_active[latent]), rel=1e-6)
+    assert r["latent_top_label"] == index.label_names[int(index.label_mix[latent].argmax())]
+    assert 1 <= len(r["feature_map_latents"]) <= 4
+    for name in ("latent_grid.png", "latent_interval.png", "feature_map.png"):
+        assert_png(out / name, min_bytes=20_000)
+    assert (out / "latent_grid_per_image.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
+    site = out / "browser"
+    assert r["n_thumbnails"] > 100 and len(list((site / "thumbs").rglob("*.png"))) > 100
+    for page in ("index.html", "latent.html"):
+        html = (site / page).read_text()
+        # offline: every script and stylesheet is a relative file of the folder
+        for ref in re.findall(r'(?:src|href)="([^"]+)"', html):
+            assert not re.match(r"[a-z]+:", ref) and (site / ref).is_file(), ref
+    assert (site / "data" / "meta.js").stat().st_size > 100
+
+
 def check_stitching_and_meta_saes(out: Path, text: str) -> None:
     r = results(out)
     assert (r["n_latents_small"], r["n_latents_large"]) == (64, 256)
@@ -101,6 +132,7 @@ def check_splicing_and_steering(out: Path, text: str) -> None:
 CHECKS: dict[str, Callable[[Path, str], None]] = {
     "01_hooked_models": check_hooked_models,
     "02_cache_and_train": check_cache_and_train,
+    "03_patch_features": check_patch_features,
     "04_stitching_and_meta_saes": check_stitching_and_meta_saes,
     "05_splicing_and_steering": check_splicing_and_steering,
 }
