@@ -13,6 +13,7 @@ from prisma_mm.analysis.metrics import (
     MetricsAccumulator,
     evaluate,
     plot_density_histogram,
+    reconstruction_metrics,
     split_batch,
 )
 from prisma_mm.errors import PrismaError
@@ -151,3 +152,89 @@ def test_user_mistakes():
     acc = MetricsAccumulator(3)
     with pytest.raises(PrismaError, match="fire_counts"):
         acc.update(X, X_HAT, torch.tensor([1, 2]))
+
+
+# ---- the one accumulator training uses too ---------------------------------------------------
+def test_reconstruction_metrics_of_one_batch_hand_computed():
+    target = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 2.0]])
+    recon = torch.tensor([[1.0, 0.0], [0.0, 2.0], [2.0, 1.0]])
+    m = reconstruction_metrics(target, recon)
+    # squared errors 1, 0, 1; variance about the batch mean (4/3, 4/3): 20/9 + 20/9 + 8/9
+    assert m["fvu"].item() == pytest.approx(2.0 / (48.0 / 9.0), abs=1e-12)  # 0.375, not 2/16
+    assert m["mse"].item() == pytest.approx(2.0 / 6.0, abs=1e-12)
+    cos = (1.0 + 1.0 + 6.0 / math.sqrt(40.0)) / 3.0
+    assert m["cosine_similarity"].item() == pytest.approx(cos, abs=1e-12)
+
+
+def test_shifted_sums_keep_the_variance_of_rows_far_from_zero():
+    # rows 1e9 + (1, 3 | 5, 7) in two batches: mean 1e9 + 4, Σ (x - x̄)² = 9 + 1 + 1 + 9 = 20;
+    # errors ±1 -> Σ err² = 4 -> FVU 0.2. Unshifted sums (Σx² - (Σx)²/N ~ 4e18 - 4e18 in
+    # float64, ulp 512) lose the variance entirely.
+    acc = MetricsAccumulator(n_latents=0)
+    for rows, errors in (([1.0, 3.0], [1.0, -1.0]), ([5.0, 7.0], [1.0, -1.0])):
+        x = torch.tensor(rows, dtype=torch.float64).unsqueeze(1) + 1e9
+        acc.update(x, x + torch.tensor(errors, dtype=torch.float64).unsqueeze(1))
+    assert float(acc.total_variance_per_dim().sum()) == pytest.approx(20.0, abs=1e-6)
+    assert acc.compute().fvu == pytest.approx(0.2, abs=1e-9)
+    naive = (torch.tensor([1.0, 3.0, 5.0, 7.0], dtype=torch.float64) + 1e9).pow(2).sum() - (
+        torch.tensor([1.0, 3.0, 5.0, 7.0], dtype=torch.float64) + 1e9
+    ).sum().pow(2) / 4
+    assert abs(float(naive) - 20.0) > 1.0  # what the unshifted formula would report
+
+
+def test_losses_are_row_weighted_means():
+    acc = MetricsAccumulator(n_latents=3)
+    acc.update(X, X_HAT, _fire(CODES), {"aux": torch.tensor(1.0)})
+    acc.update(X[:1], X_HAT[:1], _fire(CODES[:1]), {"aux": torch.tensor(4.0)})
+    m = acc.compute()
+    assert m.losses == {"aux": pytest.approx((2 * 1.0 + 1 * 4.0) / 3)}
+    assert m.to_dict()["loss/aux"] == pytest.approx(2.0)
+
+
+def _all_reduce_worker(rank: int, init_file: str, out: str) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2
+    )
+    try:
+        target, recon, codes = _split_data()
+        rows = slice(0, 3) if rank == 0 else slice(3, 10)
+        acc = MetricsAccumulator(n_latents=8)
+        # different first-batch shifts on the two processes; a loss term only process 1 has
+        losses = {"aux": torch.tensor(float(rank + 1))}
+        if rank == 1:
+            losses["only_one"] = torch.tensor(3.0)
+        acc.update(target[rows], recon[rows], _fire(codes[rows]), losses)
+        acc.all_reduce()
+        if rank == 1:
+            torch.save(acc.compute().to_dict(frequencies=True), out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _split_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(10, 2, 3, generator=gen) * 2 + 50.0
+    target[3:] += 7.0  # the two processes' rows have different means
+    recon = target + 0.3 * torch.randn(10, 2, 3, generator=gen)
+    codes = (torch.rand(10, 8, generator=gen) > 0.6).float()
+    codes[:, 7] = 0
+    return target, recon, codes
+
+
+def test_all_reduce_over_two_processes_gives_the_one_process_metrics(tmp_path):
+    out = tmp_path / "metrics.pt"
+    torch.multiprocessing.spawn(
+        _all_reduce_worker, args=(str(tmp_path / "init"), str(out)), nprocs=2, join=True
+    )
+    got = torch.load(out, weights_only=True)
+    target, recon, codes = _split_data()
+    whole = MetricsAccumulator(n_latents=8)
+    whole.update(target, recon, _fire(codes))
+    want = whole.compute().to_dict(frequencies=True)
+    assert got["n_tokens"] == want["n_tokens"] == 10
+    for key in ("fvu", "mse", "cosine_similarity", "relative_reconstruction_bias", "l0"):
+        assert got[key] == pytest.approx(want[key], rel=1e-12), key
+    assert got["dead_fraction"] == want["dead_fraction"] >= 1 / 8  # latent 7 never fires
+    assert got["firing_frequency"] == pytest.approx(want["firing_frequency"])
+    assert got["loss/aux"] == pytest.approx((3 * 1.0 + 7 * 2.0) / 10)
+    assert got["loss/only_one"] == pytest.approx(7 * 3.0 / 10)

@@ -62,6 +62,28 @@ class RecordBatches(Callback):
         torch.save(self.batches, out / f"rank{trainer.global_rank}.pt")
 
 
+class RecordState(Callback):
+    """Saves, per step, whether AuxK was in the loss and how many latents were dead to AuxK, and
+    at the end the dictionary's whole state (weights, tracker, thresholds), to
+    $PRISMA_TEST_RECORD_DIR/state<r>.pt."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        dictionary = pl_module.dictionary
+        window = getattr(dictionary.cfg, "dead_tokens_threshold", None)
+        dead = int(dictionary.tracker.dead_mask(window).sum()) if window else 0
+        auxk = outputs["output"].losses.get("auxk")
+        self.steps.append({"dead": dead, "auxk": -1.0 if auxk is None else float(auxk)})
+
+    def on_train_end(self, trainer, pl_module):
+        out = Path(os.environ["PRISMA_TEST_RECORD_DIR"])
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.dictionary.state_dict().items()}
+        torch.save({"state": state, "steps": self.steps}, out / f"state{trainer.global_rank}.pt")
+
+
 # ---- helpers ----------------------------------------------------------------------------------
 class _Images(torch.utils.data.Dataset):
     def __len__(self) -> int:
@@ -176,9 +198,11 @@ def test_tiny_recipe_trains_logs_and_saves_its_dictionary(family, tiny_cache, tm
     assert int(cli.model.tokens_seen) == 6 * 256
     assert cli.model.dictionary.cfg.d_in == 32  # linked from the cache
     rows = _metrics(run_dir)
-    for key in ("fvu", "mse", "cos_sim", "l0", "loss", "dead_fraction", "dense_fraction", "lr"):
+    train_keys = ("fvu", "mse", "cosine_similarity", "l0", "loss", "dense_fraction", "lr")
+    for key in (*train_keys, "dead_fraction_10M_tokens"):  # dead, named by its window
         assert f"train/{key}" in rows[0], key
-    for key in ("fvu", "mse", "cos_sim", "l0", "dead_fraction", "dense_fraction", "loss/total"):
+    val_keys = ("fvu", "mse", "cosine_similarity", "l0", "dense_fraction", "loss/total")
+    for key in (*val_keys, "dead_fraction_eval_split"):
         assert f"val/{key}" in rows[0], key
     assert _last(rows, "train/tokens_seen") == 6 * 256
     val_steps = [int(r["step"]) for r in rows if r.get("val/fvu")]
@@ -307,12 +331,23 @@ def test_resume_after_a_kill_gives_the_weights_of_an_uninterrupted_run(tiny_cach
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)
 
 
-def test_ddp_on_two_cpu_processes_reads_disjoint_rows_and_matches_one_process(tiny_cache, tmp_path):
-    # ReLU SAE: its loss is a mean over rows, so DDP's averaged gradient over two halves of a
-    # batch equals the one-process gradient; no shuffle and one shard: rank r reads rows r::2
+DDP_CASES = {
+    # ReLU SAE: its loss is a mean over rows, so DDP's mean gradient is the global one as is
+    "relu": [],
+    # TopK with a dead window of one global batch (64 tokens): AuxK acts from step 2 on, on the
+    # dead set of the global batch; its FVU and AuxK denominators are the global batch's
+    "topk": ["--model.dictionary.init_args.dead_tokens_threshold=64"],
+    # BatchTopK: the global top batch*k, and the inference threshold from the global min kept
+    "batchtopk": ["--model.dictionary.init_args.dead_tokens_threshold=64"],
+}
+
+
+@pytest.mark.parametrize("family", sorted(DDP_CASES))
+def test_ddp_on_two_cpu_processes_matches_one_process(family, tiny_cache, tmp_path):
+    # no shuffle and one shard: rank r reads rows r::2 of the rows one process reads
     common = [
         "--config",
-        "tiny-vit-relu",
+        f"tiny-vit-{family}",
         f"--data.cache_dir={tiny_cache}",
         "--data.shuffle_buffer=0",
         "--data.eval_fraction=0",
@@ -322,9 +357,11 @@ def test_ddp_on_two_cpu_processes_reads_disjoint_rows_and_matches_one_process(ti
         "--trainer.max_steps=8",
         "--trainer.limit_val_batches=0",
         "--trainer.callbacks+=test_train_cli.RecordBatches",
+        "--trainer.callbacks+=test_train_cli.RecordState",
+        *DDP_CASES[family],
         *QUIET,
     ]
-    ddp_records = tmp_path / "ddp_batches"
+    ddp_records = tmp_path / "ddp_records"
     proc = subprocess.run(
         [
             sys.executable,
@@ -344,7 +381,8 @@ def test_ddp_on_two_cpu_processes_reads_disjoint_rows_and_matches_one_process(ti
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    os.environ["PRISMA_TEST_RECORD_DIR"] = str(tmp_path / "single_batches")
+    single_records = tmp_path / "single_records"
+    os.environ["PRISMA_TEST_RECORD_DIR"] = str(single_records)
     try:
         train_cli(["fit", *common, f"--trainer.default_root_dir={tmp_path / 'single'}"])
     finally:
@@ -352,7 +390,7 @@ def test_ddp_on_two_cpu_processes_reads_disjoint_rows_and_matches_one_process(ti
 
     rank0 = torch.load(ddp_records / "rank0.pt", weights_only=True)
     rank1 = torch.load(ddp_records / "rank1.pt", weights_only=True)
-    single = torch.load(tmp_path / "single_batches" / "rank0.pt", weights_only=True)
+    single = torch.load(single_records / "rank0.pt", weights_only=True)
     assert len(rank0) == len(rank1) == len(single) == 8
     rows = lambda batch: {row.numpy().tobytes() for row in batch}  # noqa: E731
     seen0 = set().union(*(rows(b) for b in rank0))
@@ -363,12 +401,42 @@ def test_ddp_on_two_cpu_processes_reads_disjoint_rows_and_matches_one_process(ti
         assert rank0[step].shape == rank1[step].shape == (32, 32)
         assert rows(rank0[step]) | rows(rank1[step]) == rows(single[step])
 
-    ddp = load_file(
-        tmp_path / "ddp" / "tiny-vit-relu" / "version_0" / "dictionary" / "weights.safetensors"
-    )
-    one = load_file(
-        tmp_path / "single" / "tiny-vit-relu" / "version_0" / "dictionary" / "weights.safetensors"
-    )
+    run = f"tiny-vit-{family}/version_0/dictionary/weights.safetensors"
+    ddp, one = load_file(tmp_path / "ddp" / run), load_file(tmp_path / "single" / run)
+    assert set(ddp) == set(one)
     for name in one:
         torch.testing.assert_close(ddp[name], one[name], rtol=1e-4, atol=1e-5)
         assert not torch.equal(one[name], torch.zeros_like(one[name]))
+
+    # every process holds the one-process state: weights, firing tracker, thresholds
+    states = [
+        torch.load(p, weights_only=True)
+        for p in (
+            ddp_records / "state0.pt",
+            ddp_records / "state1.pt",
+            single_records / "state0.pt",
+        )
+    ]
+    for ddp_state in states[:2]:
+        assert set(ddp_state["state"]) == set(states[2]["state"])
+        for name, value in states[2]["state"].items():
+            if value.is_floating_point():
+                torch.testing.assert_close(ddp_state["state"][name], value, rtol=1e-4, atol=1e-5)
+            else:  # the tracker counts global tokens, exactly
+                assert torch.equal(ddp_state["state"][name], value), name
+        assert [s["dead"] for s in ddp_state["steps"]] == [s["dead"] for s in states[2]["steps"]]
+    assert int(states[2]["state"]["tracker.tokens_seen"]) == 8 * 64
+    if family == "relu":
+        return
+    auxk = [s["auxk"] for s in states[2]["steps"]]
+    assert sum(a > 0 for a in auxk) >= 4, auxk  # latents were dead and AuxK trained them
+    # each process's AuxK term is its share of the global batch's: their mean is that term
+    auxk0, auxk1 = ([s["auxk"] for s in state["steps"]] for state in states[:2])
+    for a0, a1, a in zip(auxk0, auxk1, auxk):
+        assert (a0 > 0) == (a1 > 0) == (a > 0)
+        if a > 0:
+            assert (a0 + a1) / 2 == pytest.approx(a, rel=1e-3)
+    if family == "batchtopk":
+        threshold = "activation.threshold"
+        assert float(one[threshold]) > 0
+        torch.testing.assert_close(ddp[threshold], one[threshold], rtol=0, atol=1e-6)

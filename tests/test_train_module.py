@@ -14,54 +14,12 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
 import prisma_mm.sae
+from prisma_mm.analysis.metrics import split_batch
 from prisma_mm.errors import PrismaError
 from prisma_mm.sae import Dictionary, MatryoshkaSAE, Output, TopKSAE, Transcoder
-from prisma_mm.train import (
-    ActivationDataModule,
-    FiringStats,
-    MetricSums,
-    SAEModule,
-    reconstruction_metrics,
-)
-from prisma_mm.train.module import build_dictionary, dictionary_spec, lr_factor, split_batch
-
-
-# ---- metrics ----------------------------------------------------------------------------------
-def test_reconstruction_metrics_match_hand_computed_values():
-    target = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 2.0]])
-    recon = torch.tensor([[1.0, 0.0], [0.0, 2.0], [2.0, 1.0]])
-    m = reconstruction_metrics(target, recon)
-    # squared errors 1, 0, 1; variance about the batch mean (4/3, 4/3): 20/9 + 20/9 + 8/9
-    assert m["fvu"].item() == pytest.approx(2.0 / (48.0 / 9.0))  # 0.375, not 2/16 about zero
-    assert m["mse"].item() == pytest.approx(2.0 / 6.0)
-    assert m["cos_sim"].item() == pytest.approx((1.0 + 1.0 + 6.0 / math.sqrt(40.0)) / 3.0)
-
-
-def test_metric_sums_give_the_metrics_of_the_whole_split():
-    gen = torch.Generator().manual_seed(0)
-    target = torch.randn(10, 2, 3, generator=gen) + 1.0
-    recon = target + 0.3 * torch.randn(10, 2, 3, generator=gen)
-    code = (torch.rand(10, 8, generator=gen) > 0.6).float()
-    losses = torch.rand(10, generator=gen)
-    sums = MetricSums()
-    code[:, 7] = 0  # never fires
-    code[:, 6] = 1  # fires on every row
-    for rows in (slice(0, 3), slice(3, 10)):
-        counts = (code[rows] != 0).sum(0)
-        sums.update(target[rows], recon[rows], counts, {"aux": losses[rows].mean()})
-    sums.all_reduce()  # no process group: nothing to do
-    got = sums.compute()
-    whole = reconstruction_metrics(target, recon)
-    for name in ("fvu", "mse", "cos_sim"):
-        assert got[name].item() == pytest.approx(whole[name].item(), rel=1e-6)
-    assert got["l0"].item() == pytest.approx((code != 0).sum(-1).float().mean().item())
-    frequency = (code != 0).float().mean(0)
-    assert got["dead_fraction"].item() == pytest.approx((frequency == 0).float().mean().item())
-    assert got["dead_fraction"].item() >= 1 / 8
-    assert got["dense_fraction"].item() == pytest.approx((frequency > 0.1).float().mean().item())
-    assert sums.compute(dense_threshold=0.99)["dense_fraction"].item() == pytest.approx(1 / 8)
-    assert got["loss/aux"].item() == pytest.approx(losses.mean().item(), rel=1e-6)
-    assert MetricSums().compute() == {}
+from prisma_mm.train import ActivationDataModule, DictionaryUpdate, FiringStats, SAEModule
+from prisma_mm.train.module import lr_factor
+from prisma_mm.train.spec import build_dictionary, dictionary_spec
 
 
 # ---- schedule and batches -----------------------------------------------------------------------
@@ -87,17 +45,21 @@ def test_split_batch_per_family():
     sae = TopKSAE(d_in=4, n_latents=8, k=2)
     transcoder = Transcoder(d_in=4, n_latents=8, k=2)
     crosscoder = prisma_mm.sae.Crosscoder(d_in=4, n_sources=3, n_latents=8, k=2)
-    x, target = split_batch(torch.zeros(5, 4), sae)
+    x, target = split_batch(sae, torch.zeros(5, 4))
+    assert x.shape == (5, 4) and target is None
+    x, target = split_batch(sae, torch.zeros(5, 1, 4))  # one hook read as a list of one
     assert x.shape == (5, 4) and target is None
     pair = torch.arange(40.0).reshape(5, 2, 4)
-    x, target = split_batch(pair, transcoder)
+    x, target = split_batch(transcoder, pair)
     assert torch.equal(x, pair[:, 0]) and torch.equal(target, pair[:, 1])
-    x, target = split_batch(torch.zeros(5, 3, 4), crosscoder)
+    x, target = split_batch(crosscoder, torch.zeros(5, 3, 4))
     assert x.shape == (5, 3, 4) and target is None
     with pytest.raises(PrismaError, match="single hook"):
-        split_batch(torch.zeros(5, 2, 4), sae)
+        split_batch(sae, torch.zeros(5, 2, 4))
     with pytest.raises(PrismaError, match=r"\[input_hook, output_hook\]"):
-        split_batch(torch.zeros(5, 4), transcoder)
+        split_batch(transcoder, torch.zeros(5, 4))
+    with pytest.raises(PrismaError, match="list of its sources"):
+        split_batch(crosscoder, torch.zeros(5, 4))
 
 
 # ---- dictionaries in recipes and checkpoints -----------------------------------------------------
@@ -150,6 +112,7 @@ class _Module:
 
 def _step(stats: FiringStats, module: _Module, code: torch.Tensor) -> dict[str, float]:
     out = Output(recon=torch.zeros(code.shape[0], 2), code=code)
+    DictionaryUpdate().on_train_batch_end(None, module, {"output": out}, None, 0)
     stats.on_train_batch_end(None, module, {"output": out}, None, 0)
     return dict(module.logged)
 
@@ -160,20 +123,36 @@ def test_firing_stats_count_dead_and_dense_latents_in_tokens():
     stats.setup(None, module, "fit")
     first = torch.tensor([[1.0, 1, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0]])
     logged = _step(stats, module, first)
-    assert logged["train/dead_fraction"] == 0.0  # 4 tokens < window of 6
+    assert logged["train/dead_fraction_6_tokens"] == 0.0  # 4 tokens < window of 6
     second = torch.tensor([[1.0, 0, 0, 0]] * 4)
     logged = _step(stats, module, second)
     # tokens since fired: [0, 4, 8, 8] -> latents 2 and 3 dead; frequencies [1, 1/8, 0, 0]
-    assert logged["train/dead_fraction"] == pytest.approx(0.5)
+    assert logged["train/dead_fraction_6_tokens"] == pytest.approx(0.5)
     assert logged["train/dense_fraction"] == pytest.approx(0.25)
+    # one tracker: the counts live in the dictionary (what AuxK reads), checkpointed with it
+    tracker = module.dictionary.tracker
+    assert tracker.tokens_since_fired.tolist() == [0, 4, 8, 8]
+    assert tracker.dead_mask(6).tolist() == [False, False, True, True]
 
+    resumed_module = _Module(n_latents=4)
+    resumed_module.dictionary.load_state_dict(module.dictionary.state_dict())
     resumed = FiringStats(dead_window_tokens=6, dense_threshold=0.3, dense_window_tokens=100)
     resumed.load_state_dict(stats.state_dict())
-    resumed.setup(None, module, "fit")
+    resumed.setup(None, resumed_module, "fit")
     third = torch.tensor([[0.0, 1, 0, 0]] * 2)
-    assert _step(resumed, module, third)["train/dead_fraction"] == pytest.approx(0.5)
-    assert int(resumed.tracker.tokens_since_fired[1]) == 0
-    assert int(resumed.tracker.tokens_since_fired[0]) == 2
+    logged = _step(resumed, resumed_module, third)
+    assert logged["train/dead_fraction_6_tokens"] == pytest.approx(0.5)
+    assert resumed_module.dictionary.tracker.tokens_since_fired.tolist() == [2, 0, 10, 10]
+
+
+def test_firing_stats_default_window_is_the_auxk_window():
+    module = _Module(n_latents=4)
+    module.dictionary = TopKSAE(d_in=2, n_latents=4, k=1, dead_tokens_threshold=3_000_000)
+    stats = FiringStats()
+    stats.setup(None, module, "fit")
+    logged = _step(stats, module, torch.tensor([[1.0, 0, 0, 0]]))
+    assert set(logged) == {"train/dead_fraction_3M_tokens", "train/dense_fraction"}
+    assert module.dictionary.tracker.tokens_since_fired.tolist() == [0, 1, 1, 1]
 
 
 # ---- datamodule arguments and resume state --------------------------------------------------------

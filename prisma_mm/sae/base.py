@@ -28,6 +28,7 @@ import prisma_mm
 from prisma_mm.errors import PrismaError, unknown
 from prisma_mm.sae import files
 from prisma_mm.sae.code import SparseCode
+from prisma_mm.sae.distributed import centred_sum_of_squares, reduce_
 from prisma_mm.sae.kernels import bag_offsets, sparse_decode
 
 __all__ = [
@@ -207,7 +208,7 @@ def fvu(recon: Tensor, target: Tensor) -> Tensor:
     """
     target = target.float()
     err = (recon.float() - target).pow(2).sum()
-    var = ((target) - (target).mean(0, keepdim=True)).pow(2).sum()
+    var = centred_sum_of_squares(target)  # over every process's rows under DDP
     return err / var.clamp_min(torch.finfo(torch.float32).tiny)
 
 
@@ -216,7 +217,7 @@ def prefix_fvus(prefixes: Tensor, target: Tensor) -> Tensor:
     ``target [batch, d]`` -> ``[G]`` (the target's variance is computed once)."""
     target = target.float()
     err = (prefixes.float() - target[:, None]).pow(2).sum((0, 2))
-    var = ((target) - (target).mean(0, keepdim=True)).pow(2).sum()
+    var = centred_sum_of_squares(target)  # over every process's rows under DDP
     return err / var.clamp_min(torch.finfo(torch.float32).tiny)
 
 
@@ -261,6 +262,8 @@ class FiringTracker(nn.Module):
     Buffers (saved in checkpoints so a resumed run tracks the same latents):
     ``tokens_since_fired [n_latents]``, ``fire_count [n_latents]``, ``tokens_seen []``.
     ``tokens_since_fired`` is exact to one batch: a latent that fired anywhere in a batch is 0.
+    Inside :func:`~prisma_mm.sae.distributed.batch_spans_processes` the counts are summed over
+    all processes first, so every process holds the same state, counted in global tokens.
     """
 
     tokens_since_fired: Tensor
@@ -282,7 +285,10 @@ class FiringTracker(nn.Module):
         else:
             flat = code.detach().reshape(-1, code.shape[-1])
             counts, n_tokens = (flat != 0).sum(0), flat.shape[0]
-        counts = counts.to(self.fire_count.device)
+        counts = counts.to(self.fire_count.device, torch.long)
+        # one reduction for counts and tokens: the batch over every process it spans
+        totals = reduce_(torch.cat([counts, counts.new_tensor([n_tokens])]))
+        counts, n_tokens = totals[:-1], int(totals[-1])
         self.tokens_since_fired += n_tokens
         self.tokens_since_fired[counts > 0] = 0
         self.fire_count += counts

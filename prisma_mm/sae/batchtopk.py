@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from prisma_mm.sae.base import Activation, DictionaryConfig, Output, SparseAutoencoder, SparseCode
+from prisma_mm.sae.distributed import all_gather_cat, reduce_, spanning_world_size
 from prisma_mm.sae.kernels import batchtopk_encode
 from prisma_mm.sae.topk import TopKParams, _check_k, auxk_term
 
@@ -66,11 +67,38 @@ class BatchTopKActivation(Activation):
 
     def encode(self, sae: SparseAutoencoder, x_in: Tensor) -> Tensor | SparseCode:
         if sae.training or not self.calibrated:
+            world = spanning_world_size()
+            if world > 1 and sae.training:
+                return self._encode_spanning(sae, x_in, world)
             return batchtopk_encode(
                 x_in, sae.encoder_weight(), sae.b_enc, self.k, center=sae.encoder_center()
             )
         pre = sae.pre_acts(x_in)
         return pre * (pre > self.threshold.to(pre.dtype))
+
+    def _encode_spanning(self, sae: SparseAutoencoder, x_in: Tensor, world: int) -> SparseCode:
+        """The global batch's top ``batch * k`` when the batch is split over ``world``
+        processes: this process's top ``batch * k`` (a superset of its share of the global top)
+        are gathered, the global cut is the ``batch * k``-th largest of all of them, and each
+        process keeps its entries at or above it -- the code one process would give."""
+        rows = reduce_(torch.tensor(x_in.shape[0], device=x_in.device))
+        total = int(rows) * self.k
+        local_k = min(sae.cfg.n_latents, -(-total // max(1, x_in.shape[0])))
+        code = batchtopk_encode(
+            x_in, sae.encoder_weight(), sae.b_enc, local_k, center=sae.encoder_center()
+        )
+        values = code.values.detach()
+        candidates = values.new_full((total,), float("-inf"))
+        top = values.topk(min(total, values.numel())).values
+        candidates[: top.numel()] = top
+        cut = all_gather_cat(candidates).topk(total).values[-1]
+        keep = values >= cut
+        kept_rows = code.rows()[keep]
+        offsets = torch.zeros(code.batch, dtype=torch.long, device=values.device)
+        offsets[1:] = torch.bincount(kept_rows, minlength=code.batch).cumsum(0)[:-1]
+        return SparseCode(
+            code.values[keep], code.latents[keep], offsets, code.batch, code.n_latents
+        )
 
     @property
     def calibrated(self) -> bool:
@@ -88,9 +116,14 @@ class BatchTopKActivation(Activation):
 
     @torch.no_grad()
     def after_step(self, sae: SparseAutoencoder, out: Output) -> None:
-        if "min_kept" not in out.extras:
+        """Move the inference threshold towards the smallest activation the batch kept (over
+        every process the batch spans: each one reduces, so all hold the same threshold)."""
+        value = out.extras.get("min_kept")
+        value = torch.tensor(float("inf")) if value is None else value.detach().float()
+        value = reduce_(value.to(self.threshold.device, torch.float32).reshape(()), "min")
+        if not bool(torch.isfinite(value)):  # nothing was kept anywhere
             return
-        value = out.extras["min_kept"].to(self.threshold)
+        value = value.to(self.threshold)
         if not self.calibrated:
             self.threshold.copy_(value)
         else:

@@ -22,6 +22,7 @@ from prisma_mm.sae.base import (
     SparseCode,
     prefix_fvus,
 )
+from prisma_mm.sae.distributed import centred_sum_of_squares
 from prisma_mm.sae.kernels import topk_encode
 
 __all__ = ["TopKActivation", "TopKConfig", "TopKParams", "TopKSAE", "auxk_term"]
@@ -93,9 +94,9 @@ def auxk_term(
     if getattr(sae.cfg, "auxk_normalization", "prisma") == "sparsify":
         # sparsify: the target's variance, the term scaled down while few latents are dead
         scale = min(dead.numel() / k_wanted, 1.0)
-        variance = ((target.float()) - (target.float()).mean(0, keepdim=True)).pow(2).sum() / scale
+        variance = centred_sum_of_squares(target.float()) / scale
     else:
-        variance = ((residual) - (residual).mean(0, keepdim=True)).pow(2).sum()
+        variance = centred_sum_of_squares(residual)  # over every process's rows under DDP
     return (e_hat - residual).pow(2).sum() / variance.clamp_min(torch.finfo(torch.float32).tiny)
 
 

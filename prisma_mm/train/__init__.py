@@ -16,7 +16,6 @@ from prisma_mm.train.callbacks import (
 )
 from prisma_mm.train.cli import run_train_cli, train_cli
 from prisma_mm.train.data import ActivationDataModule
-from prisma_mm.train.metrics import MetricSums, reconstruction_metrics
 from prisma_mm.train.module import SAEModule
 
 __all__ = [
@@ -25,12 +24,10 @@ __all__ = [
     "DecoderNormalization",
     "DictionaryUpdate",
     "FiringStats",
-    "MetricSums",
     "SAEModule",
     "SaveDictionary",
     "TrainMetrics",
     "export_dictionary",
-    "reconstruction_metrics",
     "run_train_cli",
     "train_cli",
 ]

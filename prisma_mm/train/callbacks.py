@@ -18,11 +18,12 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import Tensor
 
+from prisma_mm.analysis.metrics import reconstruction_metrics, split_batch
 from prisma_mm.errors import PrismaError
 from prisma_mm.sae.base import FiringTracker
+from prisma_mm.sae.distributed import batch_spans_processes
 from prisma_mm.train.data import ActivationDataModule
-from prisma_mm.train.metrics import reconstruction_metrics
-from prisma_mm.train.module import build_dictionary, dictionary_spec, split_batch
+from prisma_mm.train.spec import build_dictionary, dictionary_spec
 
 __all__ = [
     "CheckpointEveryNTokens",
@@ -34,15 +35,8 @@ __all__ = [
     "default_callbacks",
     "export_dictionary",
     "fold_kwargs",
+    "tokens_label",
 ]
-
-
-def _distributed() -> bool:
-    return (
-        torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-        and torch.distributed.get_world_size() > 1
-    )
 
 
 class DecoderNormalization(Callback):
@@ -68,7 +62,10 @@ class DecoderNormalization(Callback):
 
 class DictionaryUpdate(Callback):
     """Calls ``dictionary.on_train_batch_end(output)`` after each step: the dictionary's own
-    training state (BatchTopK inference threshold, the firing tracker its AuxK loss reads)."""
+    training state (BatchTopK inference threshold, the firing tracker its AuxK loss and the
+    logged dead / dense fractions read). Under DDP every process makes the call with the
+    batch spanning all of them, so the counts and the threshold statistic are all-reduced
+    and every process holds the same state."""
 
     def on_train_batch_end(
         self,
@@ -78,40 +75,64 @@ class DictionaryUpdate(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        pl_module.dictionary.on_train_batch_end(outputs["output"])
+        with batch_spans_processes():
+            pl_module.dictionary.on_train_batch_end(outputs["output"])
+
+
+def tokens_label(n_tokens: int) -> str:
+    """A token count as a short label: 10_000_000 -> ``10M``, 2_048 -> ``2048``, 1_500 -> ``1500``."""
+    for factor, suffix in ((10**9, "G"), (10**6, "M"), (10**3, "k")):
+        if n_tokens >= factor and n_tokens % factor == 0:
+            return f"{n_tokens // factor}{suffix}"
+    return str(n_tokens)
 
 
 class FiringStats(Callback):
-    """Dead and dense latent fractions, measured in tokens over all processes.
+    """Dead and dense latent fractions, in training tokens over all processes, from the
+    dictionary's own firing tracker (the one its AuxK loss reads: one tracker, updated once per
+    step by :class:`DictionaryUpdate` from counts all-reduced over the processes).
 
-    A latent is dead when it has not fired for ``dead_window_tokens`` tokens; dense when it fired
-    on more than ``dense_threshold`` of the tokens of the current window of
-    ``dense_window_tokens``. Logs ``train/dead_fraction`` and ``train/dense_fraction``.
-    The counts are checkpointed, so a resumed run continues the same windows.
+    A latent is dead when it has not fired for ``dead_window_tokens`` tokens (default: the
+    dictionary's ``dead_tokens_threshold``, AuxK's window, else 10M); logged as
+    ``train/dead_fraction_<window>_tokens`` (e.g. ``train/dead_fraction_10M_tokens``). Dense:
+    fired on more than ``dense_threshold`` of the tokens of the current window of
+    ``dense_window_tokens`` (``train/dense_fraction``). The tracker is checkpointed with the
+    dictionary, so a resumed run continues the same windows.
     """
 
     def __init__(
         self,
-        dead_window_tokens: int = 10_000_000,
+        dead_window_tokens: int | None = None,
         dense_threshold: float = 0.1,
         dense_window_tokens: int = 10_000_000,
     ) -> None:
-        if dead_window_tokens <= 0 or dense_window_tokens <= 0:
+        if (dead_window_tokens is not None and dead_window_tokens <= 0) or dense_window_tokens <= 0:
             raise PrismaError("FiringStats windows must be positive numbers of tokens")
-        self.dead_window_tokens = int(dead_window_tokens)
+        self.dead_window_tokens = dead_window_tokens
         self.dense_threshold = float(dense_threshold)
         self.dense_window_tokens = int(dense_window_tokens)
-        self.tracker: FiringTracker | None = None
-        self._pending_state: dict[str, Any] | None = None
         # dense fraction of the last completed window (None until one completes)
         self._window_dense_fraction: float | None = None
 
+    @staticmethod
+    def tracker_of(pl_module: pl.LightningModule) -> FiringTracker:
+        """The dictionary's firing tracker."""
+        tracker = getattr(pl_module.dictionary, "tracker", None)
+        if not isinstance(tracker, FiringTracker):
+            raise PrismaError(
+                f"{type(pl_module.dictionary).__name__} keeps no firing tracker: remove "
+                "FiringStats from trainer.callbacks"
+            )
+        return tracker
+
+    def dead_window(self, pl_module: pl.LightningModule) -> int:
+        """The dead window in tokens: this callback's, else the dictionary's AuxK window."""
+        if self.dead_window_tokens is not None:
+            return int(self.dead_window_tokens)
+        return int(getattr(pl_module.dictionary.cfg, "dead_tokens_threshold", 10_000_000))
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.tracker is None:
-            self.tracker = FiringTracker(int(pl_module.dictionary.cfg.n_latents))
-            if self._pending_state is not None:
-                self.tracker.load_state_dict(self._pending_state)
-                self._pending_state = None
+        self.tracker_of(pl_module)  # fail before training, not after the first step
 
     def on_train_batch_end(
         self,
@@ -121,55 +142,33 @@ class FiringStats(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        assert self.tracker is not None
-        out = outputs["output"]
-        counts = out.fire_counts().to(torch.long)
-        n_tokens = torch.tensor(out.n_tokens, dtype=torch.long, device=counts.device)
-        if _distributed():
-            torch.distributed.all_reduce(counts)
-            torch.distributed.all_reduce(n_tokens)
-        tracker = self.tracker
-        counts, n = counts.cpu(), int(n_tokens)
-        # FiringTracker.update's bookkeeping, from counts summed over all processes
-        tracker.tokens_since_fired += n
-        tracker.tokens_since_fired[counts > 0] = 0
-        tracker.fire_count += counts
-        tracker.tokens_seen += n
+        tracker = self.tracker_of(pl_module)
         if int(tracker.tokens_seen) >= self.dense_window_tokens:
             self._window_dense_fraction = tracker.dense_fraction(self.dense_threshold)
             tracker.reset_frequency()
         dense = self._window_dense_fraction
         if dense is None:  # first window still running: report it so far
             dense = tracker.dense_fraction(self.dense_threshold)
+        window = self.dead_window(pl_module)
         pl_module.log_dict(
             {
-                "train/dead_fraction": tracker.dead_fraction(self.dead_window_tokens),
+                f"train/dead_fraction_{tokens_label(window)}_tokens": tracker.dead_fraction(window),
                 "train/dense_fraction": dense,
             },
-            batch_size=out.n_tokens,
+            batch_size=outputs["output"].n_tokens,
         )
 
     def state_dict(self) -> dict[str, Any]:
-        if self.tracker is None:
-            return {}
-        state: dict[str, Any] = {k: v.clone() for k, v in self.tracker.state_dict().items()}
-        state["window_dense_fraction"] = self._window_dense_fraction
-        return state
+        return {"window_dense_fraction": self._window_dense_fraction}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
-            return
-        state = dict(state_dict)
-        self._window_dense_fraction = state.pop("window_dense_fraction", None)
-        if self.tracker is None:
-            self._pending_state = state
-        else:
-            self.tracker.load_state_dict(state)
+        self._window_dense_fraction = state_dict.get("window_dense_fraction")
 
 
 class TrainMetrics(Callback):
     """Logs, every step, the batch's FVU, MSE, cosine similarity and L0, the loss and each of
-    its named terms, the learning rate and the tokens seen (``train/...``)."""
+    its named terms, the learning rate and the tokens seen (``train/...``). Under DDP the
+    batch metrics are those of process 0's part of the batch."""
 
     def on_train_batch_end(
         self,
@@ -180,10 +179,9 @@ class TrainMetrics(Callback):
         batch_idx: int,
     ) -> None:
         out = outputs["output"]
-        x, target = split_batch(batch, pl_module.dictionary)
-        metrics: dict[str, Tensor | float] = dict(
-            reconstruction_metrics(x if target is None else target, out.recon)
-        )
+        x, target = split_batch(pl_module.dictionary, batch)
+        batch_metrics = reconstruction_metrics(x if target is None else target, out.recon)
+        metrics: dict[str, Tensor | float] = {k: v.float() for k, v in batch_metrics.items()}
         metrics["l0"] = out.l0()
         metrics["loss"] = out.loss.detach()
         for name, value in out.losses.items():

@@ -14,14 +14,18 @@ What this adds to a plain LightningCLI:
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import logging
 import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from jsonargparse import Namespace
-from lightning.pytorch.cli import LightningCLI
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from prisma_mm.errors import PrismaError, unknown
 from prisma_mm.train.data import ActivationDataModule
@@ -101,6 +105,15 @@ def _logger_entries(logger: Any) -> list[Any]:
     return []
 
 
+class TrainParser(LightningArgumentParser):
+    """LightningCLI's parser with its error message on one line (jsonargparse indents the
+    causes of a bad value on lines of their own), after the usage as argparse prints it."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        one_line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+        super().error(one_line, ex)
+
+
 class TrainCLI(LightningCLI):
     """LightningCLI for dictionary training (subcommands ``fit`` and ``validate``)."""
 
@@ -123,10 +136,123 @@ class TrainCLI(LightningCLI):
             "data.d_in", "model.dictionary.init_args.d_in", apply_on="instantiate"
         )
 
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads the checkpoint's hyper-parameters right after parsing: check first
+        subcommand = self.config.get("subcommand")
+        ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt is not None:
+            check_checkpoint(str(ckpt))
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        check_config(config)
         _fill_sources(config)
         _share_run_dir(config)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except MisconfigurationException as error:  # Lightning's own checks, in one line
+            first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            raise PrismaError(f"trainer: {first}") from None
+
+
+def check_config(config: Namespace) -> None:
+    """One-line errors for a run that cannot work, before anything is built: devices, the data
+    loader's workers, the run directory, the cache and its hooks, the dictionary's config.
+    (The checkpoint is checked earlier, by :meth:`TrainCLI.parse_arguments`.)"""
+    workers = config.get("data.num_workers")
+    if workers is not None and int(workers) < 0:
+        raise PrismaError(
+            f"data.num_workers must be 0 or more, got {workers} (0 reads in the main process)"
+        )
+    accelerator = config.get("trainer.accelerator")
+    if isinstance(accelerator, str) and accelerator.lower() in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise PrismaError(
+                f"trainer.accelerator={accelerator!r} but torch sees no CUDA GPU on this "
+                "machine: use --trainer.accelerator cpu (or auto)"
+            )
+    root = config.get("trainer.default_root_dir")
+    if root and Path(str(root)).exists() and not Path(str(root)).is_dir():
+        raise PrismaError(
+            f"trainer.default_root_dir {str(root)!r} is a file: give a directory for the runs"
+        )
+    if config.get("weights_only") is False:
+        raise PrismaError(
+            "weights_only=False would unpickle code from the checkpoint: checkpoints of "
+            "prisma-mm train load with weights_only=True; drop the option"
+        )
+    if "weights_only" in config:
+        config.weights_only = True  # never torch's or an environment variable's default
+    data = config.get("data")
+    if isinstance(data, Namespace):
+        # the cache, its hooks and the data arguments, read from the manifest alone
+        check_data_and_dictionary(ActivationDataModule(**data.as_dict()), config)
+
+
+def check_data_and_dictionary(datamodule: ActivationDataModule, config: Namespace) -> None:
+    """The cache exists and holds the hooks; a ``d_in`` given in the recipe or on the command
+    line equals the cache's width; the dictionary's config is valid at that width (its own
+    checks, e.g. ``k``, without allocating weights)."""
+    width = datamodule.d_in
+    spec = config.get("model.dictionary")
+    if not isinstance(spec, Namespace) or spec.get("init_args") is None:
+        return
+    init_args = spec.init_args.as_dict()
+    requested = init_args.get("d_in")
+    if requested is not None and int(requested) != width:
+        raise PrismaError(
+            f"model.dictionary.init_args.d_in={requested} disagrees with the cache: "
+            f"{datamodule.hooks[0]!r} has width {width}; drop d_in (it comes from the data)"
+        )
+    module_name, _, class_name = str(spec.get("class_path", "")).rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name, None)
+    config_class = getattr(cls, "config_class", None)
+    if dataclasses.is_dataclass(config_class):
+        if "n_sources" in init_args:
+            init_args["n_sources"] = datamodule.n_sources
+        names = {f.name for f in dataclasses.fields(config_class) if f.init}
+        config_class(**{**{k: v for k, v in init_args.items() if k in names}, "d_in": width})
+
+
+def check_checkpoint(path: str) -> None:
+    """A one-line PrismaError unless ``path`` is a training checkpoint that loads without
+    unpickling code (``torch.load(weights_only=True)``; memory-mapped, so it costs little).
+    Lightning's own names (``last``, ``best``, ``hpc``, ``registry...``) are left to it."""
+    import pickle
+
+    import torch
+
+    if path in ("last", "best", "hpc") or path.startswith("registry"):
+        return
+    file = Path(path)
+    if not file.is_file():
+        what = "is a directory" if file.is_dir() else "does not exist"
+        raise PrismaError(
+            f"ckpt_path {path!r} {what}: give a checkpoint file written by prisma-mm train "
+            "(<run dir>/checkpoints/last.ckpt)"
+        )
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise PrismaError(
+            f"ckpt_path {path!r} holds Python objects beyond tensors and plain data (code "
+            "would run on loading): refused; give a checkpoint written by prisma-mm train"
+        ) from None
+    except Exception as error:  # zip, pickle and format errors of a file that is no checkpoint
+        raise PrismaError(
+            f"ckpt_path {path!r} is not a PyTorch checkpoint ({type(error).__name__}): give "
+            "a .ckpt file written by prisma-mm train"
+        ) from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise PrismaError(
+            f"ckpt_path {path!r} is not a Lightning training checkpoint (no state_dict): give "
+            "a .ckpt file written by prisma-mm train"
+        )
 
 
 def _fill_sources(config: Namespace) -> None:
@@ -185,6 +311,8 @@ def train_cli(argv: list[str] | None = None, run: bool = True) -> TrainCLI:
 
     ``--print_config`` prints the full config and exits (``SystemExit``), as LightningCLI does.
     """
+    # the seed is saved in config.yaml; its log line would come before any one-line error
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     args = _resolve_config_args(list(sys.argv[1:] if argv is None else argv))
     with warnings.catch_warnings():
         # `prisma-mm train fit ...` hands LightningCLI its own argv, which differs from sys.argv
@@ -197,6 +325,7 @@ def train_cli(argv: list[str] | None = None, run: bool = True) -> TrainCLI:
             seed_everything_default=0,
             trainer_defaults=TRAINER_DEFAULTS,
             save_config_kwargs={"overwrite": True},
+            parser_class=TrainParser,
         )
 
 

@@ -91,6 +91,8 @@ class ActivationDataModule(pl.LightningDataModule):
             raise PrismaError("data.hooks is empty: give one hook name or a list of them")
         if batch_size <= 0:
             raise PrismaError(f"data.batch_size must be positive, got {batch_size}")
+        if int(num_workers) < 0:
+            raise PrismaError(f"data.num_workers must be 0 or more, got {num_workers}")
         if not 0.0 <= eval_fraction < 1.0:
             raise PrismaError(f"data.eval_fraction must be in [0, 1), got {eval_fraction}")
         self.cache_dir = str(cache_dir)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
-import importlib
 import math
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -21,67 +19,17 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor
 
+from prisma_mm.analysis.metrics import DEFAULT_DENSE_THRESHOLD, MetricsAccumulator, split_batch
 from prisma_mm.errors import PrismaError
 from prisma_mm.sae.base import Dictionary
-from prisma_mm.train.metrics import MetricSums
+from prisma_mm.sae.distributed import batch_spans_processes
+from prisma_mm.train.callbacks import default_callbacks
+from prisma_mm.train.spec import build_dictionary, dictionary_spec
 
-__all__ = ["SAEModule", "build_dictionary", "dictionary_spec", "lr_factor", "split_batch"]
-
-
-def split_batch(batch: Tensor, dictionary: Dictionary) -> tuple[Tensor, Tensor | None]:
-    """(input, target) of a batch for ``dictionary``.
-
-    Transcoder: ``batch [B, 2, d]`` -> ``x = batch[:, 0]``, ``target = batch[:, 1]``. Crosscoder:
-    ``x = batch [B, n_sources, d]``, no target. Any other family: ``x = batch [B, d]``.
-    """
-    architecture = getattr(dictionary, "architecture", "")
-    if architecture == "transcoder":
-        if batch.ndim != 3 or batch.shape[1] != 2:
-            raise PrismaError(
-                f"a transcoder trains on two hooks [input, output]; got batches of shape "
-                f"{tuple(batch.shape)}: set data.hooks to [input_hook, output_hook]"
-            )
-        return batch[:, 0], batch[:, 1]
-    if architecture == "crosscoder":
-        if batch.ndim != 3:
-            raise PrismaError(
-                f"a crosscoder trains on several hooks; got batches of shape {tuple(batch.shape)}: "
-                "set data.hooks to the list of its sources"
-            )
-        return batch, None
-    if batch.ndim != 2:
-        raise PrismaError(
-            f"a {architecture or type(dictionary).__name__} dictionary trains on one hook; got "
-            f"batches of shape {tuple(batch.shape)}: set data.hooks to a single hook name"
-        )
-    return batch, None
-
-
-def dictionary_spec(dictionary: Dictionary) -> dict[str, Any]:
-    """``{"class_path": ..., "init_args": {config fields}}`` of a dictionary (a recipe's form)."""
-    cls = type(dictionary)
-    init_args = {
-        f.name: list(v) if isinstance(v := getattr(dictionary.cfg, f.name), tuple) else v
-        for f in dataclasses.fields(dictionary.cfg)
-        if f.init
-    }
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
-
-
-def build_dictionary(spec: dict[str, Any]) -> Dictionary:
-    """The dictionary of a :func:`dictionary_spec` (imports ``class_path``)."""
-    module_name, _, class_name = str(spec.get("class_path", "")).rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise PrismaError(
-            f"cannot import dictionary class {spec.get('class_path')!r}: {error}"
-        ) from None
-    if not (isinstance(cls, type) and issubclass(cls, Dictionary)):
-        raise PrismaError(f"{spec.get('class_path')!r} is not a prisma_mm Dictionary class")
-    return cls(**dict(spec.get("init_args") or {}))
+__all__ = ["SAEModule", "lr_factor"]
 
 
 def lr_factor(
@@ -226,6 +174,12 @@ class SAEModule(pl.LightningModule):
 
     # ---- Lightning hooks --------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        strategy = getattr(self.trainer, "strategy", None)
+        if isinstance(strategy, DDPStrategy):
+            # every process all-reduces the dictionary's statistics itself, so its buffers are
+            # equal everywhere; DDP's broadcast of rank 0's buffers each forward is redundant,
+            # and off it cannot hide a process that diverged (an explicit setting wins)
+            strategy._ddp_kwargs.setdefault("broadcast_buffers", False)
         if stage != "fit":
             return
         if self.total_tokens is not None and self.trainer.max_steps in (None, -1):
@@ -236,8 +190,6 @@ class SAEModule(pl.LightningModule):
     def configure_callbacks(self) -> list[Callback]:
         """The callbacks training needs, except those the trainer already has (so a recipe can
         configure any of them in ``trainer.callbacks``)."""
-        from prisma_mm.train.callbacks import default_callbacks
-
         present = {type(c) for c in self.trainer.callbacks}
         return [c for c in default_callbacks() if not any(issubclass(t, type(c)) for t in present)]
 
@@ -271,7 +223,7 @@ class SAEModule(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.init_sample_rows > 0 and hasattr(datamodule, "sample"):
             sample = datamodule.sample(self.init_sample_rows).to(self.device)
-            x, target = split_batch(sample, self.dictionary)
+            x, target = split_batch(self.dictionary, sample)
             self.dictionary.init_from_sample(x, target)
             self.dictionary.normalize_decoder_()
             # every process read the same sample; process 0's result makes it exact everywhere
@@ -295,35 +247,62 @@ class SAEModule(pl.LightningModule):
             yield
 
     def forward(self, batch: Tensor) -> Any:
-        """Run the dictionary on a data batch (see :func:`split_batch`) -> ``Output``."""
-        x, target = split_batch(batch, self.dictionary)
+        """Run the dictionary on a data batch (see
+        :func:`~prisma_mm.analysis.metrics.split_batch`) -> ``Output``."""
+        x, target = split_batch(self.dictionary, batch)
         with self._autocast():
             return self.dictionary(x, target)
 
     def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Any]:
-        """One step: ``{"loss": scalar with graph, "output": the dictionary's Output}``."""
+        """One step: ``{"loss": scalar with graph, "output": the dictionary's Output}``.
+
+        Under DDP the batch statistics the loss needs (FVU denominators, BatchTopK's global
+        top ``batch * k``) are taken over every process's rows, so DDP's mean of the
+        processes' gradients is the gradient of the global batch's loss."""
         self.dictionary.set_progress(self.progress())
-        out = self(batch)
+        with batch_spans_processes():
+            out = self(batch)
         self.tokens_seen += batch.shape[0] * self.trainer.world_size
         return {"loss": out.loss, "output": out}
 
+    def _new_val_metrics(self) -> MetricsAccumulator:
+        return MetricsAccumulator(int(self.dictionary.cfg.n_latents), DEFAULT_DENSE_THRESHOLD)
+
     def on_validation_epoch_start(self) -> None:
-        self._val_sums = MetricSums()
+        self._val_metrics = self._new_val_metrics()
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         """Accumulate exact metric sums over the eval split (logged at the epoch's end)."""
-        x, target = split_batch(batch, self.dictionary)
+        x, target = split_batch(self.dictionary, batch)
         out = self(batch)
         losses = {"total": out.loss, **out.losses}
-        self._val_sums.update(x if target is None else target, out.recon, out.fire_counts(), losses)
+        target = x if target is None else target
+        self._val_metrics.update(target, out.recon, out.fire_counts(), losses)
 
     def on_validation_epoch_end(self) -> None:
-        sums = self._val_sums
-        sums.all_reduce(self.device)
-        metrics = sums.compute()
-        if metrics:
-            # already summed over processes: every process logs the same values
+        acc = self._val_metrics
+        acc.all_reduce(self.device)
+        if acc.n_tokens:
+            # summed over processes already: every process logs the same values
             self.log_dict(
-                {f"val/{k}": v.to(self.device) for k, v in metrics.items()}, sync_dist=True
+                {f"val/{k}": float(v) for k, v in validation_log(acc.compute()).items()},
+                sync_dist=True,
             )
-        self._val_sums = MetricSums()
+        self._val_metrics = self._new_val_metrics()
+
+
+def validation_log(metrics: Any) -> dict[str, float]:
+    """The ``val/...`` keys of a :class:`~prisma_mm.analysis.metrics.Metrics` over the eval
+    split: reconstruction, sparsity (dead named by its window: the eval split) and losses."""
+    out = {
+        "fvu": metrics.fvu,
+        "explained_variance": metrics.explained_variance,
+        "mse": metrics.mse,
+        "cosine_similarity": metrics.cosine_similarity,
+        "relative_reconstruction_bias": metrics.relative_reconstruction_bias,
+        "l0": metrics.l0,
+        "dead_fraction_eval_split": metrics.dead_fraction,
+        "dense_fraction": metrics.dense_fraction,
+    }
+    out.update({f"loss/{name}": value for name, value in metrics.losses.items()})
+    return out
