@@ -336,3 +336,48 @@ def test_bad_steering_inputs_are_refused_before_the_forward(toy):
             ),
         ):
             toy.model(toy.x[:1])
+
+
+def test_multi_label_report_matches_a_hand_computation():
+    torch.manual_seed(0)
+    model = prisma_mm.load_model("tiny-vit", weights=None)
+    sae = TopKSAE(d_in=32, n_latents=16, k=2)
+    sae.metadata["hook"] = "blocks.1.hook_resid_post"
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 3, 32, 32, generator=gen)
+    y = (torch.rand(6, 10, generator=gen) > 0.5).float()
+    add = AddFeature(sae, [2, 9], [3.0, -2.0], scale=[1.0, 2.0])
+    with torch.no_grad():
+        clean = model(x)
+        with steer(model, add):
+            steered = model(x)
+    effect = steering_effect(model, add, [(x[:3], y[:3]), (x[3:], y[3:])])
+    assert effect.multi_label
+    right = ((steered > 0) == (y > 0.5)).float()
+    assert effect.accuracy_steered == pytest.approx(float(right.mean()))
+    assert effect.accuracy_clean == pytest.approx(float(((clean > 0) == (y > 0.5)).float().mean()))
+    assert torch.allclose(effect.class_accuracy_steered, right.mean(0))
+    assert torch.allclose(effect.predicted_steered, (steered > 0).float().mean(0))
+    assert torch.allclose(effect.logit_delta, (steered - clean).mean(0), atol=1e-5)
+    with pytest.raises(PrismaError, match="same kind of labels"):
+        steering_effect(model, add, [(x[:3], y[:3]), (x[3:], y[3:, 0].long())])
+
+
+def test_interventions_compose_at_one_hook_and_across_hooks(toy):
+    x = toy.x[:4]
+    first = AddFeature(toy.sae, 10, 1.0, scale=2.0)
+    second = AddFeature(toy.sae, 11, -0.5, scale=4.0)
+    both = AddFeature(toy.sae, [10, 11], [1.0, -0.5], scale=[2.0, 4.0])
+    with torch.no_grad():
+        with steer(toy.model, [first, second]):
+            _, stacked = read_hook(toy.model, x)
+        with steer(toy.model, both):
+            _, at_once = read_hook(toy.model, x)
+    assert torch.allclose(stacked, at_once, atol=1e-5)
+    # interventions at two hooks (another SAE, declared hook) both act in one forward
+    other = ReLUSAE(d_in=128, n_latents=8)
+    early = AddFeature(other, 3, 1.0, scale=1.0, hook="blocks.1.hook_resid_post")
+    with torch.no_grad():
+        with steer(toy.model, [first, early]):
+            toy.model(x)
+    assert first.calls == 1 and early.calls == 1  # each hook fired once in one forward
