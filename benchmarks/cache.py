@@ -48,7 +48,6 @@ def make_jpegs(folder: Path, n: int) -> None:
 
 def bench_writing(tmp: Path, n_images: int, batch_size: int, workers: int, rounds: int) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
     model = load_model(VIT_B16_CARD, weights=None, device=device)
     folder = tmp / "jpegs"
     make_jpegs(folder, n_images)

@@ -327,7 +327,7 @@ class ActivationDataset(IterableDataset):
         left: list[int] = []  # samples each open shard still holds, as the manifest says
         numbers: list[int] = []  # the number of each open shard's next sample
         paths: list[Path] = []
-        draws = rng.random(0)
+        draws: list[float] = []
         while True:
             while len(readers) < self.open_shards and (name := next(pending, None)) is not None:
                 paths.append(self.cache_dir / name)
@@ -336,13 +336,13 @@ class ActivationDataset(IterableDataset):
                 numbers.append(self._first_sample[name])
             if not readers:
                 return
-            if not len(draws):
-                draws = rng.random(1024)  # drawn in blocks: one generator call per 1024 samples
-            weights = np.maximum(np.asarray(left, np.float64), 1.0)
-            cumulative = np.cumsum(weights)
-            which = min(int(np.searchsorted(cumulative, draws[0] * cumulative[-1], "right")),
-                        len(readers) - 1)  # fmt: skip
-            draws = draws[1:]
+            if not draws:
+                draws = rng.random(1024).tolist()[::-1]  # one generator call per 1024 samples
+            target = draws.pop() * sum(max(n, 1) for n in left)
+            which = 0
+            while which < len(left) - 1 and target >= max(left[which], 1):
+                target -= max(left[which], 1)
+                which += 1
             sample = next(readers[which], None)
             if sample is None:  # this shard is done: the next one in the plan takes its place
                 for column in (readers, left, numbers, paths):
