@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 
 import pytest
@@ -661,3 +662,15 @@ def test_sae_modules_import_without_cycles_or_local_dodges():
     for module in graph:
         if module != "__init__":
             assert not reaches(module, module, {module}), f"import cycle through sae/{module}.py"
+
+
+def test_families_register_by_name_and_subclasses_keep_signature_not_the_name():
+    class Custom(S.TopKSAE):
+        """A user's variant that names no architecture of its own."""
+
+    assert S.ARCHITECTURES["topk"] is S.TopKSAE  # the variant does not take over "topk"
+    params = inspect.signature(Custom).parameters
+    assert {"d_in", "n_latents", "d_sae", "k", "seed"} <= set(params)
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values())
+    assert params["k"].annotation is int and params["k"].default == 32
+    assert Custom(S.TopKConfig(d_in=4, n_latents=8, k=2)).cfg.k == 2  # a config positionally

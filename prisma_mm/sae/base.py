@@ -376,7 +376,7 @@ class Dictionary(nn.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.architecture:
+        if cls.__dict__.get("architecture"):  # named in its own body: a subclass does not take over
             Dictionary.registry[cls.architecture] = cls
         if dataclasses.is_dataclass(cls.config_class):
             _declare_config_signature(cls)
