@@ -225,6 +225,10 @@ def test_reader_errors(cache, tmp_path):
         ActivationDataset(cache, SYNTHETIC_HOOKS[0], split="test")
     with pytest.raises(PrismaError, match="normalize='zscore'"):
         ActivationDataset(cache, SYNTHETIC_HOOKS[0], normalize="zscore")
+    with pytest.raises(PrismaError, match="open_shards=0: give an integer >= 1"):
+        ActivationDataset(cache, SYNTHETIC_HOOKS[0], open_shards=0)
+    with pytest.raises(PrismaError, match="batch_size=0: give an integer >= 1"):
+        ActivationDataset(cache, SYNTHETIC_HOOKS[0], batch_size=0)
     with pytest.raises(PrismaError, match="has no manifest.json"):
         ActivationDataset(tmp_path)
     (cache / "shard-000002.tar").rename(tmp_path / "moved.tar")

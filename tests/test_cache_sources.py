@@ -293,3 +293,7 @@ def test_tar_shards_are_visited_in_seeded_shard_order_through_a_buffer(tmp_path)
     keys = list(read_samples(tmp_path / "w0"))
     assert keys == list(read_samples(tmp_path / "w2")) and two["n_samples"] == 20
     assert keys == [r.key for r, _ in stream_in_order(source, 0)] and keys != natural
+    # a limited run grown to the end resumes the same shuffled stream
+    write_cache(model, pattern, tmp_path / "grown", "blocks.1.hook_resid_post", limit=7, **options)
+    write_cache(model, pattern, tmp_path / "grown", "blocks.1.hook_resid_post", **options)
+    assert list(read_samples(tmp_path / "grown")) == keys
