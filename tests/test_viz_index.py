@@ -292,3 +292,22 @@ def test_entry_scores_equal_a_dense_reduction():
     prefix, prefix_peak, _ = token_scores(code, "prefix", layout)
     assert torch.equal(prefix, code[:, :2].amax(dim=1))
     assert torch.equal(prefix_peak, code[:, :2].argmax(dim=1))
+
+
+def test_index_of_a_data_source_equals_the_index_of_its_cache(world, tmp_path):
+    """`prisma-mm index DICT IMAGES --model M` caches through the model, then indexes."""
+    from prisma_mm.cache import write_cache
+
+    images = str(world["root"] / "images")
+    out = tmp_path / "from_source"
+    argv = ["index", str(world["root"] / "sae"), images, "--model", "tiny-vit", "--weights",
+            "none", "--out", str(out), "--no-progress", "--top-n", "3"]  # fmt: skip
+    assert main(argv) == 0
+    assert (out / "cache" / "manifest.json").is_file()
+    write_cache("tiny-vit", images, tmp_path / "cache", [HOOK], weights=None, progress=False)
+    direct = build_index(world["root"] / "sae", tmp_path / "cache", tmp_path / "direct",
+                         IndexOptions(top_n=3), progress=False)  # fmt: skip
+    via = FeatureIndex.load(out)
+    assert via.keys == direct.keys and via.meta["n_inputs"] == 15
+    for name in ("top_value", "top_sample", "interval_sample", "hist_counts"):
+        assert getattr(via, name).numpy().tobytes() == getattr(direct, name).numpy().tobytes()

@@ -6,8 +6,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from prisma_mm.errors import PrismaError
-
 
 def add_index_parser(subparsers: Any) -> None:
     """Register ``prisma-mm index``."""
@@ -21,7 +19,15 @@ def add_index_parser(subparsers: Any) -> None:
         "one streaming pass (resumable: re-run the same command after an interruption).",
     )
     parser.add_argument("dictionary", help="saved dictionary directory (cfg.json + weights)")
-    parser.add_argument("source", help="activation cache directory (manifest.json + shards)")
+    parser.add_argument("source", help="an activation cache directory (manifest.json + "
+                        "shards), or a data source (image folder, class tree, list, tar "
+                        "shards) to run through the model first")  # fmt: skip
+    parser.add_argument("--model", default=None,
+                        help="for a data source: the model card (default: the dictionary's)")  # fmt: skip
+    parser.add_argument("--weights", default="pretrained",
+                        help="for a data source: pretrained, none (seeded random init) or a "
+                        "path")  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="for a data source: where the model runs")
     parser.add_argument("--out", default=None, help="output directory (default: DICT/index)")
     parser.add_argument("--hook", default=None, help="cached hook (default: the dictionary's)")
     parser.add_argument("--score", choices=SCORES, default=defaults.score,
@@ -45,7 +51,7 @@ def add_index_parser(subparsers: Any) -> None:
 
 def run_index(args: argparse.Namespace) -> int:
     """The handler of ``prisma-mm index``."""
-    from prisma_mm.viz.index import IndexOptions, build_index
+    from prisma_mm.viz.index import IndexOptions, build_index, build_index_from_source
 
     options = IndexOptions(
         score=args.score,
@@ -58,15 +64,20 @@ def run_index(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
     )
     source = Path(args.source)
-    if not source.is_dir():
-        raise PrismaError(
-            f"source {args.source!r} is not a directory: pass an activation cache written by "
-            "`prisma-mm cache`"
-        )
     out = Path(args.out) if args.out else Path(args.dictionary) / "index"
-    index = build_index(
-        args.dictionary, source, out, options, hook=args.hook, progress=not args.no_progress
-    )
+    if (source / "manifest.json").is_file():
+        index = build_index(
+            args.dictionary, source, out, options, hook=args.hook, progress=not args.no_progress
+        )
+    else:
+        from prisma_mm.data.sources import open_source
+
+        open_source(args.source)  # a path that is neither a cache nor a data source fails here
+        weights = None if args.weights == "none" else args.weights
+        index = build_index_from_source(
+            args.dictionary, args.source, out, options, model=args.model, weights=weights,
+            hook=args.hook, device=args.device, progress=not args.no_progress,
+        )  # fmt: skip
     alive = int((index.freq_token > 0).sum())
     print(
         f"indexed {index.n_latents} latents ({alive} fired) over {index.meta['n_inputs']} "

@@ -36,6 +36,7 @@ SCORES = ("max", "mean", "prefix")
 INDEX_TENSORS = "index.safetensors"
 INDEX_JSON = "index.json"
 STATE_FILE = "index-state.safetensors"
+SOURCE_CACHE = "cache"  # where build_index_from_source caches a data source, inside --out
 FORMAT = "prisma-mm-feature-index"
 VERSION = 1
 _EMPTY_HASH = torch.iinfo(torch.int64).max
@@ -583,10 +584,9 @@ def _octave_bin(values: Tensor, exponent: Tensor, n_bins: int) -> Tensor:
 def _ranked(group: Tensor, keys: Sequence[Tensor], k: int) -> tuple[Tensor, Tensor]:
     """Positions of the first ``k`` entries of each group when sorted by ``keys`` (ascending,
     the first key most significant), and their rank in the group."""
-    order = torch.arange(len(group))
-    for key in reversed(keys):
-        order = order[torch.sort(key[order], stable=True).indices]
-    order = order[torch.sort(group[order], stable=True).indices]
+    # numpy's lexsort: one stable multi-key sort, several times faster than chained torch sorts
+    columns = [key.numpy() for key in reversed(keys)] + [group.numpy()]
+    order = torch.from_numpy(np.lexsort(columns).astype(np.int64))
     sorted_group = group[order]
     starts = torch.ones_like(sorted_group, dtype=torch.bool)
     starts[1:] = sorted_group[1:] != sorted_group[:-1]
@@ -758,6 +758,43 @@ def build_index(
     return index
 
 
+def build_index_from_source(
+    dictionary: Any,
+    data: Any,
+    out: str | Path,
+    options: IndexOptions | None = None,
+    *,
+    model: str | None = None,
+    weights: str | None = "pretrained",
+    hook: str | None = None,
+    device: str = "cpu",
+    batch_size: int = 32,
+    progress: bool = True,
+) -> FeatureIndex:
+    """Index a data source run through the model: the cache writer streams ``data`` through
+    ``model`` (default: the dictionary's ``metadata["model"]``) into ``out/cache`` at ``hook``
+    (default ``metadata["hook"]``), then :func:`build_index` reads it. Both steps resume."""
+    from prisma_mm.cache import write_cache
+    from prisma_mm.zoo.registry import get_card
+
+    (options or IndexOptions()).check()
+    loaded, info = _load_dictionary(dictionary)
+    metadata = getattr(loaded, "metadata", {}) or {}
+    model = model or metadata.get("model")
+    hook = hook or metadata.get("hook")
+    if not model or not hook:
+        raise PrismaError(
+            "to index a data source the model and hook are needed: the dictionary's metadata "
+            "names none, so pass --model NAME and --hook HOOK (or index a cache directory)"
+        )
+    get_card(model)  # an unknown card fails here, before any work
+    out = Path(out)
+    if not (out / INDEX_JSON).is_file():  # a finished index needs no cache pass
+        write_cache(model, data, out / SOURCE_CACHE, [hook], weights=weights, device=device,
+                    batch_size=batch_size, progress=progress)  # fmt: skip
+    return build_index(dictionary, out / SOURCE_CACHE, out, options, hook=hook, progress=progress)
+
+
 def _index_shard(dictionary: Any, cache_dir: Path, manifest: dict[str, Any], shard: str,
                  hook: str, layout: TokenLayout, state: IndexState, bar: Any) -> None:  # fmt: skip
     """Encode one shard in batches of ``batch_samples`` inputs (never across shards, so a
@@ -786,7 +823,8 @@ def _index_shard(dictionary: Any, cache_dir: Path, manifest: dict[str, Any], sha
 def _finished(out: Path, identity: dict[str, Any]) -> FeatureIndex | None:
     """The complete index already in ``out`` for this identity; refuse a different one."""
     if not (out / INDEX_JSON).is_file():
-        if out.exists() and any(out.iterdir()) and not (out / STATE_FILE).exists():
+        others = [p for p in out.iterdir() if p.name != SOURCE_CACHE] if out.exists() else []
+        if others and not (out / STATE_FILE).exists():
             raise PrismaError(
                 f"--out {str(out)!r} is a non-empty directory holding no feature index: "
                 "choose a new directory"
@@ -1051,6 +1089,7 @@ __all__ = [
     "IndexState",
     "SampleImages",
     "build_index",
+    "build_index_from_source",
     "cached_layout",
     "check_index_inputs",
     "decoder_neighbours",
