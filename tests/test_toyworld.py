@@ -265,3 +265,35 @@ def test_shipped_toyvit_heldout_accuracy():
     images = [held["images"][i] for i in range(8)]
     with torch.no_grad():
         torch.testing.assert_close(zoo_model(zoo_model.preprocess(images)).sigmoid(), scores[:8])
+
+
+def test_sizes_and_output_folder_are_checked_before_drawing(tmp_path):
+    from prisma_mm.data.toyworld import MIN_SIZE, check_size
+
+    assert MIN_SIZE == 32 and check_size(32) == 32
+    for size in (4, 16, 31, 1025):
+        with pytest.raises(PrismaError, match=r"outside 32\.\.1024"):
+            ToyWorld(2, size=size)
+        with pytest.raises(PrismaError, match=r"outside 32\.\.1024"):
+            write_shards(tmp_path / "w", 2, size=size, progress=False)
+    assert not (tmp_path / "w").exists()  # refused before the folder was made
+    image, _ = ToyWorld(1, size=32)[0]
+    assert image.shape == (32, 32, 3)
+
+    # the same world again is rewritten with the same samples; another world is refused
+    def members(paths):
+        import tarfile
+
+        out = []
+        for path in paths:
+            with tarfile.open(path) as tar:
+                out += [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+        return out
+
+    first = write_shards(tmp_path / "w", 3, seed=2, shard_size=2, progress=False)
+    samples = members(first)
+    assert members(write_shards(tmp_path / "w", 3, seed=2, shard_size=2, progress=False)) == samples
+    shard_bytes = [p.read_bytes() for p in first]
+    with pytest.raises(PrismaError, match=r"other parameters \(n 3 there, 4 now\)"):
+        write_shards(tmp_path / "w", 4, seed=2, shard_size=2, progress=False)
+    assert [p.read_bytes() for p in first] == shard_bytes  # untouched

@@ -60,12 +60,13 @@ def _write_json(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-def check_output_file(path: str | Path, flag: str) -> Path:
-    """``path`` as a file to be written: refused when it is a directory or lies under a file."""
+def check_output_file(path: str | Path, flag: str, example: str = "report.json") -> Path:
+    """``path`` as a file to be written: refused when it is a directory, lies under a file, or
+    is the config or weights file of a saved dictionary."""
     path = Path(path)
     if path.is_dir():
         raise PrismaError(
-            f"{flag} {str(path)!r} is a directory: give a file path (e.g. {path / 'report.json'})"
+            f"{flag} {str(path)!r} is a directory: give a file path (e.g. {path / example})"
         )
     if (
         path.is_file()
@@ -100,6 +101,14 @@ def _check_parents(path: Path, flag: str) -> None:
             return
 
 
+def _check_device(args: argparse.Namespace) -> None:
+    """``--device`` must exist on this machine (checked first: one line, before any work)."""
+    from prisma_mm.zoo.registry import resolve_device
+
+    if args.device is not None:
+        resolve_device(args.device)
+
+
 def _load_dictionary(path: str, device: str | None) -> Any:
     from prisma_mm.sae import load
 
@@ -125,7 +134,7 @@ def _check_width(dictionary: Any, d: int, hooks: list[str], cache: str) -> None:
         sizes = ", ".join(f"{name}={size}" for name, size in wanted.items())
         raise PrismaError(
             f"the dictionary reads {sizes} but cache {cache!r} holds rows of width {d} at "
-            f"{', '.join(hooks)}: evaluate it on a cache of the hook it was trained on"
+            f"{', '.join(hooks)}: use a cache of the hook it was trained on"
         )
 
 
@@ -316,12 +325,13 @@ def image_batches(
 # ----- eval ----------------------------------------------------------------------------------
 def run_eval(args: argparse.Namespace) -> int:
     """``prisma-mm eval DICT --cache CACHE``: metrics JSON + table (+ spliced with --data)."""
+    _check_device(args)
     from prisma_mm.analysis.metrics import EmptyEvaluation, evaluate, plot_density_histogram
 
     folder = Path(args.dictionary)
-    out = check_output_file(args.out or folder / "eval.json", "--out")
+    out = check_output_file(args.out or folder / "eval.json", "--out", "eval.json")
     histogram = check_output_file(
-        args.histogram or out.with_name(out.stem + "_density.png"), "--histogram"
+        args.histogram or out.with_name(out.stem + "_density.png"), "--histogram", "density.png"
     )
     dictionary = _load_dictionary(args.dictionary, args.device)
     hooks = _hooks_of(dictionary, args.hook)
@@ -437,6 +447,7 @@ def _spliced(args: argparse.Namespace, task: dict[str, Any], dictionary: Any,
 # ----- stitch --------------------------------------------------------------------------------
 def run_stitch(args: argparse.Namespace) -> int:
     """``prisma-mm stitch SMALL LARGE --cache CACHE``: stitch.json + stitch.png."""
+    _check_device(args)
     from prisma_mm.analysis.stitching import Stitcher, plot_stitching, stitch
 
     out = check_output_dir(
@@ -503,6 +514,7 @@ def run_stitch(args: argparse.Namespace) -> int:
 # ----- meta-SAE ------------------------------------------------------------------------------
 def run_meta_sae(args: argparse.Namespace) -> int:
     """``prisma-mm meta-sae DICT``: the meta-SAE and its JSON export."""
+    _check_device(args)
     from prisma_mm.analysis.meta_sae import train_meta_sae
 
     out = check_output_dir(args.out or Path(args.dictionary) / "meta_sae", "--out")
@@ -538,9 +550,10 @@ def run_meta_sae(args: argparse.Namespace) -> int:
 # ----- compare -------------------------------------------------------------------------------
 def run_compare(args: argparse.Namespace) -> int:
     """``prisma-mm compare A B``: Hungarian matching of decoder directions."""
+    _check_device(args)
     from prisma_mm.analysis.matching import match_dictionaries
 
-    out = check_output_file(args.out, "--out") if args.out else None
+    out = check_output_file(args.out, "--out", "matching.json") if args.out else None
     a = _load_dictionary(args.a, args.device)
     b = _load_dictionary(args.b, args.device)
     result = match_dictionaries(a, b, threshold=args.threshold)
@@ -591,31 +604,8 @@ def _float_in(low: float, high: float, low_open: bool = False, high_open: bool =
     return parse
 
 
-def device_arg(text: str) -> str:
-    """An argparse type: a torch device that exists on this machine (``cpu``, ``cuda:1`` ...)."""
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(
-            f"unknown device {text!r}: use cpu, cuda, cuda:N or mps"
-        ) from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA GPU is available (use cpu)")
-        if device.index is not None and device.index >= count:
-            raise argparse.ArgumentTypeError(f"{text!r}: this machine has cuda:0-{count - 1}")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available here (use cpu)")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise argparse.ArgumentTypeError(f"device {text!r} is not supported: use cpu, cuda or mps")
-    return text
-
-
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--device", type=device_arg, default=None, help="torch device (default: cpu)"
-    )
+    parser.add_argument("--device", default=None, help="torch device (default: cpu)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
