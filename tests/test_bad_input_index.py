@@ -31,6 +31,9 @@ CASES = [
          "invalid choice"),
     Case("out-holds-other-files", ("index", "{tmp}/sae", "{tmp}/cache", "--out", "{tmp}/busy"),
          "non-empty directory", ("busy",)),
+    Case("out-holds-another-partial-index", ("index", "{tmp}/sae", "{tmp}/cache", "--out",
+                                             "{tmp}/partial", "--top-n", "5"),
+         "partial index of another", ("partial",)),
     Case("out-holds-another-index", ("index", "{tmp}/sae", "{tmp}/cache", "--out", "{tmp}/done",
                                      "--top-n", "5"), "another dictionary", ("done",)),
 ]  # fmt: skip
@@ -59,6 +62,11 @@ def tmp(tmp_path_factory):
     (root / "busy").mkdir()
     (root / "busy" / "notes.txt").write_text("mine")
     build_index(root / "sae", root / "cache", root / "done", IndexOptions(), progress=False)
+    # a checkpoint left by a killed run of other options
+    from prisma_mm.viz.index import STATE_FILE, IndexState, _atomic_bytes
+
+    (root / "partial").mkdir()
+    _atomic_bytes(root / "partial" / STATE_FILE, IndexState(8, IndexOptions()).to_bytes({"x": 1}))
     yield root
     torch.set_num_threads(threads)
 

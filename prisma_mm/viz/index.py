@@ -555,17 +555,26 @@ class IndexState:
     @classmethod
     def from_file(cls, path: Path, n_latents: int, options: IndexOptions,
                   identity: dict[str, Any]) -> IndexState | None:  # fmt: skip
-        """The checkpoint at ``path`` when it belongs to this same index, else None."""
+        """The checkpoint at ``path`` (None when there is none); a checkpoint of another
+        dictionary, cache or options is refused, not overwritten."""
         from safetensors import safe_open
 
+        if not path.is_file():
+            return None
         try:
             with safe_open(str(path), framework="pt") as handle:
                 record = json.loads(handle.metadata()["state"])
                 tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-        except (OSError, ValueError, KeyError, RuntimeError):
-            return None
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            raise PrismaError(
+                f"{path} is unreadable ({error.__class__.__name__}): delete it to start the "
+                "index afresh"
+            ) from error
         if record.get("identity") != identity:
-            return None
+            raise PrismaError(
+                f"{path.parent} holds a partial index of another dictionary, cache or "
+                "options: re-run that command to finish it, or choose a new --out"
+            )
         state = cls(n_latents, options)
         state.tensors.update(tensors)
         state.n_inputs = int(record["n_inputs"])
