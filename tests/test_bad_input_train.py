@@ -109,6 +109,12 @@ CASES = [
     Case(
         "hook-not-in-cache", (*FIT, RUNS, "--data.hooks=blocks.7.hook_resid_post"), "unknown hook"
     ),
+    Case(
+        "batch-size-indivisible-by-devices",
+        (*FIT, RUNS, "--trainer.devices=3", "--trainer.strategy=ddp"),
+        "not divisible by the 3",
+    ),
+    Case("max-steps-negative", (*FIT, RUNS, "--trainer.max_steps=-5"), "max_steps"),
     Case("batch-size-zero", (*FIT, RUNS, "--data.batch_size=0"), "data.batch_size"),
     Case("eval-fraction-one", (*FIT, RUNS, "--data.eval_fraction=1.0"), "eval_fraction"),
     Case("k-zero", (*FIT, RUNS, "--model.dictionary.init_args.k=0"), "k must be"),

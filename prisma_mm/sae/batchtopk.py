@@ -87,7 +87,7 @@ class BatchTopKActivation(Activation):
         code = batchtopk_encode(
             x_in, sae.encoder_weight(), sae.b_enc, local_k, center=sae.encoder_center()
         )
-        values = code.values.detach()
+        values = code.values.detach().float()  # gathered in float32 (any backend, bf16 too)
         candidates = values.new_full((total,), float("-inf"))
         top = values.topk(min(total, values.numel())).values
         candidates[: top.numel()] = top

@@ -188,10 +188,30 @@ def check_config(config: Namespace) -> None:
         )
     if "weights_only" in config:
         config.weights_only = True  # never torch's or an environment variable's default
+    processes = _process_count(config.get("trainer.devices"), config.get("trainer.num_nodes"))
+    batch_size = config.get("data.batch_size")
+    if processes and isinstance(batch_size, int) and batch_size > 0 and batch_size % processes:
+        raise PrismaError(
+            f"data.batch_size {batch_size} is not divisible by the {processes} training "
+            "processes (trainer.devices x trainer.num_nodes); make it a multiple so every step "
+            "trains on the same rows"
+        )
     data = config.get("data")
     if isinstance(data, Namespace):
         # the cache, its hooks and the data arguments, read from the manifest alone
         check_data_and_dictionary(ActivationDataModule(**data.as_dict()), config)
+
+
+def _process_count(devices: Any, num_nodes: Any) -> int | None:
+    """Training processes a ``trainer.devices`` / ``num_nodes`` pair asks for, when it says
+    (an int, a digit string or a device list; None for ``auto`` and ``-1``)."""
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if isinstance(devices, (list, tuple)):
+        devices = len(devices)
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices <= 0:
+        return None
+    return devices * (int(num_nodes) if isinstance(num_nodes, int) and num_nodes > 0 else 1)
 
 
 def check_data_and_dictionary(datamodule: ActivationDataModule, config: Namespace) -> None:
