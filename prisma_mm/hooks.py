@@ -50,7 +50,6 @@ BLOCK_HOOKS = (
     "hook_resid_post",
 )
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
-_PER_HEAD = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z")
 
 
 @dataclass(frozen=True)

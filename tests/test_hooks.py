@@ -572,3 +572,29 @@ def test_text_errors(clip):
         clip.text.run_with_cache([PROMPT_A], ["text.blocks.5.hook_resid_post"])
     with pytest.raises(PrismaError, match="has no text tower"):
         _ = prisma_mm.load_model("tiny-vit", weights=None).text
+
+
+def test_functions_on_one_hook_point_fire_in_the_order_given():
+    model = prisma_mm.load_model("tiny-vit", weights=None)
+    x = _input(model)
+    name = "blocks.0.hook_resid_post"
+    with torch.no_grad():
+        _, clean = model.run_with_cache(x, [name, "blocks.1.hook_resid_pre"])
+        seen = {}
+
+        def add_one(act, hook):
+            return act + 1
+
+        def double(act, hook):
+            return act * 2
+
+        def read(act, hook):
+            seen[hook.name] = act.clone()
+
+        with model.hooks({"blocks.1.hook_resid_pre": read, name: [add_one, double]}):
+            model(x)
+        assert torch.equal(seen["blocks.1.hook_resid_pre"], (clean[name] + 1) * 2)
+        model.run_with_hooks(
+            x, fwd_hooks=[(name, double), (name, add_one), ("blocks.1.hook_resid_pre", read)]
+        )
+        assert torch.equal(seen["blocks.1.hook_resid_pre"], clean[name] * 2 + 1)
