@@ -113,7 +113,7 @@ def test_latent_normalisation_shares_one_scale_and_image_gives_each_its_own():
             assert np.allclose(rgba[lit][:, :3], cmap(scaled)[:3])
     bar = shared.axes[-1]
     assert bar.get_ylim()[1] == pytest.approx(4.0)  # absolute units: the grid's maximum
-    assert shared.axes[0].get_xlabel().startswith("2\nlabel 0")
+    assert [t.get_text() for t in shared.axes[0].texts] == ["CLS", "2\nlabel 0"]
     with pytest.raises(PrismaError, match="normalize"):
         render_latent_grid(entries([1.0]), LAYOUT, normalize="global")
     with pytest.raises(PrismaError, match="colormap"):

@@ -31,6 +31,7 @@ from prisma_mm.errors import PrismaError
 from prisma_mm.hooks import TokenLayout
 from prisma_mm.viz.heatmaps import (
     DEFAULT_CMAP,
+    FRAME_GAP,
     NORMALIZATIONS,
     clear_axes,
     draw_token_map,
@@ -54,6 +55,7 @@ class GridEntry:
     value: float
     label: str | None = None
     key: str = ""
+    note: str = ""  # drawn after the value (e.g. an interval sample's bin)
 
 
 def _figure(n_rows: int, n_cols: int, cell: float, aspect: float, extra_w: float = 0.0):
@@ -68,7 +70,8 @@ def _figure(n_rows: int, n_cols: int, cell: float, aspect: float, extra_w: float
 
 def _caption(entry: GridEntry) -> str:
     label = "" if entry.label is None else f"\n{_short(str(entry.label), 22)}"
-    return f"{entry.value:.3g}{label}"
+    note = f"  {entry.note}" if entry.note else ""
+    return f"{entry.value:.3g}{note}{label}"
 
 
 def _short(text: str, limit: int) -> str:
@@ -113,7 +116,10 @@ def render_latent_grid(
         caption = _caption(entry)
         if normalize == "image":
             caption += f"  (max {vmax:.3g})"
-        ax.set_xlabel(caption, fontsize=8.5, labelpad=2)
+        frames, height, width = tmap.pixels.shape
+        middle = (frames * width + FRAME_GAP * (frames - 1)) / 2  # under the image, not the chips
+        ax.text(middle, height * 1.03, caption, ha="center", va="top", fontsize=8.5,
+                clip_on=False)  # fmt: skip
     bar_ax = figure.add_subplot(grid[:, n_cols])
     if normalize == "latent":
         scale, text = Normalize(0, shared), "activation"
@@ -259,10 +265,21 @@ def latent_grid(index: Any, dictionary: Any, latent: int, path: str | Path | Non
     images = images or SampleImages(index)
     maps = latent_token_maps(index, dictionary, cache_dir, latent, which)[:n]
     position = {key: i for i, key in enumerate(index.keys)}
+    edges = index.interval_edges[latent].tolist()
+
+    def note(value: float) -> str:
+        if which != "interval":
+            return ""
+        b = max(i for i in range(len(edges) - 1) if i == 0 or value >= edges[i])
+        low = "0" if b == 0 else f"{edges[b]:.3g}"
+        return f"bin [{low}, {edges[b + 1]:.3g})"
+
     entries = [
-        GridEntry(images(position[key]), values, value, label, key)
+        GridEntry(images(position[key]), values, value, label, key, note(value))
         for key, label, value, values in maps
     ]
+    if which == "interval":
+        options.setdefault("ncols", int(index.interval_value.shape[2]))
     freq = float(index.freq_token[latent])
     title = options.pop("title", None) or (
         f"latent {latent}  ·  {which} by {index.meta['score']} over patches  ·  "
