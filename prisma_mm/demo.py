@@ -246,12 +246,10 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     model = prisma_mm.load_model(config.model)
     model.hook_point(config.hook)  # an unknown hook fails here, before anything is written
     grid = model.layout.grid[1]
-    config.out.mkdir(parents=True, exist_ok=True)
-    (config.out / RUN_FILE).write_text(json.dumps(_run_settings(config), indent=1))
 
     print(f"[1/4] caching {config.model} {config.hook} over {config.n_train} toy-world images")
     cache_dir = config.out / "cache"
-    write_cache(
+    write_cache(  # checks the hook (and makes the folders) before it writes anything
         model,
         IndexedToyWorld(ToyWorld(config.n_train, seed=config.seed)),
         cache_dir,
@@ -260,6 +258,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         shard_size=1000,
         progress=config.progress,
     )
+    # recorded once the cache exists, so that a refused first run does not bar the next one
+    (config.out / RUN_FILE).write_text(json.dumps(_run_settings(config), indent=1))
 
     print(f"[2/4] training {', '.join(config.sae_names)} SAEs (prisma-mm train)")
     saved = {name: train_sae(config, name, cache_dir) for name in config.sae_names}

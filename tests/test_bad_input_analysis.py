@@ -117,6 +117,8 @@ CASES = [
     Case("demo-seed-negative", (*DEMO, "--seed", "-2"), "seed >= 0", ("demo_new",)),
     Case("demo-hook-unknown", (*DEMO, "--hook", "blocks.9.hook_resid_post"),
          "the model has blocks 0-5", ("demo_new",)),
+    Case("demo-hook-not-cacheable", (*DEMO, "--hook", "blocks.0.attn.hook_pattern"),
+         "attention pattern", ("demo_new",)),
     Case("demo-run-with-other-settings", ("demo", "--out", "{tmp}/demo_old", "--n-train", "300"),
          "other settings (n_train 200 there, 300 now)", ("demo_old",)),
 ]  # fmt: skip
