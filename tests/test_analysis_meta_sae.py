@@ -88,6 +88,12 @@ def test_meta_sae_options_and_errors():
     assert torch.count_nonzero(plain.meta.b_dec) == 0  # no decoder bias by default
     with pytest.raises(PrismaError, match="k must be"):
         train_meta_sae(sae, n_meta=3, k=4, steps=5, progress=False)
+    # API mistakes are refused before training, each in one line
+    for kwargs, message in [({"steps": 0}, "steps must be"), ({"lr": 0.0}, "lr must be"),
+                            ({"seed": -1}, "seed must be"), ({"n_meta": 0}, "n_meta must be"),
+                            ({"batch_size": 41}, "batch_size must be")]:  # fmt: skip
+        with pytest.raises(PrismaError, match=message):
+            train_meta_sae(sae, **{"steps": 5, "progress": False, **kwargs})
     with torch.no_grad():
         sae.W_dec[0].zero_()
     with pytest.raises(PrismaError, match="zero"):

@@ -179,6 +179,14 @@ def train_meta_sae(
     from prisma_mm.analysis.metrics import evaluate
     from prisma_mm.sae import BatchTopKSAE, fit_simple
 
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise PrismaError(f"steps must be a positive integer, got {steps!r}")
+    if not lr > 0:
+        raise PrismaError(f"lr must be positive, got {lr!r}")
+    if seed < 0:
+        raise PrismaError(f"seed must be >= 0, got {seed}")
+    if n_meta is not None and n_meta < 1:
+        raise PrismaError(f"n_meta must be a positive integer, got {n_meta}")
     rows = decoder_rows(dictionary)
     if device is not None:
         rows = rows.to(device)

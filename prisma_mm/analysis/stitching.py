@@ -583,6 +583,10 @@ def stitch(
     ``max_points`` members evenly spread over the sequence (all members when None)."""
     from prisma_mm.analysis.metrics import evaluate
 
+    if batch_size < 1 or not tolerance >= 0:
+        raise PrismaError(
+            f"batch_size must be >= 1 and tolerance >= 0, got {batch_size}, {tolerance}"
+        )
     stitcher = Stitcher(small, large)
     cos = decoder_cosines(large, small)
     classes = classify_latents(small, large, x, threshold, cos)
