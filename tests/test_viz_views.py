@@ -195,3 +195,29 @@ def test_grid_and_feature_map_from_an_index(indexed, tmp_path):
     result = image_feature_map(index, sae, int(index.top_sample[latent, 0]), tmp_path / "f.svg")
     assert latent in result.latents and all(0 <= i < 8 for i in result.latents)
     assert f"latents/{result.latents[0]}.html" in (tmp_path / "f.svg").read_text()
+
+
+def test_sample_images_resolve_tar_members(tmp_path):
+    """Toy-world shards cached through tiny-vit: each sample's image is re-read from its
+    `shard.tar#key` source and shown as the model saw it (resized to its 32 px input)."""
+    import prisma_mm
+    from prisma_mm.cache import write_cache
+    from prisma_mm.data.toyworld import ToyWorld, write_shards
+    from prisma_mm.sae import TopKSAE
+    from prisma_mm.viz.index import IndexOptions, SampleImages, build_index
+
+    write_shards(tmp_path / "world", 6, shard_size=3, progress=False)
+    torch.manual_seed(0)
+    model = prisma_mm.load_model("tiny-vit", weights=None)
+    shards = str(tmp_path / "world" / "toyworld-{000000..000001}.tar")
+    write_cache(model, shards, tmp_path / "cache", ["blocks.0.hook_resid_post"], progress=False)
+    sae = TopKSAE(d_in=32, n_latents=8, k=2, seed=0)
+    index = build_index(sae, tmp_path / "cache", tmp_path / "index", IndexOptions(),
+                        progress=False)  # fmt: skip
+    images = SampleImages(index)
+    world = ToyWorld(6, pil=True)
+    for sample, source in enumerate(index.sample_sources):
+        member = int(source.rsplit("#", 1)[1])
+        raw = np.asarray(images.raw(sample))
+        assert np.array_equal(raw, np.asarray(world[member][0]))  # the image of that key
+        assert images(sample).size == (32, 32)
