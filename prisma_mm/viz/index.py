@@ -873,12 +873,11 @@ def _finish(state: IndexState, dictionary: Any, info: dict[str, Any], manifest: 
     """Turn the state into a FeatureIndex: compact sample ids, edges, frequencies, neighbours."""
     options = state.options
     referenced = state.referenced()
-    remap = torch.full((max(state.n_inputs, 1),), -1, dtype=torch.long)
-    remap[referenced] = torch.arange(len(referenced))
     records = [state.samples[i] for i in referenced.tolist()]
 
     def compact(ids: Tensor) -> Tensor:
-        return torch.where(ids >= 0, remap[ids.clamp(min=0)], -1)
+        # a position's rank among the referenced ones (sorted): no table as long as the data
+        return torch.where(ids >= 0, torch.searchsorted(referenced, ids), -1)
 
     top_value = state.top_value.clone()
     top_value[top_value == -math.inf] = math.nan
