@@ -305,8 +305,8 @@ def iter_shard(cache_dir: Path, manifest: dict[str, Any], shard: str, hook: str,
         meta = json.loads(arrays["meta.json"])
         array = fmt.decode_npy(arrays[member])
         acts = fmt.to_torch(np.array(array), manifest["dtype"]).float()
-        label = meta.get("label")
-        return CacheSample(current, None if label is None else str(label), str(meta.get("source")), acts)  # type: ignore[arg-type]  # fmt: skip
+        label = None if meta.get("label") is None else str(meta["label"])
+        return CacheSample(str(current), label, str(meta.get("source")), acts)
 
     try:
         with tarfile.open(path, mode="r|") as tar:
@@ -656,13 +656,6 @@ def _load_dictionary(dictionary: Any) -> tuple[Any, dict[str, Any]]:
         }
     )
     return loaded.eval(), info
-
-
-def check_index_inputs(dictionary: Any, cache_dir: str | Path, hook: str | None = None,
-                       options: IndexOptions | None = None) -> None:  # fmt: skip
-    """Refuse bad inputs before any work (one PrismaError line each)."""
-    (options or IndexOptions()).check()
-    _prepare(dictionary, cache_dir, hook, options or IndexOptions(), None)
 
 
 def _prepare(dictionary: Any, cache_dir: str | Path, hook: str | None, options: IndexOptions,
@@ -1099,7 +1092,6 @@ __all__ = [
     "build_index",
     "build_index_from_source",
     "cached_layout",
-    "check_index_inputs",
     "decoder_neighbours",
     "entry_scores",
     "iter_shard",
