@@ -66,7 +66,7 @@ MARKER = "prisma-browser.json"
 SHARD_SIZE = 1000
 CLASS_NAMES = ("novel", "reconstruction", "inactive")
 MAX_META_MEMBERS = 16  # other members listed per meta-latent on a latent page
-_CHUNK = 32  # latents whose thumbnails are drawn from one read of their samples' codes
+_CHUNK_BYTES = 256 << 20  # token values held at once while drawing a chunk of latents
 
 
 # ----- where things go -----------------------------------------------------------------------
@@ -557,9 +557,10 @@ def build_browser(
     drawn = np.zeros(n, dtype=bool)
     if source is not None and top_images > 0:
         drawn = (tables.max_value > 0) & (tables.top_sample[:, 0] >= 0)
+    size = _chunk_size(index, top_images, interval_images) if drawn.any() else SHARD_SIZE
     bar = tqdm(total=n, desc="browser pages", unit="latent", disable=not progress)
-    for start in range(0, n, _CHUNK):
-        chunk = range(start, min(n, start + _CHUNK))
+    for start in range(0, n, size):
+        chunk = range(start, min(n, start + size))
         thumbs = _draw_chunk(work, source, tables, [i for i in chunk if drawn[i]],
                              top_images, interval_images)  # fmt: skip
         for latent in chunk:
@@ -617,6 +618,15 @@ def _write_tables(work: Path, t: _Tables, extras: BrowserExtras, n: int) -> None
         (work / table_data_path(shard)).write_text(_script("table", shard, data))
 
 
+def _chunk_size(index: FeatureIndex, top_images: int, interval_images: int) -> int:
+    """Latents drawn from one read of their samples: as many as keep the token values
+    (``samples x tokens x latents`` floats, both counts growing with the chunk) in budget, so
+    that a sample shared by many latents is re-read and re-encoded as few times as possible."""
+    per_latent = top_images + interval_images * index.interval_sample.shape[1]
+    floats = 4 * max(per_latent, 1) * index.layout.n_tokens
+    return int(np.clip(math.sqrt(_CHUNK_BYTES / floats), 8, 1024))
+
+
 def _draw_chunk(
     work: Path,
     source: SampleSource | None,
@@ -648,7 +658,7 @@ def _draw_chunk(
             thumb = render_thumbnail(
                 images[sample], token_values, source.layout, t.max_value[latent]
             )
-            thumb.save(work / rel, optimize=True)
+            thumb.save(work / rel)  # optimize=True is 10x slower for 7% smaller files
             paths[j] = rel
         return paths
 
