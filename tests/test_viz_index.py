@@ -253,6 +253,12 @@ def test_resume_after_sigkill_is_bit_identical(world, tmp_path):
     assert {k: v for k, v in a.meta.items() if k != "created"} == {
         k: v for k, v in b.meta.items() if k != "created"
     }
+    # a run killed while writing its first checkpoint leaves only a partial .tmp: resumable
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    (torn / (STATE_FILE + ".tmp")).write_bytes(b"partial")
+    assert main([*argv[:4], str(torn), *argv[5:]]) == 0
+    assert FeatureIndex.load(torn).top_value.numpy().tobytes() == b.top_value.numpy().tobytes()
     # re-running a finished index does no work and changes nothing
     before = (killed / "index.safetensors").read_bytes()
     assert main(argv) == 0

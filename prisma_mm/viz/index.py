@@ -825,7 +825,8 @@ def _index_shard(dictionary: Any, cache_dir: Path, manifest: dict[str, Any], sha
 def _finished(out: Path, identity: dict[str, Any]) -> FeatureIndex | None:
     """The complete index already in ``out`` for this identity; refuse a different one."""
     if not (out / INDEX_JSON).is_file():
-        others = [p for p in out.iterdir() if p.name != SOURCE_CACHE] if out.exists() else []
+        ours = {SOURCE_CACHE, STATE_FILE + ".tmp", INDEX_TENSORS + ".tmp", INDEX_JSON + ".tmp"}
+        others = [p for p in out.iterdir() if p.name not in ours] if out.exists() else []
         if others and not (out / STATE_FILE).exists():
             raise PrismaError(
                 f"--out {str(out)!r} is a non-empty directory holding no feature index: "
