@@ -27,7 +27,8 @@ def add_index_parser(subparsers: Any) -> None:
     parser.add_argument("--weights", default="pretrained",
                         help="for a data source: pretrained, none (seeded random init) or a "
                         "path")  # fmt: skip
-    parser.add_argument("--device", default="cpu", help="for a data source: where the model runs")
+    parser.add_argument("--device", default="cpu",
+                        help="where the dictionary (and, for a data source, the model) runs")  # fmt: skip
     parser.add_argument("--out", default=None, help="output directory (default: DICT/index)")
     parser.add_argument("--hook", default=None, help="cached hook (default: the dictionary's)")
     parser.add_argument("--score", choices=SCORES, default=defaults.score,
@@ -67,8 +68,9 @@ def run_index(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.dictionary) / "index"
     if (source / "manifest.json").is_file():
         index = build_index(
-            args.dictionary, source, out, options, hook=args.hook, progress=not args.no_progress
-        )
+            args.dictionary, source, out, options, hook=args.hook,
+            progress=not args.no_progress, device=args.device,
+        )  # fmt: skip
     else:
         from prisma_mm.data.sources import open_source
 

@@ -337,7 +337,7 @@ def _sparse_code(dictionary: Any, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     encode_sparse = getattr(dictionary, "encode_sparse", None)
     if encode_sparse is not None:
         values, latents = encode_sparse(x)
-        rows = torch.arange(values.shape[0]).unsqueeze(1).expand_as(values)
+        rows = torch.arange(values.shape[0], device=values.device).unsqueeze(1).expand_as(values)
     else:
         code = dictionary.encode(x)
         rows, latents = torch.nonzero(code, as_tuple=True)
@@ -704,9 +704,12 @@ def build_index(
     layout: TokenLayout | None = None,
     progress: bool = True,
     on_checkpoint: Callable[[IndexState], None] | None = None,
+    device: str | torch.device = "cpu",
 ) -> FeatureIndex:
     """Index ``dictionary`` (a saved directory or a Dictionary) over the cache ``cache_dir``
     and save it to ``out``; resumes from ``out``'s checkpoint when it holds this same index.
+    The encode runs on ``device`` (a Dictionary passed in is moved there); the state stays on
+    the CPU, so only the sparse code crosses.
 
     ``on_checkpoint(state)`` is called after each checkpoint is written (tests use it).
     """
@@ -718,6 +721,7 @@ def build_index(
     dictionary, info, manifest, hook, layout = _prepare(
         dictionary, cache_dir, hook, options, layout
     )
+    dictionary = dictionary.to(device)
     shards = [s["name"] for s in manifest["shards"]]
     identity = {
         "dictionary": info["sha256"],
@@ -794,7 +798,8 @@ def build_index_from_source(
     if not (out / INDEX_JSON).is_file():  # a finished index needs no cache pass
         write_cache(model, data, out / SOURCE_CACHE, [hook], weights=weights, device=device,
                     batch_size=batch_size, progress=progress)  # fmt: skip
-    return build_index(dictionary, out / SOURCE_CACHE, out, options, hook=hook, progress=progress)
+    return build_index(dictionary, out / SOURCE_CACHE, out, options, hook=hook,
+                       progress=progress, device=device)  # fmt: skip
 
 
 def _index_shard(dictionary: Any, cache_dir: Path, manifest: dict[str, Any], shard: str,
@@ -813,8 +818,9 @@ def _index_shard(dictionary: Any, cache_dir: Path, manifest: dict[str, Any], sha
             for i, item in zip(ids.tolist(), batch, strict=True):
                 state.samples[i] = (item.key, item.label, item.source, shard)
             hashes = torch.tensor([key_hash(s.key) for s in batch], dtype=torch.long)
-            x = torch.cat([s.acts for s in batch])
-            rows, latents, values = _sparse_code(dictionary, x)
+            device = dictionary.W_dec.device
+            x = torch.cat([s.acts for s in batch]).to(device)
+            rows, latents, values = (t.cpu() for t in _sparse_code(dictionary, x))
             state.add_batch(ids, hashes, rows, latents, values, layout.n_tokens, layout)
             bar.update(len(batch))
             batch = []
@@ -854,10 +860,11 @@ def decoder_neighbours(dictionary: Any, k: int, chunk: int = 2048) -> tuple[Tens
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         sims = unit[start:stop] @ unit.T
-        sims[torch.arange(stop - start), torch.arange(start, stop)] = -math.inf
-        top = sims.topk(k, dim=1) if k else None
-        if top is not None:
-            cos[start:stop], ids[start:stop] = top.values, top.indices
+        rows = torch.arange(stop - start, device=sims.device)
+        sims[rows, rows + start] = -math.inf
+        if k:
+            top = sims.topk(k, dim=1)
+            cos[start:stop], ids[start:stop] = top.values.cpu(), top.indices.cpu()
     return ids, cos
 
 
@@ -978,7 +985,7 @@ def sample_codes(index: FeatureIndex, dictionary: Any, samples: Sequence[int],
     with torch.inference_mode():
         for shard, by_key in wanted.items():
             for item in iter_shard(cache_dir, manifest, shard, hook, set(by_key)):
-                code = dictionary.encode(item.acts)
+                code = dictionary.encode(item.acts.to(dictionary.W_dec.device)).cpu()
                 selected = code[:, columns].unsqueeze(0)  # [1, T, n_latents]
                 _, _, values = token_scores(selected, index.meta["score"], index.layout)
                 out[by_key[item.key]] = values[0].contiguous()
