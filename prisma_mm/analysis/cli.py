@@ -183,7 +183,8 @@ def load_cache_rows(
         raise PrismaError(f"max_tokens must be positive, got {max_tokens}")
     ds = _dataset(cache, hooks, split, eval_fraction, 8192)
     generator = torch.Generator().manual_seed(seed)
-    rows: torch.Tensor | None = None  # [max_tokens, ...] reservoir
+    expected = ds.n_rows + ds.n_rows // 16 + 1  # exact for split all, else about that
+    rows: torch.Tensor | None = None  # [<= max_tokens, ...] reservoir
     keys = torch.empty(0)
     filled = 0
     bar = tqdm(total=ds.n_rows, desc="sample rows", unit="tok", unit_scale=True,
@@ -191,18 +192,24 @@ def load_cache_rows(
     for batch in ds:
         bar.update(batch.shape[0])
         batch_keys = torch.rand(batch.shape[0], generator=generator)
-        if rows is None:
-            rows = batch.new_empty((max_tokens, *batch.shape[1:]))
-            keys = torch.empty(max_tokens)
         room = max_tokens - filled
         if room > 0:  # filling: take rows as they come
             take = min(room, batch.shape[0])
+            if rows is None or filled + take > rows.shape[0]:
+                # grow towards max_tokens (a huge --max-tokens on a small split stays small)
+                size = min(max_tokens, max(filled + take, 2 * filled, expected))
+                grown = batch.new_empty((size, *batch.shape[1:]))
+                grown_keys = torch.empty(size)
+                if rows is not None:
+                    grown[:filled], grown_keys[:filled] = rows[:filled], keys[:filled]
+                rows, keys = grown, grown_keys
             rows[filled : filled + take] = batch[:take]
             keys[filled : filled + take] = batch_keys[:take]
             filled += take
             batch, batch_keys = batch[take:], batch_keys[take:]
         if batch.shape[0] == 0:
             continue
+        assert rows is not None and rows.shape[0] == max_tokens
         enter = batch_keys < keys.max()  # only these can be among the smallest keys
         if not bool(enter.any()):
             continue
