@@ -39,6 +39,8 @@ CASES = [
     Case("order-seed-garbage", (*NEW, "--order-seed", "shuffle"), "--order-seed 'shuffle'"),
     Case("order-seed-negative", (*NEW, "--order-seed", "-1"), "non-negative integer"),
     Case("device-unknown", (*NEW, "--device", "gpu"), "unknown device 'gpu'"),
+    Case("img-size-not-a-patch-multiple", (*NEW, "--img-size", "30"), "not a multiple"),
+    Case("img-size-0", (*NEW, "--img-size", "0"), "give a positive number of pixels"),
     Case(
         "model-unknown",
         (

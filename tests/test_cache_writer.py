@@ -358,3 +358,19 @@ def test_the_writer_asks_run_with_cache_to_stop_after_the_last_hook(model, image
     monkeypatch.setattr(model, "run_with_cache", spy)
     _write(model, images, tmp_path / "c", hooks=HOOKS[:1])
     assert len(calls) == 1 + 3 and set(calls) == {"auto"}  # the probe, then 3 batches of 4
+
+
+def test_img_size_builds_the_card_at_that_input_size(images, tmp_path, capsys):
+    manifest = write_cache("tiny-vit", str(images), tmp_path / "c48", HOOKS[:1], weights=None,
+                           img_size=48, limit=2, progress=False)  # fmt: skip
+    assert manifest["shapes"][HOOKS[0]] == [1 + 6 * 6, 32]  # 8 px patches on 48 px
+    assert manifest["layout"]["input_size"] == [48, 48]
+    from prisma_mm.cli import main
+
+    argv = ["cache", "--model", "tiny-vit", "--weights", "none", "--hooks", HOOKS[0], "--data",
+            str(images), "--out", str(tmp_path / "cli"), "--img-size", "48", "--limit", "2",
+            "--workers", "0", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert read_manifest(tmp_path / "cli")["shapes"] == manifest["shapes"]
+    with pytest.raises(PrismaError, match="img_size applies to a model card name"):
+        write_cache(seeded_tiny_vit(0), str(images), tmp_path / "x", HOOKS, img_size=48)

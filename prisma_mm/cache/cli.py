@@ -38,6 +38,7 @@ def _write(args: argparse.Namespace) -> int:
         device=args.device,
         limit=args.limit,
         order_seed=args.order_seed,
+        img_size=args.img_size,
         progress=not args.quiet,
     )
     shapes = ", ".join(f"{h} {manifest['shapes'][h]}" for h in manifest["hooks"])
@@ -98,6 +99,12 @@ def add_cache_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--shard-size", type=int, default=256, help="inputs per shard (256)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, …")
     parser.add_argument("--limit", type=int, default=None, help="read at most this many inputs")
+    parser.add_argument(
+        "--img-size",
+        type=int,
+        default=None,
+        help="run the model at this input size in pixels (default: the card's), e.g. 224",
+    )
     parser.add_argument(
         "--order-seed",
         default="0",

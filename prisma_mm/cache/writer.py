@@ -351,6 +351,7 @@ def write_cache(
     device: str | torch.device = "cpu",
     limit: int | None = None,
     order_seed: int | None = DEFAULT_ORDER_SEED,
+    img_size: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Stream ``data`` through ``model`` and cache the activations at ``hooks`` in ``out``.
@@ -361,8 +362,9 @@ def write_cache(
     ``all`` | ``cls`` | ``patches`` | index list) in ``dtype`` (float16, bfloat16, float32).
     ``shard_size`` inputs per shard; ``limit`` caps the number of inputs read. Inputs are
     visited in a random order seeded by ``order_seed`` (None: the source's own order), so
-    that shards of a class-sorted data set are mixed. Re-running the same call resumes an
-    interrupted cache. Returns the manifest.
+    that shards of a class-sorted data set are mixed. ``img_size``: build the card at this
+    input size (see :func:`~prisma_mm.zoo.registry.load_model`; a card name only).
+    Re-running the same call resumes an interrupted cache. Returns the manifest.
     """
     _check_counts(batch_size, workers, shard_size, limit)
     order_seed = parse_order_seed(order_seed)
@@ -372,9 +374,14 @@ def write_cache(
     out = Path(out).expanduser()
     _check_out(out)
     if isinstance(model, str):
-        from prisma_mm.zoo.registry import resolve_device
+        from prisma_mm.zoo.registry import check_img_size, get_card, resolve_device
 
         device = resolve_device(device)  # an unknown or absent device: one line, before work
+        check_img_size(get_card(model), img_size)
+    elif img_size is not None:
+        raise PrismaError(
+            "img_size applies to a model card name: build the HookedModel at that size instead"
+        )
     source = open_source(data)
     if source.kind not in PREPARERS:
         raise PrismaError(
@@ -386,7 +393,7 @@ def write_cache(
             f"data source {_describe_short(source)} has no inputs (no image files found)"
         )
     model, new = _prepare_model(
-        model, weights, device, hooks, token_spec, dtype_name, source, shard_size, limit
+        model, weights, device, hooks, token_spec, dtype_name, source, shard_size, limit, img_size
     )
     new["order"] = describe_order(source, order_seed)
     lock = _prepare_out(out)
@@ -406,12 +413,13 @@ def _prepare_model(
     source: Source,
     shard_size: int,
     limit: int | None,
+    img_size: int | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Load the model, check the hooks, find their shapes; returns (model, new manifest)."""
     if isinstance(model, str):
         from prisma_mm.zoo.registry import load_model
 
-        model = load_model(model, weights=weights, device=device)
+        model = load_model(model, weights=weights, device=device, img_size=img_size)
         weights_label = weights
     else:
         weights_label = "object"
