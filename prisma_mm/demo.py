@@ -40,12 +40,17 @@ class DemoConfig:
     k: int = 16
     meta_steps: int = 1000
     stitch_points: int = 24
+    browser: bool = True  # index the large TopK SAE and write its feature browser
+    top_images: int = 8  # browser thumbnails per latent: top samples ...
+    interval_images: int = 2  # ... and samples per interval bin
     progress: bool = True
     sae_names: list[str] = field(default_factory=lambda: ["topk", "matryoshka", "topk-small"])
 
 
 class IndexedToyWorld(torch.utils.data.Dataset):
-    """Toy-world images labelled by their index (the key back to every ground-truth label)."""
+    """Toy-world images labelled by their first object (``"red circle"``), so that a feature
+    index's label mix reads as objects; the source ``IndexedToyWorld[i]`` keeps the index
+    back to every ground-truth label."""
 
     def __init__(self, world: Any) -> None:
         self.world = world
@@ -53,9 +58,10 @@ class IndexedToyWorld(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.world)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+    def __getitem__(self, i: int) -> tuple[np.ndarray, str]:
         image, labels = self.world[i]
-        return image, int(labels["index"])
+        first = labels["objects"][0]
+        return image, f"{first['colour']} {first['shape']}"
 
 
 def _recipes(config: DemoConfig) -> dict[str, list[str]]:
@@ -189,11 +195,11 @@ def evaluate_sae(
     data: HeldOut,
     hook: str,
     means: dict[str, Tensor] | None = None,
-) -> tuple[dict[str, Any], Any]:
+) -> tuple[dict[str, Any], Any, Any]:
     """Reconstruction metrics (analysis.metrics), spliced-in accuracy (analysis.spliced, on
     toyvit's multi-label task) and ground-truth recovery of one SAE on the held-out images.
-    Returns the summary row and the spliced result (with ``means`` ({hook: [d]}), also the
-    mean-ablated run)."""
+    Returns the summary row, the spliced result (with ``means`` ({hook: [d]}), also the
+    mean-ablated run) and the ground-truth report."""
     from prisma_mm.analysis.ground_truth import score_ground_truth
     from prisma_mm.analysis.metrics import evaluate
     from prisma_mm.analysis.spliced import spliced_eval
@@ -230,7 +236,7 @@ def evaluate_sae(
         "splice_identity_error": spliced.max_abs_error_with_error,
         "ground_truth": report.summary(),
     }
-    return row, spliced
+    return row, spliced, report
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
@@ -276,10 +282,12 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     for name, path in saved.items():
         sae = load_dictionary(path).eval()
         # the clean and mean-ablated runs do not depend on the SAE: measured with the first
-        results[name], spliced = evaluate_sae(
+        results[name], spliced, report = evaluate_sae(
             model, sae, data, config.hook, None if accuracy else means
         )
         results[name]["path"] = str(path)
+        # per-value best latents, for the browser's ground-truth column
+        (config.out / f"ground_truth_{name}.json").write_text(json.dumps(report.to_dict()))
         if not accuracy:
             accuracy = {
                 "clean_accuracy": spliced.modes["clean"].accuracy,
@@ -299,13 +307,64 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
             config, large, patch_flat, data.patch_labels.reshape(-1, len(VALUE_NAMES))
         )
 
+    if config.browser and "topk" in saved:
+        print("[3c] indexing the TopK SAE's latents and writing its feature browser")
+        summary["browser"] = browser_stage(config, saved["topk"], cache_dir, "stitching" in summary)
+
     print("[4/4] writing the summary")
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
     table = summary_table(summary)
     (config.out / "summary.md").write_text(table + "\n")
     print(table)
+    if "browser" in summary:
+        print(f"feature browser: open {summary['browser']['index_html']} in a web browser")
     return summary
+
+
+def browser_stage(
+    config: DemoConfig, sae_path: Path, cache_dir: Path, with_stitching: bool
+) -> dict[str, Any]:
+    """The feature index of the large TopK SAE over the training cache (beside the SAE), and
+    its offline browser in ``out/browser`` with stitching classes, meta-SAE membership and
+    the best ground-truth factor of each latent."""
+    from prisma_mm.data.toyworld import ToyWorld
+    from prisma_mm.sae import load as load_dictionary
+    from prisma_mm.viz.browser import (
+        BrowserExtras,
+        CacheSamples,
+        build_browser,
+        read_ground_truth,
+        read_meta_sae,
+        read_stitching,
+    )
+    from prisma_mm.viz.index import build_index
+
+    sae = load_dictionary(sae_path).eval()
+    index = build_index(sae, cache_dir, sae_path / "index", progress=config.progress)
+    n = index.n_latents
+    extras = BrowserExtras(
+        stitching=read_stitching(config.out / "stitching.json", n) if with_stitching else None,
+        meta_sae=read_meta_sae(config.out / "meta_sae", n) if with_stitching else None,
+        ground_truth=read_ground_truth(config.out / "ground_truth_topk.json", n),
+    )
+    world = IndexedToyWorld(ToyWorld(config.n_train, seed=config.seed))
+    html = build_browser(
+        index,
+        config.out / "browser",
+        source=CacheSamples(index, sae, cache_dir, dataset=world),
+        extras=extras,
+        top_images=config.top_images,
+        interval_images=config.interval_images,
+        title=f"prisma-mm demo · TopK SAE ({n} latents) on toyvit {config.hook}",
+        progress=config.progress,
+    )
+    return {
+        "index": str(sae_path / "index"),
+        "index_html": str(html),
+        "n_latents": n,
+        "latents_never_fired": int((index.freq_token == 0).sum()),
+    }
 
 
 def stitching_stage(config: DemoConfig, small: Any, large: Any, rows: Tensor) -> dict[str, Any]:
@@ -315,9 +374,7 @@ def stitching_stage(config: DemoConfig, small: Any, large: Any, rows: Tensor) ->
 
     result = stitch(small, large, rows, max_points=config.stitch_points, progress=config.progress)
     plot_stitching(result, config.out / "stitching.png")
-    (config.out / "stitching.json").write_text(
-        json.dumps(result.to_dict(per_latent=False), indent=1)
-    )
+    (config.out / "stitching.json").write_text(json.dumps(result.to_dict(per_latent=True)))
     classes = result.classes
     return {
         **classes.counts(),

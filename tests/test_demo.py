@@ -194,6 +194,42 @@ def test_numbers_lie_where_working_stages_put_them(demo_run):
     assert 0.0 <= meta["factor_purity"] <= 1.0 and 0.0 <= meta["shuffled_purity"] <= 1.0
 
 
+def _script_payload(path):
+    """The JSON object a browser data script hands to its callback: ``PRISMA.x(k, {...})``."""
+    text = path.read_text()
+    return json.loads(text[text.index("{") : text.rindex("}") + 1])
+
+
+def test_demo_writes_the_index_and_browser_of_its_topk_sae(demo_run):
+    from prisma_mm.viz.index import FeatureIndex
+
+    summary = json.loads((demo_run / "summary.json").read_text())
+    browser = summary["browser"]
+    index = FeatureIndex.load(browser["index"])
+    assert index.n_latents == browser["n_latents"] == 256 and index.meta["complete"]
+    assert index.meta["n_inputs"] == 200 and index.meta["n_tokens"] == 200 * 65
+    # labels are the images' first objects, so a label mix reads as objects
+    assert index.label_names and all(len(name.split()) == 2 for name in index.label_names)
+    html = demo_run / "browser" / "index.html"
+    assert browser["index_html"] == str(html) and html.is_file()
+    table = _script_payload(demo_run / "browser" / "data" / "table" / "00000.js")
+    assert table["count"] == 256
+    # the stitching classes shown are the stitching's: 0 novel, 1 reconstruction, 2 inactive
+    stitched = json.loads((demo_run / "stitching.json").read_text())["classes"]
+    st = summary["stitching"]
+    counts = [table["stitch"].count(c) for c in range(3)]
+    assert sum(counts) == 256 and counts[2] == st["n_inactive"] == stitched["n_inactive"]
+    # every latent that fires has a page with thumbnails that exist; meta-SAE ids are in range
+    fired = int((index.freq_token > 0).sum())
+    assert fired == 256 - browser["latents_never_fired"] and fired > 128
+    latent = int(index.freq_token.argmax())
+    page = _script_payload(demo_run / "browser" / "data" / "latents" / "000" / f"{latent:06d}.js")
+    assert page["id"] == latent and page["thumbs"] and page["max"] > 0
+    assert page["max"] == pytest.approx(float(index.max_value[latent]), rel=1e-3)
+    assert all(0 <= m["m"] < 64 for m in page.get("meta", []))
+    assert len(list((demo_run / "browser" / "thumbs").rglob("*.png"))) >= 8 * fired // 2
+
+
 def test_rerun_reuses_and_other_settings_are_refused(demo_run, capsys):
     import prisma_mm.demo as demo
 

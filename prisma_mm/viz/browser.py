@@ -291,14 +291,21 @@ class SampleSource(Protocol):
 
 class CacheSamples:
     """A :class:`SampleSource` over the cache an index was built on: activations re-read
-    from its shards and encoded by ``dictionary``, images through the samples' sources."""
+    from its shards and encoded by ``dictionary``, images through the samples' sources
+    (``dataset``: the Python Dataset a cache was written from, when its sources are items)."""
 
-    def __init__(self, index: FeatureIndex, dictionary: Any, cache_dir: str | Path | None = None):
+    def __init__(
+        self,
+        index: FeatureIndex,
+        dictionary: Any,
+        cache_dir: str | Path | None = None,
+        dataset: Any = None,
+    ):
         from prisma_mm.viz.index import SampleImages
 
         self.index, self.dictionary, self.cache_dir = index, dictionary, cache_dir
         self.layout = index.layout
-        self._images = SampleImages(index)
+        self._images = SampleImages(index, dataset=dataset)
 
     def token_values(self, samples: Sequence[int], latents: Sequence[int]) -> dict[int, Tensor]:
         from prisma_mm.viz.index import sample_codes
