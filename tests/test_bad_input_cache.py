@@ -96,6 +96,19 @@ CASES = [
         "attention pattern",
     ),  # fmt: skip
     Case(
+        "hooks-text-tower",
+        (
+            *WRITE,
+            "--data",
+            "{tmp}/images",
+            "--out",
+            "{tmp}/new",
+            "--hooks",
+            "text.blocks.0.hook_resid_post",
+        ),
+        "is on the text tower",
+    ),  # fmt: skip
+    Case(
         "data-missing", (*WRITE, "--data", "{tmp}/nowhere", "--out", "{tmp}/new"), "does not exist"
     ),
     Case(

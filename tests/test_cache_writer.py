@@ -81,6 +81,19 @@ def test_cache_holds_the_models_activations_and_a_full_manifest(model, images, t
             np.testing.assert_allclose(sample[hook], expected[hook], atol=1e-5)
 
 
+def test_per_head_hooks_are_stored_with_heads_concatenated(model, images, tmp_path):
+    hooks = ["blocks.0.attn.hook_z", "blocks.1.attn.hook_q"]
+    manifest = _write(model, images, tmp_path / "cache", hooks=hooks)
+    heads = model.run_with_cache(model.preprocess([load_image(next(images.iterdir()))]), hooks)[1]
+    n_heads, d_head = heads["blocks.0.attn.hook_z"].shape[2:]
+    assert n_heads > 1 and manifest["shapes"] == {h: [17, n_heads * d_head] for h in hooks}
+    for sample in read_samples(tmp_path / "cache").values():
+        expected = _expected(model, sample["meta"]["source"], hooks)
+        for hook in hooks:
+            flat = expected[hook].reshape(17, -1)  # [tokens, heads, d_head] -> [tokens, d]
+            np.testing.assert_allclose(sample[hook], flat, atol=1e-5)
+
+
 def test_statistics_match_numpy_on_the_written_rows(model, images, tmp_path):
     manifest = _write(model, images, tmp_path / "cache", dtype="float16", shard_size=4)
     samples = read_samples(tmp_path / "cache")

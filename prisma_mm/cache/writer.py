@@ -403,6 +403,13 @@ def write_cache(
         lock.close()
 
 
+def token_rows(act: Tensor) -> Tensor:
+    """A hook's activation as ``[batch, tokens, d]``: per-head hooks (``attn.hook_q/k/v/z``,
+    ``[batch, tokens, heads, d_head]``) are stored with their heads concatenated,
+    ``d = heads * d_head``, as attention-output SAEs read ``hook_z``."""
+    return act.flatten(2) if act.dim() == 4 else act
+
+
 def _prepare_model(
     model: Any,
     weights: str | None,
@@ -424,6 +431,11 @@ def _prepare_model(
     else:
         weights_label = "object"
     for hook in hooks:
+        if hook.startswith(("text.", "text2.")):
+            raise PrismaError(
+                f"hook {hook!r} is on the text tower, but the cache runs images through the "
+                "model: choose an image hook (blocks.{i}...)"
+            )
         model.hook_point(hook)
         if hook.endswith("hook_pattern"):
             raise PrismaError(
@@ -434,6 +446,7 @@ def _prepare_model(
     with torch.inference_mode():
         probe = torch.zeros(1, 3, height, width, device=model.device, dtype=model.dtype)
         _, probe_cache = model.run_with_cache(probe, hooks, stop_at_layer="auto")
+    probe_cache = {h: token_rows(a) for h, a in probe_cache.items()}
     index = {
         h: token_index(token_spec, h, int(probe_cache[h].shape[1]), model.layout) for h in hooks
     }
@@ -535,7 +548,7 @@ def _write(
                         pixels.to(device, non_blocking=True), hooks, stop_at_layer="auto"
                     )
                     for hook in hooks:
-                        act = cache[hook]
+                        act = token_rows(cache[hook])
                         if len(index[hook]) != act.shape[1]:
                             act = act[:, index[hook]]
                         arrays[hook] = act.to(fmt.TORCH_DTYPES[dtype_name]).contiguous()
