@@ -62,6 +62,18 @@ def _zoo_show(args: argparse.Namespace) -> int:
         ),
         "model": [n for n in model.hook_names if not n.startswith("blocks.")],
     }
+    try:
+        text = model.text
+    except PrismaError:  # no text tower on this card
+        text = None
+    if text is not None:
+        info["hooks"]["text tower"] = {
+            "per block": sorted(
+                {n.split(".", 3)[3] for n in text.hook_names if n.startswith("text.blocks.")}
+            ),
+            "model": [n for n in text.hook_names if not n.startswith("text.blocks.")],
+            "n_layers": text.n_layers,
+        }
     print(json.dumps(info, indent=2))
     return 0
 

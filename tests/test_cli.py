@@ -21,6 +21,11 @@ def test_zoo_list_and_show(capsys):
     shown = json.loads(capsys.readouterr().out)
     assert shown["layout"]["n_prefix"] == 5 and shown["n_layers"] == 2 and shown["d_model"] == 32
     assert "hook_resid_post" in shown["hooks"]["per block"]
+    assert "text tower" not in shown["hooks"]
+    assert main(["zoo", "show", "tiny-clip"]) == 0
+    text = json.loads(capsys.readouterr().out)["hooks"]["text tower"]
+    assert "hook_resid_post" in text["per block"] and text["n_layers"] == 2
+    assert text["model"] == ["text.hook_embed", "text.ln_final.hook_normalized", "text.hook_output"]
 
 
 def test_bad_input_is_one_line_and_exit_2():
