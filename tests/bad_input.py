@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 from prisma_mm.cli import main
 
@@ -73,3 +74,27 @@ def check_case(case: Case, tmp: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert case.expect.lower() in line.lower(), f"{case.id}: expected {case.expect!r} in {line!r}"
     after = [tree_digest(path) for path in protected]
     assert before == after, f"{case.id}: the command changed {case.untouched}"
+
+
+class Payload:
+    """Unpickling this writes a marker file: what a malicious weights file or checkpoint would
+    do. A loader that refuses pickles leaves the marker absent."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+class RandomImages(torch.utils.data.Dataset):
+    """``n`` seeded random 32 px images, as a torch Dataset source for tiny caches."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(index))

@@ -12,14 +12,7 @@ from prisma_mm.analysis.meta_sae import decoder_rows, train_meta_sae
 from prisma_mm.errors import PrismaError
 from prisma_mm.sae import TopKSAE, load
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matrices: one thread avoids OpenMP contention on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def compositional(n: int = 96, d: int = 32, n_base: int = 8, seed: int = 0):

@@ -24,13 +24,7 @@ from prisma_mm.sae import BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE
 D = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: one thread avoids OpenMP contention on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 E = torch.eye(D)

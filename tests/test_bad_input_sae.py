@@ -11,29 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from bad_input import Case, check_case
+from bad_input import Case, Payload, RandomImages, check_case
 from safetensors.torch import load_file, save_file
 
 HOOK = "blocks.1.hook_resid_post"
 MARKER = "payload_ran"
-
-
-class _Payload:
-    """Unpickling this writes a marker file: what a malicious weights file would do."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.marker),))
-
-
-class _Images(torch.utils.data.Dataset):
-    def __len__(self) -> int:
-        return 8
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(index))
 
 
 def _variant(root: Path, name: str, cfg=None, weights=None, raw_cfg=None, raw_weights=None):
@@ -74,7 +56,7 @@ def tmp(tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("bad_sae")
     write_cache(
-        "tiny-vit", _Images(), root / "cache", [HOOK], weights=None, shard_size=1000,
+        "tiny-vit", RandomImages(8), root / "cache", [HOOK], weights=None, shard_size=1000,
         progress=False,
     )  # fmt: skip
     good = TopKSAE(d_in=32, n_latents=64, k=4)
@@ -83,7 +65,7 @@ def tmp(tmp_path_factory) -> Path:
     narrow = TopKSAE(d_in=16, n_latents=64, k=4)
     narrow.metadata = {"hook": HOOK, "model": "tiny-vit"}
     narrow.save(root / "narrow")
-    pickled = pickle.dumps({"W_enc": _Payload(str(root / MARKER))})
+    pickled = pickle.dumps({"W_enc": Payload(str(root / MARKER))})
     _variant(root, "not_json", raw_cfg=b"{architecture: topk,")
     _variant(root, "json_list", raw_cfg=b"[1, 2, 3]")
     _variant(root, "no_config", cfg=lambda c: {"architecture": "topk"})

@@ -10,30 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from bad_input import Case, check_case
+from bad_input import Case, Payload, RandomImages, check_case
 
 QUIET = ("--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false")
 FIT = ("train", "fit", "--config", "tiny-vit-topk", "--data.cache_dir={tmp}/cache", *QUIET)
 RUNS = "--trainer.default_root_dir={tmp}/runs"
 MARKER = "payload_ran"
-
-
-class _Payload:
-    """Unpickling this writes a marker file: what a malicious checkpoint would do."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.marker),))
-
-
-class _Images(torch.utils.data.Dataset):
-    def __len__(self) -> int:
-        return 16
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(index))
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +26,7 @@ def tmp(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bad_train")
     write_cache(
         "tiny-vit",
-        _Images(),
+        RandomImages(16),
         root / "cache",
         ["blocks.1.hook_resid_post"],
         weights=None,
@@ -54,9 +36,9 @@ def tmp(tmp_path_factory) -> Path:
     (root / "notes.txt").write_text("not a checkpoint\n")
     (root / "a_dir").mkdir()
     torch.save(
-        {"state_dict": {}, "hyper_parameters": _Payload(str(root / MARKER))}, root / "evil.ckpt"
+        {"state_dict": {}, "hyper_parameters": Payload(str(root / MARKER))}, root / "evil.ckpt"
     )
-    (root / "raw.ckpt").write_bytes(pickle.dumps(_Payload(str(root / MARKER))))
+    (root / "raw.ckpt").write_bytes(pickle.dumps(Payload(str(root / MARKER))))
     torch.save({"weights": torch.zeros(2)}, root / "tensors.pt")
     return root
 

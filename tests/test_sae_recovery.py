@@ -20,13 +20,7 @@ D, N_TRUE, N_LATENTS, BATCH, STEPS, LR = 64, 128, 256, 256, 500, 1e-2
 DEAD = dict(dead_tokens_threshold=10 * BATCH)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls run fastest single-threaded, and the suite shares a small machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class World:

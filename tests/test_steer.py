@@ -26,13 +26,7 @@ HOOK = "blocks.3.hook_resid_post"
 RED = VALUE_INDEX["colour=red"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # small tensors: one thread avoids OpenMP contention on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
