@@ -237,3 +237,108 @@ def test_reader_errors(cache, tmp_path):
             list(ActivationDataset(cache, SYNTHETIC_HOOKS[0], shuffle_buffer=0))
     finally:
         (tmp_path / "moved.tar").rename(cache / "shard-000002.tar")
+
+
+class _CountingFile:
+    """Counts the bytes read through shard files the reader opens (patched over _open_shard)."""
+
+    def __init__(self, monkeypatch):
+        self.bytes = 0
+        opened = reader_module._open_shard
+        counter = self
+
+        class Counting:
+            def __init__(self, path):
+                self.raw = opened(path)
+
+            def read(self, size=-1):
+                data = self.raw.read(size)
+                counter.bytes += len(data)
+                return data
+
+            def readinto(self, buffer):
+                got = self.raw.readinto(buffer)
+                counter.bytes += got
+                return got
+
+            def __getattr__(self, name):
+                return getattr(self.raw, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.raw.close()
+
+        monkeypatch.setattr(reader_module, "_open_shard", Counting)
+
+    def take(self) -> int:
+        count, self.bytes = self.bytes, 0
+        return count
+
+
+@pytest.fixture(scope="module")
+def wide_cache(tmp_path_factory):
+    # 512 tokens x 4 fp32 = 8 KiB per member: payloads dwarf the 512-byte tar headers
+    return synthetic_cache(tmp_path_factory.mktemp("wide"), n_samples=60, n_tokens=512)
+
+
+def test_held_out_split_reads_only_its_samples_payloads(wide_cache, monkeypatch):
+    counter = _CountingFile(monkeypatch)
+    member = 512 * 4 * 4 + 128  # one hook's .npy: rows + npy header
+    everything = _rows(ActivationDataset(wide_cache, SYNTHETIC_HOOKS[0], batch_size=512))
+    all_bytes = counter.take()
+    assert len(everything) == 60 * 512 and all_bytes >= 60 * member
+    fraction = 0.1
+    held = {s for s in range(60) if eval_score(f"k{s:03d}") < fraction}
+    assert 0 < len(held) < 10
+    rows = _rows(
+        ActivationDataset(
+            wide_cache, SYNTHETIC_HOOKS[0], 512, 0, split="eval", eval_fraction=fraction
+        )
+    )
+    eval_bytes = counter.take()
+    assert {s for s, _ in rows} == held and len(rows) == len(held) * 512
+    # the held-out payloads, plus the headers of every member (3 per sample, 513 bytes each)
+    # and each of the 10 shards' end-of-archive blocks
+    headers = 60 * 3 * 520 + 10 * 1024
+    assert len(held) * member <= eval_bytes <= len(held) * member + headers
+    assert eval_bytes < 0.25 * all_bytes
+    train = ActivationDataset(
+        wide_cache, SYNTHETIC_HOOKS[0], 512, 1024, split="train", eval_fraction=fraction
+    )
+    assert len(_rows(train)) == (60 - len(held)) * 512
+    assert counter.take() <= (60 - len(held)) * member + headers
+
+
+@pytest.mark.parametrize(("buffer", "skip"), [(2048, 7), (2048, 30), (0, 9), (700, 1)])
+def test_set_position_continues_an_uninterrupted_read_reading_only_the_buffer(
+    wide_cache, monkeypatch, buffer, skip
+):
+    counter = _CountingFile(monkeypatch)
+
+    def dataset():
+        ds = ActivationDataset(
+            wide_cache, SYNTHETIC_HOOKS, batch_size=256, shuffle_buffer=buffer, seed=3,
+            split="train", eval_fraction=0.1, provenance=True, open_shards=4,
+        )  # fmt: skip
+        ds.set_epoch(2)
+        return ds
+
+    whole = list(dataset())
+    counter.take()
+    resumed_ds = dataset()
+    resumed_ds.set_position([skip])
+    resumed = list(resumed_ds)
+    assert len(resumed) == len(whole) - skip
+    for (acts, keys, tokens), (want, want_keys, want_tokens) in zip(resumed, whole[skip:]):
+        assert torch.equal(acts, want) and keys == want_keys and torch.equal(tokens, want_tokens)
+    resumed_bytes = counter.take()
+    # replaying would read every sample that entered the buffer before the position; the
+    # resumed read costs the headers, the rows left in the buffer's samples, and what follows
+    replay = list(dataset())[:skip]
+    assert len(replay) == skip
+    member = 512 * 4 * 4 + 128
+    rest_samples = len({k for _, keys, _ in whole[skip:] for k in keys})
+    assert resumed_bytes <= 2 * member * rest_samples + 60 * 3 * 520 + 10 * 1024
+    assert counter.take() > resumed_bytes + 2 * member * (skip * 256 // 512 - rest_samples)

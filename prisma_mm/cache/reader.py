@@ -16,7 +16,7 @@ import hashlib
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -61,7 +61,8 @@ def normalization(
 
 
 class _RowBuffer:
-    """Rows ``[capacity, n_hooks, d]`` in storage dtype, with their sample id and token index.
+    """Rows ``[capacity, n_hooks, d]`` in storage dtype, with their sample id and their place
+    in the sample (row offset).
 
     A random batch leaves by one gather; the positions it frees are refilled by the next
     samples' rows (one scatter), so every row is copied once in and once out, and no Python
@@ -88,58 +89,81 @@ class _RowBuffer:
         """Rows held."""
         return self.n - len(self.holes)
 
-    def append(self, arrays: Sequence[np.ndarray], rows: np.ndarray | None, sample: int,
-               tokens: np.ndarray) -> None:  # fmt: skip
-        """Add one sample's rows (``arrays``: ``[tokens, d]`` per hook; ``rows``: the subset)."""
+    def _block(self, arrays: Sequence[np.ndarray], rows: np.ndarray | None) -> np.ndarray:
         picked = [a if rows is None else a[rows] for a in arrays]
         block = np.stack(picked, axis=1) if len(picked) > 1 else picked[0][:, None]
-        block = self._as_rows(np.ascontiguousarray(block))
-        tokens = tokens if rows is None else tokens[rows]
-        fill = min(len(block), len(self.holes))
+        return self._as_rows(np.ascontiguousarray(block))
+
+    def append(self, arrays: Sequence[np.ndarray] | None, rows: np.ndarray | None, sample: int,
+               offsets: np.ndarray) -> None:  # fmt: skip
+        """Add one sample's rows (``arrays``: ``[tokens, d]`` per hook, or None to track only
+        which rows are where, as when skipping to a position; ``rows``: the subset kept;
+        ``offsets``: every row's place in its sample, ``arange(tokens)``)."""
+        block = None if arrays is None else self._block(arrays, rows)
+        offsets = offsets if rows is None else offsets[rows]
+        fill = min(len(offsets), len(self.holes))
         if fill:
             where, self.holes = self.holes[:fill], self.holes[fill:]
-            self.rows[where] = block[:fill]
+            if block is not None:
+                self.rows[where] = block[:fill]
             self.sample[where] = sample
-            self.token[where] = tokens[:fill]
-        end = self.n + len(block) - fill
-        self.rows[self.n : end] = block[fill:]
+            self.token[where] = offsets[:fill]
+        end = self.n + len(offsets) - fill
+        if block is not None:
+            self.rows[self.n : end] = block[fill:]
         self.sample[self.n : end] = sample
-        self.token[self.n : end] = tokens[fill:]
+        self.token[self.n : end] = offsets[fill:]
         self.n = end
 
-    def _compact(self) -> None:
+    def valid(self) -> np.ndarray:
+        """Positions of the rows held."""
+        mask = np.ones(self.n, bool)
+        mask[self.holes] = False
+        return np.flatnonzero(mask)
+
+    def put(self, positions: np.ndarray, arrays: Sequence[np.ndarray]) -> None:
+        """Fill ``positions`` (rows of one sample) from the sample's ``arrays``."""
+        self.rows[positions] = self._block(arrays, self.token[positions])
+
+    def _compact(self, data: bool = True) -> None:
         """Move tail rows into the holes so that rows ``[0, size)`` are all valid."""
         rest = self.size
         holes = self.holes[self.holes < rest]
         tail = np.ones(self.n - rest, bool)
         tail[self.holes[self.holes >= rest] - rest] = False
         movers = rest + np.flatnonzero(tail)
-        self.rows[holes] = self.rows[movers]
+        if data:
+            self.rows[holes] = self.rows[movers]
         self.sample[holes] = self.sample[movers]
         self.token[holes] = self.token[movers]
         self.n, self.holes = rest, self.holes[:0]
 
-    def take(self, count: int, rng: np.random.Generator | None) -> tuple[np.ndarray, ...]:
+    def take(self, count: int, rng: np.random.Generator | None,
+             data: bool = True) -> tuple[np.ndarray, ...]:  # fmt: skip
         """Remove ``count`` rows (uniformly at random with ``rng``, else the oldest) and return
-        ``(rows [count, n_hooks, d], sample ids, token indices)``; ``rows`` is a scratch array
-        reused by the next call, so copy it out before taking again."""
+        ``(rows [count, n_hooks, d], sample ids, row offsets)``; ``rows`` is a scratch array
+        reused by the next call, so copy it out before taking again. ``data=False``: the
+        same draw, moving ids only (the rows are not held: skipping to a position)."""
         if len(self.holes):
-            self._compact()
+            self._compact(data)
         n = self.n
         if self.scratch is None or len(self.scratch) < count:
             self.scratch = np.zeros((count, *self.data.shape[1:]), self.data.dtype)
         rows = self.scratch[:count]
         if rng is None:
-            rows[...] = self.data[:count]
+            if data:
+                rows[...] = self.data[:count]
             out = (rows, self.sample[:count].copy(), self.token[:count].copy())
             rest = n - count
-            self.rows[:rest] = self.rows[count:n]
+            if data:
+                self.rows[:rest] = self.rows[count:n]
             self.sample[:rest] = self.sample[count:n]
             self.token[:rest] = self.token[count:n]
             self.n = rest
             return out
         chosen = rng.choice(n, size=count, replace=False)
-        np.take(self.rows, chosen, out=self._as_rows(rows), mode="clip")
+        if data:
+            np.take(self.rows, chosen, out=self._as_rows(rows), mode="clip")
         out = (rows, self.sample[chosen], self.token[chosen])
         if count == n:
             self.n = 0
@@ -248,6 +272,7 @@ class ActivationDataset(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self.position: list[int] = []  # batches per DataLoader worker to start after
         self.normalize = normalize
         self.normalization: dict[str, dict[str, Any]] = {}
         if normalize:
@@ -310,28 +335,28 @@ class ActivationDataset(IterableDataset):
 
     # ----- iteration ----------------------------------------------------------------------------
     def _shard_samples(self, names: list[str], rng: np.random.Generator | None):
-        """``(number, key, members, path)`` of every sample of ``names``: in order, one shard
-        after another, without ``rng``; with it, ``open_shards`` shards at a time, each next
-        sample taken from an open shard chosen with probability proportional to the samples
-        it has left (a uniformly random merge of the open shards). ``number`` is the
-        sample's place in the manifest's order, whatever order it is read in."""
-        wanted = set(self._members)
+        """``(number, key, locations, shard)`` of every sample of ``names`` (``locations``:
+        ``{extension: (offset, size)}`` from its tar headers; nothing else is read yet): in
+        order, one shard after another, without ``rng``; with it, ``open_shards`` shards at a
+        time, each next sample taken from an open shard chosen with probability proportional
+        to the samples it has left (a uniformly random merge of the open shards). ``number``
+        is the sample's place in the manifest's order, whatever order it is read in."""
         if rng is None or self.open_shards == 1:
             for name in names:
-                path = self.cache_dir / name
-                for position, (key, members) in enumerate(_read_shard(path, wanted)):
-                    yield self._first_sample[name] + position, key, members, path
+                shard = _Shard(self.cache_dir / name)
+                for position, (key, locations) in enumerate(shard.samples()):
+                    yield self._first_sample[name] + position, key, locations, shard
             return
         pending = iter(names)
-        readers: list[Iterator[tuple[str, dict[str, memoryview]]]] = []
+        shards: list[_Shard] = []
+        readers: list[Iterator[tuple[str, dict[str, tuple[int, int]]]]] = []
         left: list[int] = []  # samples each open shard still holds, as the manifest says
         numbers: list[int] = []  # the number of each open shard's next sample
-        paths: list[Path] = []
         draws: list[float] = []
         while True:
             while len(readers) < self.open_shards and (name := next(pending, None)) is not None:
-                paths.append(self.cache_dir / name)
-                readers.append(_read_shard(paths[-1], wanted))
+                shards.append(_Shard(self.cache_dir / name))
+                readers.append(shards[-1].samples())
                 left.append(self._shard_samples_count[name])
                 numbers.append(self._first_sample[name])
             if not readers:
@@ -345,20 +370,21 @@ class ActivationDataset(IterableDataset):
                 which += 1
             sample = next(readers[which], None)
             if sample is None:  # this shard is done: the next one in the plan takes its place
-                for column in (readers, left, numbers, paths):
+                for column in (readers, left, numbers, shards):
                     del column[which]
                 continue
-            yield numbers[which], sample[0], sample[1], paths[which]
+            yield numbers[which], sample[0], sample[1], shards[which]
             numbers[which] += 1
             left[which] -= 1
 
     def _samples(self, names: list[str], part: int, n_parts: int, by_row: bool,
                  rng: np.random.Generator | None):  # fmt: skip
-        """``(number, key, arrays per hook [tokens, d], rows kept or None)`` for this
-        partition."""
+        """``(number, key, locations, shard, rows kept or None)`` of this partition's samples.
+        The held-out split is decided by the key, from the tar header, before any payload is
+        read: the other split's samples cost their headers only."""
         n_tokens = self.n_tokens
         offsets = np.arange(n_tokens)
-        for number, key, members, path in self._shard_samples(names, rng):
+        for number, key, locations, shard in self._shard_samples(names, rng):
             if self.split is not None:
                 held_out = eval_score(key) < self.eval_fraction
                 if held_out != (self.split == "eval"):
@@ -368,14 +394,49 @@ class ActivationDataset(IterableDataset):
                 rows = np.flatnonzero((number * n_tokens + offsets) % n_parts == part)
                 if rows.size == 0:
                     continue
-            try:
-                arrays = [fmt.decode_npy(members[m]) for m in self._members]
-            except KeyError as error:
-                raise PrismaError(
-                    f"{path}: sample {key} lacks {error.args[0]}: the cache is damaged "
-                    "(run `prisma-mm cache verify`)"
-                ) from error
-            yield number, key, arrays, rows
+            for member in self._members:
+                if member not in locations:
+                    raise PrismaError(
+                        f"{shard.path}: sample {key} lacks {member}: the cache is damaged "
+                        "(run `prisma-mm cache verify`)"
+                    )
+            yield number, key, locations, shard, rows
+
+    def set_position(self, batches: Sequence[int]) -> None:
+        """Start the epoch after ``batches[w]`` batches of DataLoader worker ``w`` (one entry
+        without workers), as an uninterrupted read would continue. The samples before are
+        passed over by their tar headers (the same seeded order and draws, no payload read);
+        only the samples with rows still in the shuffle buffer are read. Call after
+        :meth:`set_epoch`; iterating again starts from the same position."""
+        batches = [int(b) for b in batches]
+        if any(b < 0 for b in batches):
+            raise PrismaError(f"set_position({batches}): batch counts must be 0 or more")
+        self.position = batches
+
+    def _refill(self, buffer: _RowBuffer, replay: dict[int, tuple[Path, Any]]) -> None:
+        """Read the rows that a skipped stretch left in the buffer: each sample with rows there
+        is read once, in manifest order (one open per shard)."""
+        positions = buffer.valid()
+        samples = buffer.sample[positions]
+        order = np.argsort(samples, kind="stable")
+        positions, samples = positions[order], samples[order]
+        bounds = np.flatnonzero(np.diff(samples)) + 1
+        shard: _Shard | None = None
+        handle = None
+        try:
+            for group in np.split(positions, bounds) if len(positions) else []:
+                path, locations = replay[int(buffer.sample[group[0]])]
+                if shard is None or shard.path != path:
+                    if handle is not None:
+                        handle.close()
+                    shard, handle = _Shard(path), _open_shard(path)
+                views = shard.read(locations, self._members, handle)
+                buffer.put(group, [fmt.decode_npy(v) for v in views])
+        except OSError as error:
+            raise _damaged(shard.path if shard else self.cache_dir, error) from error
+        finally:
+            if handle is not None:
+                handle.close()
 
     def __iter__(self) -> Iterator[Any]:
         part, n_parts = self.partition()
@@ -385,24 +446,51 @@ class ActivationDataset(IterableDataset):
         merge = np.random.default_rng([self.seed, self.epoch, part, 1]) if shuffle else None
         threshold = max(self.shuffle_buffer, self.batch_size) if shuffle else self.batch_size
         buffer = _RowBuffer(threshold + self.n_tokens, len(self.hooks), self.d, self._storage)
+        info = get_worker_info()
+        worker = 0 if info is None else info.id
+        skip = self.position[worker] if worker < len(self.position) else 0
+        # while skipping: where each sample whose rows entered the buffer lies, to read it after
+        replay: dict[int, tuple[Path, dict[str, tuple[int, int]]]] = {}
         keys: dict[int, str] = {}
         key_limit = 2 * (threshold // max(self.n_tokens, 1) + 64)
-        for number, key, arrays, rows in self._samples(names, part, n_parts, by_row, merge):
+        offsets = np.arange(self.n_tokens)
+        for number, key, locations, shard, rows in self._samples(
+            names, part, n_parts, by_row, merge
+        ):
             if self.provenance:
                 keys[number] = key
-            buffer.append(arrays, rows, number, self._token_index)
+            if skip:
+                replay[number] = (shard.path, locations)
+                buffer.append(None, rows, number, offsets)
+            else:
+                views = shard.read(locations, self._members)
+                buffer.append([fmt.decode_npy(v) for v in views], rows, number, offsets)
             while buffer.size >= threshold:
-                yield self._emit(*buffer.take(self.batch_size, rng), keys)
-            if self.provenance and len(keys) > key_limit:
+                if not skip:
+                    yield self._emit(*buffer.take(self.batch_size, rng), keys)
+                    continue
+                buffer.take(self.batch_size, rng, data=False)
+                skip -= 1
+                if not skip:
+                    self._refill(buffer, replay)
+                    replay = {}
+            if len(keys) > key_limit or len(replay) > key_limit:
                 alive = set(np.unique(buffer.sample[: buffer.n]).tolist())
                 keys = {k: v for k, v in keys.items() if k in alive or k == number}
+                replay = {k: v for k, v in replay.items() if k in alive}
         while buffer.size > 0:
             count = min(self.batch_size, buffer.size)
             if count < self.batch_size and self.drop_last:
                 break
-            yield self._emit(*buffer.take(count, rng), keys)
+            if not skip:
+                yield self._emit(*buffer.take(count, rng), keys)
+                continue
+            buffer.take(count, rng, data=False)
+            skip -= 1
+            if not skip:
+                self._refill(buffer, replay)
 
-    def _emit(self, rows: np.ndarray, sample: np.ndarray, token: np.ndarray,
+    def _emit(self, rows: np.ndarray, sample: np.ndarray, offset: np.ndarray,
               keys: dict[int, str]) -> Any:  # fmt: skip
         stored = fmt.to_torch(rows, self.manifest["dtype"])
         if self.single:
@@ -416,45 +504,82 @@ class ActivationDataset(IterableDataset):
             acts.sub_(mean).mul_(scale)
         if not self.provenance:
             return acts
-        return acts, [keys[s] for s in sample.tolist()], torch.from_numpy(token)
+        tokens = torch.from_numpy(self._token_index[offset])
+        return acts, [keys[s] for s in sample.tolist()], tokens
 
 
-def _read_shard(path: Path, wanted: set[str]) -> Iterator[tuple[str, dict[str, memoryview]]]:
-    """Samples of a local shard as ``(key, {extension: bytes})``, reading only the members
-    whose extension is in ``wanted``, each with one ``readinto`` into a buffer reused from
-    sample to sample: the bytes are valid until the next sample is read (copy to keep)."""
-    import tarfile
+def _open_shard(path: Path) -> BinaryIO:
+    """A shard opened unbuffered: a tar header costs its 512 bytes, a payload one
+    ``readinto``, and a payload passed over costs nothing (no read-ahead into it)."""
+    return open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the caller
 
-    key: str | None = None
-    members: dict[str, memoryview] = {}
-    buffers: dict[str, bytearray] = {}
-    try:
-        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
-            for member in tar:
-                if not member.isreg():
-                    continue
-                name, _, extension = member.name.rsplit("/", 1)[-1].partition(".")
-                if name != key:
-                    if key is not None:
-                        yield key, members
-                    key, members = name, {}
-                if extension in wanted:
-                    buffer = buffers.get(extension)
-                    if buffer is None or len(buffer) < member.size:
-                        buffer = buffers[extension] = bytearray(member.size)
-                    view = memoryview(buffer)[: member.size]
-                    raw.seek(member.offset_data)  # tarfile seeks back to its next header itself
-                    if raw.readinto(view) != member.size:
-                        raise tarfile.ReadError(f"member {member.name} is cut short")
-                    members[extension] = view
-            tar.members = []
-    except (tarfile.TarError, OSError) as error:
-        raise PrismaError(
-            f"cannot read shard {path} ({error.__class__.__name__}: {error}): the cache is "
-            "damaged or incomplete (run `prisma-mm cache verify`)"
-        ) from error
-    if key is not None:
-        yield key, members
+
+def _damaged(path: Path, error: BaseException) -> PrismaError:
+    return PrismaError(
+        f"cannot read shard {path} ({error.__class__.__name__}: {error}): the cache is "
+        "damaged or incomplete (run `prisma-mm cache verify`)"
+    )
+
+
+class _Shard:
+    """A local shard, read sample by sample: keys and member locations from the tar headers
+    (:meth:`samples`), payloads only when asked (:meth:`read`)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.handle: BinaryIO | None = None
+        self.buffers: dict[str, bytearray] = {}
+
+    def samples(self) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
+        """``(key, {extension: (offset, size)})`` of every sample, from the headers alone;
+        the shard stays open for :meth:`read` until the next sample is asked for."""
+        import tarfile
+
+        key: str | None = None
+        locations: dict[str, tuple[int, int]] = {}
+        try:
+            with _open_shard(self.path) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
+                self.handle = handle
+                for member in tar:
+                    if not member.isreg():
+                        continue
+                    name, _, extension = member.name.rsplit("/", 1)[-1].partition(".")
+                    if name != key:
+                        if key is not None:
+                            yield key, locations
+                        key, locations = name, {}
+                    locations[extension] = (member.offset_data, member.size)
+                    tar.members = []  # tarfile keeps every header otherwise
+                if key is not None:
+                    yield key, locations
+        except (tarfile.TarError, OSError) as error:
+            raise _damaged(self.path, error) from error
+        finally:
+            self.handle = None
+
+    def read(self, locations: dict[str, tuple[int, int]], extensions: Sequence[str],
+             handle: BinaryIO | None = None) -> list[memoryview]:  # fmt: skip
+        """The payloads of ``extensions``, each read with ``readinto`` into a buffer reused
+        from sample to sample: valid until this shard's next read (copy to keep)."""
+        handle = handle or self.handle
+        views = []
+        try:
+            for extension in extensions:
+                offset, size = locations[extension]
+                buffer = self.buffers.get(extension)
+                if buffer is None or len(buffer) < size:
+                    buffer = self.buffers[extension] = bytearray(size)
+                view = memoryview(buffer)[:size]
+                handle.seek(offset)  # tarfile seeks back to its next header itself
+                done = 0
+                while done < size and (got := handle.readinto(view[done:])):
+                    done += got
+                if done != size:
+                    raise OSError(f"member {extension} at byte {offset} is cut short")
+                views.append(view)
+        except OSError as error:
+            raise _damaged(self.path, error) from error
+        return views
 
 
 def _unknown_hook(hook: str, cached: list[str]) -> PrismaError:
