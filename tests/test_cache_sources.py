@@ -270,7 +270,7 @@ def test_bad_inputs_are_skipped_with_reasons_and_odd_modes_converted(tmp_path):
             np.testing.assert_allclose(sample["blocks.1.hook_resid_post"], expected, atol=1e-5)
 
 
-def test_tar_shards_are_visited_in_seeded_shard_order_through_a_buffer(tmp_path):
+def test_tar_shards_are_visited_in_seeded_shard_order_each_through_a_buffer(tmp_path):
     from prisma_mm.cache.inputs import stream_in_order
 
     _tar_shards(tmp_path, n_shards=4, per_shard=5)
@@ -278,22 +278,52 @@ def test_tar_shards_are_visited_in_seeded_shard_order_through_a_buffer(tmp_path)
     source = open_source(pattern)
     assert source.n_parts() == 4
     natural = [r.key for r in _records(source)]
-    first = [r.key for r, _ in stream_in_order(source, 0, buffer=4)]
+    shard_of = {key: i // 5 for i, key in enumerate(natural)}
+    first = [r.key for r, _, _ in stream_in_order(source, 0, buffer=4)]
     assert sorted(first) == sorted(natural) and first != natural
-    assert [r.key for r, _ in stream_in_order(source, 0, buffer=4)] == first  # reproducible
-    assert [r.key for r, _ in stream_in_order(source, 1, buffer=4)] != first
-    assert [r.key for r, _ in stream_in_order(source, None)] == natural
+    # each tar shard's inputs take 5 consecutive positions, shuffled within the shard
+    runs = [shard_of[k] for k in first]
+    assert [runs[i] for i in range(0, 20, 5)] == [runs[i + 4] for i in range(0, 20, 5)]
+    assert len({runs[i] for i in range(0, 20, 5)}) == 4 and runs != sorted(runs)
+    assert [r.key for r, _, _ in stream_in_order(source, 0, buffer=4)] == first  # reproducible
+    assert [r.key for r, _, _ in stream_in_order(source, 1, buffer=4)] != first
+    assert [r.key for r, _, _ in stream_in_order(source, None)] == natural
     # the writer: the order is recorded, and decode workers do not change it
     model = seeded_tiny_vit(0)
     options = {"dtype": "float32", "batch_size": 3, "shard_size": 4, "progress": False}
     one = write_cache(model, pattern, tmp_path / "w0", "blocks.1.hook_resid_post", **options)
     two = write_cache(model, pattern, tmp_path / "w2", "blocks.1.hook_resid_post", workers=2,
                       **options)  # fmt: skip
-    assert one["order"] == {"method": "shards+buffer", "seed": 0, "buffer": 1000}
+    assert one["order"] == {"method": "shards+shard-buffer", "seed": 0, "buffer": 1000}
     keys = list(read_samples(tmp_path / "w0"))
     assert keys == list(read_samples(tmp_path / "w2")) and two["n_samples"] == 20
-    assert keys == [r.key for r, _ in stream_in_order(source, 0)] and keys != natural
-    # a limited run grown to the end resumes the same shuffled stream
-    write_cache(model, pattern, tmp_path / "grown", "blocks.1.hook_resid_post", limit=7, **options)
-    write_cache(model, pattern, tmp_path / "grown", "blocks.1.hook_resid_post", **options)
-    assert list(read_samples(tmp_path / "grown")) == keys
+    assert keys == [r.key for r, _, _ in stream_in_order(source, 0)] and keys != natural
+    assert sorted(t[0] for t in one["tar_shards_done"]) == [0, 1, 2, 3]
+
+
+def test_a_resumed_tar_cache_skips_the_tar_shards_it_finished_unopened(tmp_path, monkeypatch):
+    import webdataset.tariterators as tariterators
+
+    _tar_shards(tmp_path, n_shards=4, per_shard=5)
+    pattern = str(tmp_path / "train-{000..003}.tar")
+    model = seeded_tiny_vit(0)
+    options = {"dtype": "float32", "batch_size": 3, "shard_size": 4, "progress": False}
+    hook = "blocks.1.hook_resid_post"
+    whole = write_cache(model, pattern, tmp_path / "whole", hook, **options)
+    grown = write_cache(model, pattern, tmp_path / "grown", hook, limit=12, **options)
+    # inputs 0..11: the first two tar shards of the order were read to their end (0..9)
+    assert [t[1:] for t in grown["tar_shards_done"]] == [[0, 5], [5, 10]]
+    finished = {t[0] for t in grown["tar_shards_done"]}
+    opened = []
+    real_opener = tariterators.url_opener
+
+    def spy(data, *args, **kwargs):
+        for item in real_opener(data, *args, **kwargs):
+            opened.append(int(item["url"].rsplit("-", 1)[1][:3]))
+            yield item
+
+    monkeypatch.setattr(tariterators, "url_opener", spy)
+    final = write_cache(model, pattern, tmp_path / "grown", hook, **options)
+    assert sorted(opened) == sorted({0, 1, 2, 3} - finished)  # finished shards left unread
+    assert list(read_samples(tmp_path / "grown")) == list(read_samples(tmp_path / "whole"))
+    assert final["n_samples"] == whole["n_samples"] == 20

@@ -1,4 +1,5 @@
-"""``prisma-mm cache``: write an activation cache; ``prisma-mm cache verify DIR``: check one.
+"""``prisma-mm cache``: write an activation cache (or part i/N of one); ``prisma-mm cache
+verify DIR``: check one; ``prisma-mm cache merge --out DIR``: merge a cache written in parts.
 
 The same functions as :func:`prisma_mm.cache.write_cache` and
 :func:`prisma_mm.cache.verify_cache`. Also runnable alone: ``python -m prisma_mm.cache.cli``.
@@ -40,12 +41,27 @@ def _write(args: argparse.Namespace) -> int:
         order_seed=args.order_seed,
         img_size=args.img_size,
         progress=not args.quiet,
+        part=args.part,
     )
+    _summary(args.out, manifest)
+    return 0
+
+
+def _summary(out: str, manifest: dict) -> None:
     shapes = ", ".join(f"{h} {manifest['shapes'][h]}" for h in manifest["hooks"])
+    part = manifest.get("part")
+    what = f"part {part['index']}/{part['count']} of " if part else ""
+    merged = f" (merged from {len(manifest['parts'])} parts)" if "parts" in manifest else ""
     print(
-        f"cache {args.out}: {manifest['n_samples']} samples in {manifest['n_shards']} shards, "
-        f"{manifest['n_skipped']} inputs skipped; {manifest['dtype']} {shapes}"
+        f"{what}cache {out}: {manifest['n_samples']} samples in {manifest['n_shards']} shards"
+        f"{merged}, {manifest['n_skipped']} inputs skipped; {manifest['dtype']} {shapes}"
     )
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from prisma_mm.cache.parts import merge_parts
+
+    _summary(args.out, merge_parts(args.out))
     return 0
 
 
@@ -89,15 +105,31 @@ def add_cache_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     parser.add_argument("--out", help="output directory (created; resumed if it holds this cache)")
     parser.add_argument(
-        "--tokens", default="all", help="all (default), cls, patches, or indices like 0,5,9"
+        "--tokens",
+        default="all",
+        help="all (default), cls, patches, random:K (K patch tokens per input, seeded by its "
+        "key), or indices like 0,5,9",
     )
     parser.add_argument("--dtype", default="float16", help="float16 (default), bfloat16 or float32")
-    parser.add_argument("--batch-size", type=int, default=32, help="inputs per forward (32)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="inputs per forward (256 on a GPU, 32 on CPU)"
+    )
     parser.add_argument(
         "--workers", "--num-workers", type=int, default=4, help="DataLoader decode workers (4)"
     )
     parser.add_argument("--shard-size", type=int, default=256, help="inputs per shard (256)")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, …")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (default: a GPU when there is one), cpu, cuda, cuda:1, …; a part on cuda "
+        "takes cuda:LOCAL_RANK",
+    )
+    parser.add_argument(
+        "--part",
+        default=None,
+        help="write part i/N (0-based) of N cooperating processes into OUT/parts/ (default: "
+        "the launcher's RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS when set)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="read at most this many inputs")
     parser.add_argument(
         "--img-size",
@@ -113,12 +145,17 @@ def add_cache_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_write, cache_parser=parser)
-    actions = parser.add_subparsers(dest="cache_command", required=False, metavar="{verify}")
+    actions = parser.add_subparsers(dest="cache_command", required=False, metavar="{verify,merge}")
     verify = actions.add_parser(
         "verify", help="recompute checksums and counts of a cache and report any damage"
     )
     verify.add_argument("dir", help="cache directory")
     verify.set_defaults(handler=_verify)
+    merge = actions.add_parser(
+        "merge", help="merge the manifests of a cache written in parts (--part i/N, launchers)"
+    )
+    merge.add_argument("--out", required=True, help="the cache directory the parts wrote to")
+    merge.set_defaults(handler=_merge)
     return parser
 
 

@@ -9,8 +9,10 @@ hence shards) of a class-sorted data set are already mixed:
   the manifest records the seed and the permutation's sha256, so a resume on a machine whose
   numpy would permute differently is refused rather than silently mixing two orders;
 - a streaming source (webdataset tar shards, whose inputs can only be read front to back) is
-  read shard by shard in a seeded random shard order, through a seeded shuffle buffer of
-  ``STREAM_BUFFER`` inputs (webdataset's ``shuffle`` stage, made reproducible);
+  read shard by shard in a seeded random shard order, each shard through a shuffle buffer of
+  ``STREAM_BUFFER`` inputs seeded by (seed, shard) (webdataset's ``shuffle`` stage, made
+  reproducible), so a tar shard's inputs take consecutive positions and a resumed run skips
+  the tar shards it finished without opening them (the reader mixes across shards);
 - ``seed=None`` keeps the source's own order.
 
 Position ``p`` of the visiting order is what the manifest counts (``inputs_done``, shard
@@ -20,13 +22,14 @@ Position ``p`` of the visiting order is what the manifest counts (``inputs_done`
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from prisma_mm.data.images import BadImage, to_pil_rgb
 from prisma_mm.data.sources import InputRecord, Labeled, Loader, Source
@@ -81,32 +84,67 @@ def describe_order(source: Source, seed: int | None) -> dict[str, Any]:
         n = source.count() or 0
         digest = hashlib.sha256(_permutation(seed, n).astype("<i8").tobytes()).hexdigest()
         return {"method": "permutation", "seed": seed, "sha256": digest}
-    return {"method": "shards+buffer", "seed": seed, "buffer": STREAM_BUFFER}
+    return {"method": "shards+shard-buffer", "seed": seed, "buffer": STREAM_BUFFER}
+
+
+def part_shards(source: Source, seed: int | None, part: int = 0, n_parts: int = 1) -> list[int]:
+    """The tar shards (indices into the source's urls) part ``part`` of ``n_parts`` reads, in
+    its visiting order: the seeded shard order, split as webdataset's ``split_by_node``
+    splits a shard list (``order[part::n_parts]``)."""
+    n = source.n_parts()
+    order = list(range(n)) if seed is None else [int(i) for i in _permutation(seed, n)]
+    return order[part::n_parts]
 
 
 def stream_in_order(
-    source: Source, seed: int | None, buffer: int = STREAM_BUFFER
-) -> Iterator[tuple[InputRecord, Loader]]:
-    """A streaming source's inputs in its visiting order: shards in a seeded random order,
-    then a seeded shuffle buffer of ``buffer`` inputs (the same sequence on every call)."""
-    if seed is None:
-        yield from source.stream()
-        return
+    source: Source,
+    seed: int | None,
+    buffer: int = STREAM_BUFFER,
+    part: int = 0,
+    n_parts: int = 1,
+    done: Mapping[int, int] | None = None,
+) -> Iterator[tuple[InputRecord, Loader, tuple[int, int, bool]]]:
+    """A streaming source's inputs in its visiting order (the same sequence on every call):
+    the tar shards of :func:`part_shards`, each read through a shuffle buffer of ``buffer``
+    inputs seeded by (seed, shard), so that a tar shard's inputs occupy consecutive positions.
+
+    ``done`` = {shard index: inputs}: tar shards a resumed run finished, skipped without being
+    opened (their positions still counted). Each record's ``index`` counts inputs in the order
+    visited; ``tar_shard`` = (shard index, first position, last input of the shard?)."""
     from webdataset.filters import shuffle
 
-    parts = [int(i) for i in _permutation(seed, source.n_parts())]
-    # webdataset's own shuffle stage, seeded, so every worker and every resume sees one order
-    yield from shuffle(bufsize=buffer, initial=buffer, seed=seed)(iter(source.stream(parts)))
+    position = 0
+    for shard in part_shards(source, seed, part, n_parts):
+        if done and shard in done:
+            position += int(done[shard])
+            continue
+        items: Iterator[tuple[InputRecord, Loader]] = iter(source.stream([shard]))
+        if seed is not None:
+            # webdataset's own shuffle stage, seeded per shard: every worker and every resume
+            # sees one order, and a finished shard can be skipped unread
+            items = shuffle(bufsize=buffer, initial=buffer, seed=f"{seed}/{shard}")(items)
+        first = position
+        pending = next(items, None)
+        while pending is not None:
+            following = next(items, None)
+            record, load = pending
+            record = replace(record, index=position)
+            yield record, load, (shard, first, following is None)
+            position += 1
+            pending = following
 
 
 # ----- inputs in worker processes -------------------------------------------------------------
 class InputBatches(IterableDataset):
     """Batches of prepared inputs at visiting positions ``start, start+1, …`` (up to ``stop``).
 
-    Worker ``w`` of ``W`` yields batches ``w, w+W, w+2W, …``; the DataLoader takes batches
-    from its workers in turn, so the main process sees every input in visiting order whatever
-    the number of workers. Each item is either a prepared tensor or a skip reason; each
-    record carries its ``position`` (visiting order) and ``index`` (source order).
+    Batches are split over DataLoader workers by webdataset's ``split_by_worker`` (worker
+    ``w`` of ``W`` takes batches ``w, w+W, …``); the DataLoader takes batches from its workers
+    in turn, so the main process sees every input in visiting order whatever the number of
+    workers. Each item is either a prepared tensor or a skip reason; each record carries its
+    ``position`` (visiting order) and ``index`` (source order). A streaming source is read
+    as part ``part`` of ``n_parts`` (see :func:`stream_in_order`), skipping the tar shards in
+    ``done``.
     """
 
     def __init__(
@@ -117,6 +155,9 @@ class InputBatches(IterableDataset):
         stop: int | None,
         batch_size: int,
         order_seed: int | None = DEFAULT_ORDER_SEED,
+        part: int = 0,
+        n_parts: int = 1,
+        done: Mapping[int, int] | None = None,
     ) -> None:
         self.source = source
         self.prepare = prepare
@@ -124,49 +165,57 @@ class InputBatches(IterableDataset):
         self.stop = stop
         self.batch_size = batch_size
         self.order_seed = order_seed
+        self.part, self.n_parts = part, n_parts
+        self.done = dict(done or {})
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if self.source.random_access:
-            yield from self._indexed(worker, n_workers)
-        else:
-            yield from self._streamed(worker, n_workers)
+        from webdataset.shardlists import split_by_worker
 
-    def _indexed(self, worker: int, n_workers: int) -> Iterator[dict[str, Any]]:
+        batches = self._indexed() if self.source.random_access else self._streamed()
+        for items in split_by_worker(batches):
+            yield self._prepare(items() if callable(items) else items)
+
+    def _indexed(self) -> Iterator[Callable[[], list[tuple[int, InputRecord, Loader, Any]]]]:
         n = self.source.count() or 0
         end = n if self.stop is None else min(n, self.stop)
         order = None if self.order_seed is None else _permutation(self.order_seed, n)
-        batch = worker
-        while (low := self.start + batch * self.batch_size) < end:
-            high = min(low + self.batch_size, end)
-            items = []
+
+        def items(low: int, high: int) -> list[tuple[int, InputRecord, Loader, Any]]:
+            chosen = []
             for position in range(low, high):
                 index = position if order is None else int(order[position])
                 load = lambda i=index: self.source.load(i)  # noqa: E731 - bound per input
-                items.append((position, self.source.record(index), load))
-            yield self._prepare(items)
-            batch += n_workers
+                chosen.append((position, self.source.record(index), load, None))
+            return chosen
 
-    def _streamed(self, worker: int, n_workers: int) -> Iterator[dict[str, Any]]:
-        items: list[tuple[int, InputRecord, Loader]] = []
-        for position, (record, load) in enumerate(stream_in_order(self.source, self.order_seed)):
+        for low in range(self.start, end, self.batch_size):
+            # built only by the worker that takes the batch
+            yield lambda low=low: items(low, min(low + self.batch_size, end))
+
+    def _streamed(self) -> Iterator[list[tuple[int, InputRecord, Loader, Any]]]:
+        items: list[tuple[int, InputRecord, Loader, Any]] = []
+        stream = stream_in_order(
+            self.source, self.order_seed, part=self.part, n_parts=self.n_parts, done=self.done
+        )
+        for record, load, tar_shard in stream:
+            position = record.index
             if self.stop is not None and position >= self.stop:
                 break
-            offset = position - self.start
-            if offset < 0 or (offset // self.batch_size) % n_workers != worker:
+            if position < self.start:
                 continue
-            items.append((position, record, load))
+            items.append((position, record, load, tar_shard))
             if len(items) == self.batch_size:
-                yield self._prepare(items)
+                yield items
                 items = []
         if items:
-            yield self._prepare(items)
+            yield items
 
-    def _prepare(self, items: Sequence[tuple[int, InputRecord, Loader]]) -> dict[str, Any]:
+    def _prepare(self, items: Sequence[tuple[int, InputRecord, Loader, Any]]) -> dict[str, Any]:
         records, reasons, tensors = [], [], []
-        for position, record, load in items:
+        for position, record, load, tar_shard in items:
             entry = {**record.to_dict(), "position": position}
+            if tar_shard is not None:
+                entry["tar_shard"] = list(tar_shard)
             try:
                 raw = load()
                 if isinstance(raw, Labeled):

@@ -114,6 +114,9 @@ class CacheSink:
         }
         self.pending = {h: m.copy() for h, m in self.committed.items()}
         self.pending_skips: list[dict[str, Any]] = []
+        # tar shards of the source read to their end: [shard, first position, end position]
+        self.pending_tar: list[list[int]] = []
+        manifest.setdefault("tar_shards_done", [])
         self.shard: ShardFile | None = None
         self.shard_keys: set[str] = set()
         self.last_position = manifest["inputs_done"] - 1
@@ -122,7 +125,13 @@ class CacheSink:
         self.meta_tokens = first if all(t == first for t in tokens.values()) else tokens
 
     # -- inputs
+    def _note_tar_shard(self, record: Mapping[str, Any]) -> None:
+        tar_shard = record.get("tar_shard")
+        if tar_shard is not None and tar_shard[2]:  # the last input of its tar shard
+            self.pending_tar.append([int(tar_shard[0]), int(tar_shard[1]), record["position"] + 1])
+
     def skip(self, record: Mapping[str, Any], reason: str) -> None:
+        self._note_tar_shard(record)
         self.pending_skips.append(
             {
                 "index": record["index"],
@@ -152,7 +161,7 @@ class CacheSink:
             "label": record.get("label"),
             "index": record["index"],
             "position": record["position"],
-            "tokens": self.meta_tokens,
+            "tokens": record.get("tokens", self.meta_tokens),
         }
         sample: dict[str, Any] = {"__key__": key, "meta.json": json.dumps(meta).encode()}
         for hook in self.hooks:
@@ -178,6 +187,7 @@ class CacheSink:
                 int(m["nonfinite"]),
             )
         self.last_position = record["position"]
+        self._note_tar_shard(record)
         if self.shard.samples >= self.shard_size:
             self.publish()
 
@@ -224,6 +234,9 @@ class CacheSink:
         self.pending_skips = [s for s in self.pending_skips if s["position"] >= end]
         self.manifest["skipped"] += done
         self.manifest["n_skipped"] = len(self.manifest["skipped"])
+        finished = [t for t in self.pending_tar if t[2] <= end]
+        self.pending_tar = [t for t in self.pending_tar if t[2] > end]
+        self.manifest["tar_shards_done"] += finished
 
     def _write(self) -> None:
         manifest = self.manifest

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -36,6 +37,15 @@ from prisma_mm.cache.inputs import (
     InputBatches,
     describe_order,
     parse_order_seed,
+)
+from prisma_mm.cache.parts import (
+    PARTS_DIR,
+    block,
+    check_siblings,
+    part_dirs,
+    part_name,
+    resolve_part,
+    try_merge,
 )
 from prisma_mm.cache.shards import BackgroundSink, CacheSink, Job, ShardFile
 from prisma_mm.cache.stats import sample_moments
@@ -51,6 +61,7 @@ __all__ = [
     "new_manifest",
     "parse_hooks",
     "parse_tokens",
+    "random_tokens",
     "token_index",
     "weights_fingerprint",
     "write_cache",
@@ -58,6 +69,9 @@ __all__ = [
 
 DEFAULT_SHARD_SIZE = 256
 TOKEN_CHOICES = ("all", "cls", "patches")
+# Inputs per forward when --batch-size is not given, by device type.
+DEFAULT_BATCH_SIZES = {"cuda": 256, "cpu": 32}
+RANDOM_TOKEN = -1  # the manifest's token_index under --tokens random:K (each sample's own)
 
 
 # ----- model, hooks, tokens ---------------------------------------------------------------------
@@ -86,11 +100,20 @@ def parse_hooks(hooks: str | Sequence[str]) -> list[str]:
 
 
 def parse_tokens(tokens: str | Sequence[int]) -> str | list[int]:
-    """``all`` | ``cls`` | ``patches`` | an explicit list of token indices (``"0,5,9"``)."""
+    """``all`` | ``cls`` | ``patches`` | ``random:K`` (K patch tokens per input, see
+    :func:`random_tokens`) | an explicit list of token indices (``"0,5,9"``)."""
     if isinstance(tokens, str):
         spec = tokens.strip().lower()
         if spec in TOKEN_CHOICES:
             return spec
+        if spec.startswith("random"):
+            count = spec.partition(":")[2].strip()
+            if not count.isdigit() or int(count) < 1:
+                raise PrismaError(
+                    f"--tokens {tokens!r}: give random:K with K a positive number of patch "
+                    "tokens per input, e.g. random:16"
+                )
+            return f"random:{int(count)}"
         try:
             indices = [int(t) for t in spec.replace(" ", "").split(",") if t]
         except ValueError:
@@ -106,8 +129,27 @@ def parse_tokens(tokens: str | Sequence[int]) -> str | list[int]:
     return indices
 
 
+def random_count(spec: Any) -> int | None:
+    """K of a ``random:K`` token spec, else None."""
+    if isinstance(spec, str) and spec.startswith("random:"):
+        return int(spec.partition(":")[2])
+    return None
+
+
+def random_tokens(key: str, count: int, n_prefix: int, n_tokens: int) -> list[int]:
+    """``count`` distinct patch token positions (in ``n_prefix .. n_tokens-1``, sorted) for the
+    input whose cache key is ``key``: seeded by the key alone, so the same on every run,
+    resume, part and batch."""
+    seed = int.from_bytes(
+        hashlib.blake2b(f"tokens/{key}".encode(), digest_size=8).digest(), "little"
+    )
+    chosen = np.random.default_rng(seed).choice(n_tokens - n_prefix, size=count, replace=False)
+    return sorted(int(t) + n_prefix for t in chosen)
+
+
 def token_index(spec: str | list[int], hook: str, n_tokens: int, layout: Any) -> list[int]:
-    """The token positions kept for a hook whose activation has ``n_tokens`` tokens."""
+    """The token positions kept for a hook whose activation has ``n_tokens`` tokens
+    (``random:K``: K entries of ``RANDOM_TOKEN``; each sample's meta.json lists its own)."""
     if spec == "all":
         return list(range(n_tokens))
     if n_tokens != layout.n_tokens:
@@ -123,6 +165,15 @@ def token_index(spec: str | list[int], hook: str, n_tokens: int, layout: Any) ->
         return [0]
     if spec == "patches":
         return list(range(layout.n_prefix, layout.n_tokens))
+    count = random_count(spec)
+    if count is not None:
+        n_patches = layout.n_tokens - layout.n_prefix
+        if count > n_patches:
+            raise PrismaError(
+                f"--tokens {spec}: the model has {n_patches} patch tokens per input; give K "
+                f"<= {n_patches} (or --tokens patches)"
+            )
+        return [RANDOM_TOKEN] * count
     bad = [t for t in spec if not 0 <= t < n_tokens]
     if bad:
         raise PrismaError(f"--tokens {bad[0]} is outside 0..{n_tokens - 1} for hook {hook!r}")
@@ -149,8 +200,38 @@ def _check_out(out: Path) -> None:
             f"cannot write to output directory {str(out)!r} ({str(above)!r} is a file): "
             "choose a writable --out"
         )
+    if (out / PARTS_DIR).is_dir():
+        n_parts = sorted({count for _, count in part_dirs(out)})
+        raise PrismaError(
+            f"--out {str(out)!r} holds a cache written in {n_parts[0] if n_parts else 'several'} "
+            "parts: resume it with --part i/N (or the launcher), or write to a new --out"
+        )
     if out.is_dir() and not (out / fmt.MANIFEST).exists():
         _refuse_foreign(out)
+
+
+def _check_parts_out(out: Path) -> None:
+    """Refuse a top-level ``out`` for parts that holds anything but parts and their merge."""
+    if out.exists() and not out.is_dir():
+        raise PrismaError(f"--out {str(out)!r} is a file, not a directory: choose a directory")
+    if not out.is_dir():
+        return
+    if (out / fmt.MANIFEST).is_file() and "parts" not in fmt.read_manifest(out):
+        raise PrismaError(
+            f"--out {str(out)!r} holds a cache written by one process: parts cannot add to it; "
+            "write the parts to a new --out"
+        )
+    foreign = sorted(
+        path.name
+        for path in out.iterdir()
+        if path.name not in (PARTS_DIR, fmt.MANIFEST, fmt.LOCK_FILE)
+        and not path.name.endswith(fmt.TMP_SUFFIX)
+    )
+    if foreign:
+        raise PrismaError(
+            f"--out {str(out)!r} is not empty and holds no cache ({foreign[0]!r} …): choose an "
+            "empty or new directory"
+        )
 
 
 def _refuse_foreign(out: Path) -> None:
@@ -202,6 +283,8 @@ def _clean_leftovers(out: Path, manifest: Mapping[str, Any] | None) -> None:
 
 
 _IDENTITY = ("model", "fingerprint", "hooks", "dtype", "tokens", "source", "order")
+# Fields of a manifest that a part only has alone (its share), not in the merged manifest.
+_PART_ONLY = ("part", "tar_shards_done")
 # Caches written before the visiting order was recorded were written in the source's order.
 _SOURCE_ORDER = {"method": "source", "seed": None}
 
@@ -325,7 +408,7 @@ def _disk_error(error: OSError, out: Path, manifest: Mapping[str, Any]) -> Prism
 def _check_counts(batch_size: Any, workers: Any, shard_size: Any, limit: Any) -> None:
     """One line per wrong count, naming the flag (checked before any work starts)."""
     for flag, value, low in (
-        ("--batch-size", batch_size, 1),
+        ("--batch-size", 1 if batch_size is None else batch_size, 1),
         ("--shard-size", shard_size, 1),
         ("--workers", workers, 0),
     ):
@@ -345,38 +428,52 @@ def write_cache(
     weights: str | None = "pretrained",
     tokens: str | Sequence[int] = "all",
     dtype: str = "float16",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     workers: int = 0,
     shard_size: int = DEFAULT_SHARD_SIZE,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     limit: int | None = None,
     order_seed: int | None = DEFAULT_ORDER_SEED,
     img_size: int | None = None,
     progress: bool = True,
+    part: str | tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Stream ``data`` through ``model`` and cache the activations at ``hooks`` in ``out``.
 
     ``model``: a card name (built with ``weights`` on ``device``) or a
     :class:`~prisma_mm.hooks.HookedModel`. ``data``: anything :func:`open_source` accepts.
     Each input becomes one sample holding a ``[tokens, d]`` array per hook (``tokens``:
-    ``all`` | ``cls`` | ``patches`` | index list) in ``dtype`` (float16, bfloat16, float32).
+    ``all`` | ``cls`` | ``patches`` | ``random:K`` | index list) in ``dtype`` (float16,
+    bfloat16, float32). ``device``: ``auto`` (a GPU when there is one, else the CPU), ``cpu``,
+    ``cuda``, ``cuda:N``; ``batch_size`` None: 256 on a GPU, 32 on the CPU.
     ``shard_size`` inputs per shard; ``limit`` caps the number of inputs read. Inputs are
     visited in a random order seeded by ``order_seed`` (None: the source's own order), so
     that shards of a class-sorted data set are mixed. ``img_size``: build the card at this
     input size (see :func:`~prisma_mm.zoo.registry.load_model`; a card name only).
-    Re-running the same call resumes an interrupted cache. Returns the manifest.
+    Re-running the same call resumes an interrupted cache.
+
+    ``part``: ``"i/N"`` writes part i of N cooperating processes (default: the launcher's
+    RANK / WORLD_SIZE or SLURM_PROCID / SLURM_NTASKS when set) into ``out/parts/`` (see
+    :mod:`~prisma_mm.cache.parts`), on ``cuda:LOCAL_RANK`` when the device is a GPU; the
+    last part to finish merges the manifest. Returns the manifest (the merged one once every
+    part is complete, else this part's).
     """
     _check_counts(batch_size, workers, shard_size, limit)
+    part_index, n_parts, local_rank = resolve_part(part)
     order_seed = parse_order_seed(order_seed)
     hooks = parse_hooks(hooks)
     token_spec = parse_tokens(tokens)
     dtype_name = fmt.canonical_dtype(dtype)
-    out = Path(out).expanduser()
+    top = out = Path(out).expanduser()
+    if n_parts > 1:
+        _check_parts_out(top)
+        out = top / PARTS_DIR / part_name(part_index, n_parts)
     _check_out(out)
     if isinstance(model, str):
-        from prisma_mm.zoo.registry import check_img_size, get_card, resolve_device
+        from prisma_mm.zoo.registry import check_img_size, get_card
 
-        device = resolve_device(device)  # an unknown or absent device: one line, before work
+        # an unknown or absent device: one line, before work
+        device = _pick_device(device, part_index, n_parts, local_rank)
         check_img_size(get_card(model), img_size)
     elif img_size is not None:
         raise PrismaError(
@@ -392,15 +489,78 @@ def write_cache(
         raise PrismaError(
             f"data source {_describe_short(source)} has no inputs (no image files found)"
         )
+    span = _span(source, limit, part_index, n_parts)
     model, new = _prepare_model(
         model, weights, device, hooks, token_spec, dtype_name, source, shard_size, limit, img_size
     )
     new["order"] = describe_order(source, order_seed)
+    if n_parts > 1:
+        new["part"] = span["part"]
+        new["inputs_done"] = span["start"]
+        check_siblings(top, part_index, n_parts, new)
+    if batch_size is None:
+        batch_size = DEFAULT_BATCH_SIZES.get(model.device.type, DEFAULT_BATCH_SIZES["cpu"])
     lock = _prepare_out(out)
     try:
-        return _write(model, new, source, out, batch_size, workers, shard_size, limit, progress)
+        manifest = _write(model, new, source, out, batch_size, workers, shard_size, limit,
+                          progress, span)  # fmt: skip
     finally:
         lock.close()
+    if n_parts > 1 and manifest.get("complete"):
+        merged = try_merge(top)
+        if merged is not None:
+            return merged
+    return manifest
+
+
+def _pick_device(device: Any, part_index: int, n_parts: int, local_rank: int | None
+                 ) -> torch.device:  # fmt: skip
+    """``auto`` -> cuda when there is a GPU, else cpu; a part on ``cuda`` takes
+    ``cuda:LOCAL_RANK`` (by hand, without a launcher: ``cuda:(i mod GPUs)``)."""
+    from prisma_mm.zoo.registry import resolve_device
+
+    name = str(device).strip().lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and n_parts > 1 and torch.cuda.is_available():
+        gpu = local_rank if local_rank is not None else part_index
+        name = f"cuda:{gpu % torch.cuda.device_count()}"
+    return resolve_device(name)
+
+
+def _span(source: Source, limit: int | None, part_index: int, n_parts: int) -> dict[str, Any]:
+    """Where this process starts and stops in the visiting order: ``start`` (first position),
+    ``stop`` (None: the end of the stream), ``final`` (reaching ``stop`` reads the whole
+    source) and, for a part, its manifest record. Refuses a split with an empty part."""
+    n_inputs = source.count()
+    total = limit if n_inputs is None else min(n_inputs, limit if limit is not None else n_inputs)
+    covers_all = n_inputs is not None and (limit is None or limit >= n_inputs)
+    if n_parts == 1:
+        return {"start": 0, "stop": total, "final": covers_all, "part": None}
+    if not source.random_access and source.n_parts() < n_parts:
+        raise PrismaError(
+            f"the data has {source.n_parts()} tar shard(s), fewer than the {n_parts} parts: "
+            f"use at most {source.n_parts()} parts (parts split tar shards, not inputs)"
+        )
+    if total is not None and total < n_parts:
+        raise PrismaError(
+            f"{total} input(s) cannot be split into {n_parts} parts: use at most {total} parts"
+        )
+    if total is None:
+        start, stop = 0, None
+    else:
+        low, high = block(part_index, n_parts, total)
+        # random access: the block of the one visiting order; tar: a part-local count
+        start, stop = (low, high) if source.random_access else (0, high - low)
+    part = {
+        "index": part_index,
+        "count": n_parts,
+        "inputs": [start, stop],
+        "total": total,
+        "random_access": source.random_access,
+    }
+    final = covers_all if source.random_access else limit is None
+    return {"start": start, "stop": stop, "final": final, "part": part}
 
 
 def token_rows(act: Tensor) -> Tensor:
@@ -474,6 +634,11 @@ def _open_manifest(out: Path, new: dict[str, Any], limit: int | None,
         manifest = fmt.read_manifest(out)
         if manifest["shards"]:
             _check_same_cache(out, manifest, new)
+            if manifest.get("part") != new.get("part"):
+                raise PrismaError(
+                    f"{str(out)!r} holds part {manifest.get('part')} but this run writes "
+                    f"{new.get('part')}: start every part with the same --limit and N"
+                )
         _clean_leftovers(out, manifest)
         if manifest["shards"]:
             manifest["limit"] = limit
@@ -498,6 +663,7 @@ def _write(
     shard_size: int,
     limit: int | None,
     progress: bool,
+    span: Mapping[str, Any],
 ) -> dict[str, Any]:
     device = model.device
     hooks: list[str] = new["hooks"]
@@ -505,16 +671,20 @@ def _write(
     dtype_name: str = new["dtype"]
     manifest = _open_manifest(out, new, limit, shard_size)
     start = manifest["inputs_done"]
-    if manifest.get("exhausted") or (limit is not None and start >= limit):
+    stop = span["stop"]
+    if manifest.get("exhausted") or (stop is not None and start >= stop):
         if progress:
             print(f"cache {out} is complete: {manifest['n_samples']} samples", flush=True)
         return manifest
     manifest["complete"] = False
 
-    n_inputs = source.count()
-    stop = limit if n_inputs is None else min(n_inputs, limit if limit is not None else n_inputs)
     prepare = PREPARERS[source.kind](model)
-    inputs = InputBatches(source, prepare, start, stop, batch_size, new["order"]["seed"])
+    part = span["part"] or {"index": 0, "count": 1}
+    done = {shard: high - low for shard, low, high in manifest.get("tar_shards_done", [])}
+    inputs = InputBatches(source, prepare, start, stop, batch_size, new["order"]["seed"],
+                          part["index"], part["count"], done)  # fmt: skip
+    random_k = random_count(new["tokens"])
+    layout = model.layout
     loader = DataLoader(
         inputs,
         batch_size=None,
@@ -547,9 +717,19 @@ def _write(
                     _, cache = model.run_with_cache(
                         pixels.to(device, non_blocking=True), hooks, stop_at_layer="auto"
                     )
+                    picks = None
+                    if random_k is not None:
+                        kept = [r for r, why in zip(records, reasons) if why is None]
+                        chosen = [random_tokens(r["key"], random_k, layout.n_prefix,
+                                                layout.n_tokens) for r in kept]  # fmt: skip
+                        for record, tokens in zip(kept, chosen):
+                            record["tokens"] = tokens
+                        picks = torch.tensor(chosen, device=device)  # [n_ok, K]
                     for hook in hooks:
                         act = token_rows(cache[hook])
-                        if len(index[hook]) != act.shape[1]:
+                        if picks is not None:
+                            act = act[torch.arange(len(act), device=device)[:, None], picks]
+                        elif len(index[hook]) != act.shape[1]:
                             act = act[:, index[hook]]
                         arrays[hook] = act.to(fmt.TORCH_DTYPES[dtype_name]).contiguous()
                     if device.type == "cuda":
@@ -567,7 +747,7 @@ def _write(
                 bar.set_postfix_str(
                     f"{written * n_tokens / elapsed:,.0f} tok/s, {skipped} skipped", refresh=False
                 )
-        exhausted = stop is None or seen_end < stop or (n_inputs is not None and stop >= n_inputs)
+        exhausted = stop is None or seen_end < stop or span["final"]
         background.put((seen_end, exhausted))
         background.close()
         background.raise_error()
