@@ -174,6 +174,52 @@ CASES = [
         ("foreign",),
     ),  # fmt: skip
 ]
+SPLIT = ("split",)  # part 0/2 of a cache written in 2 parts, kept untouched
+CASES += [
+    Case("part-index-past-n", (*NEW, "--part", "3/2"), "--part '3/2': the part index must be"),
+    Case("part-garbage", (*NEW, "--part", "x"), "--part 'x': give i/N"),
+    Case("part-of-zero", (*NEW, "--part", "0/0"), "N at least 1"),
+    Case("parts-more-than-inputs", (*NEW, "--part", "0/9"), "cannot be split into 9 parts"),
+    Case(
+        "part-other-hooks-than-its-sibling",
+        (*GOOD, "--out", "{tmp}/split", "--part", "1/2", "--hooks", "blocks.1.hook_resid_post"),
+        "part 1/2 differs from part 0/2",
+        SPLIT,
+    ),  # fmt: skip
+    Case(
+        "part-other-dtype-than-its-sibling",
+        (*GOOD, "--out", "{tmp}/split", "--part", "1/2", "--dtype", "bfloat16"),
+        "differs from part 0/2 already in",
+        SPLIT,
+    ),  # fmt: skip
+    Case(
+        "part-of-another-split",
+        (*GOOD, "--out", "{tmp}/split", "--part", "1/3"),
+        "holds parts of a split into 2",
+        SPLIT,
+    ),  # fmt: skip
+    Case(
+        "merge-a-part-missing",
+        ("cache", "merge", "--out", "{tmp}/split"),
+        "part 1/2 is missing",
+        SPLIT,
+    ),  # fmt: skip
+    Case("merge-no-parts", ("cache", "merge", "--out", "{tmp}/cache"), "has no parts/", CACHE),
+    Case(
+        "one-process-into-a-split-cache",
+        (*GOOD, "--out", "{tmp}/split"),
+        "holds a cache written in 2 parts",
+        SPLIT,
+    ),  # fmt: skip
+    Case(
+        "parts-into-a-one-process-cache",
+        (*GOOD, "--out", "{tmp}/cache", "--part", "0/2"),
+        "holds a cache written by one process",
+        CACHE,
+    ),  # fmt: skip
+    Case("tokens-random-zero", (*NEW, "--tokens", "random:0"), "give random:K"),
+    Case("tokens-random-too-many", (*NEW, "--tokens", "random:99"), "has 16 patch tokens"),
+]
 if not torch.cuda.is_available():
     CASES.append(Case("device-cuda-without-gpu", (*NEW, "--device", "cuda"), "no CUDA GPU"))
 
@@ -187,6 +233,8 @@ def inputs(tmp_path_factory):
     (tmp / "thesis").mkdir()
     (tmp / "thesis" / "chapter1.tex").write_text("precious")
     assert main([*(a.replace("{tmp}", str(tmp)) for a in GOOD), "--out", str(tmp / "cache")]) == 0
+    split = (*(a.replace("{tmp}", str(tmp)) for a in GOOD), "--out", str(tmp / "split"))
+    assert main([*split, "--part", "0/2"]) == 0
     manifest = json.loads((tmp / "cache" / "manifest.json").read_text())
     damaged = {
         "not-json": "{ not json",

@@ -387,3 +387,57 @@ def test_img_size_builds_the_card_at_that_input_size(images, tmp_path, capsys):
     assert read_manifest(tmp_path / "cli")["shapes"] == manifest["shapes"]
     with pytest.raises(PrismaError, match="img_size applies to a model card name"):
         write_cache(seeded_tiny_vit(0), str(images), tmp_path / "x", HOOKS, img_size=48)
+
+
+def test_random_tokens_are_k_distinct_patches_seeded_by_the_key(model, images, tmp_path):
+    hook = HOOKS[1]
+    manifest = _write(model, images, tmp_path / "r", tokens="random:5", hooks=[hook])
+    assert manifest["tokens"] == "random:5" and manifest["shapes"][hook] == [5, 32]
+    assert manifest["token_index"][hook] == [writer_module.RANDOM_TOKEN] * 5
+    samples = read_samples(tmp_path / "r")
+    chosen = {}
+    for key, sample in samples.items():
+        tokens = sample["meta"]["tokens"]
+        assert len(set(tokens)) == 5 and all(1 <= t <= 16 for t in tokens)  # patches only
+        assert tokens == writer_module.random_tokens(key, 5, 1, 17)
+        full = _expected(model, sample["meta"]["source"], [hook])[hook]
+        np.testing.assert_allclose(sample[hook], full[tokens], atol=1e-5)
+        chosen[key] = tuple(tokens)
+    assert len(set(chosen.values())) > 1  # differ across keys
+    # another batch size, a part of two, a resume: the same tokens for the same key
+    _write(model, images, tmp_path / "b", tokens="random:5", hooks=[hook], batch_size=3, limit=4)
+    _write(model, images, tmp_path / "b", tokens="random:5", hooks=[hook], batch_size=3)
+    for part in ("0/2", "1/2"):
+        _write(model, images, tmp_path / "p", tokens="random:5", hooks=[hook], part=part)
+    for other in ("b", "p"):
+        again = read_samples(tmp_path / other)
+        assert {k: tuple(s["meta"]["tokens"]) for k, s in again.items()} == chosen
+        for key in chosen:
+            np.testing.assert_array_equal(again[key][hook], samples[key][hook])
+    for spec, message in [("random:0", "random:K"), ("random:x", "random:K"),
+                          ("random:17", "16 patch tokens")]:  # fmt: skip
+        with pytest.raises(PrismaError, match=message):
+            _write(model, images, tmp_path / "bad", tokens=spec, hooks=[hook])
+
+
+def test_device_auto_and_the_batch_size_by_device(model, images, tmp_path, monkeypatch):
+    pick = writer_module._pick_device
+    if not torch.cuda.is_available():
+        assert pick("auto", 0, 1, None) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert pick("auto", 0, 1, None) == torch.device("cuda")
+    assert pick("cuda", 5, 8, 1) == torch.device("cuda:1")  # LOCAL_RANK from the launcher
+    assert pick("auto", 6, 8, None) == torch.device("cuda:2")  # by hand: part mod GPUs
+    assert pick("cuda:3", 5, 8, 1) == torch.device("cuda:3")  # an explicit GPU is kept
+    monkeypatch.undo()
+    sizes = []
+    real = writer_module.InputBatches
+
+    def spy(*args, **kwargs):
+        sizes.append(args[4])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(writer_module, "InputBatches", spy)
+    _write(model, images, tmp_path / "c", batch_size=None, limit=2)
+    assert sizes == [writer_module.DEFAULT_BATCH_SIZES["cpu"]] == [32]
