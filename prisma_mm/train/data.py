@@ -1,8 +1,10 @@
 """``ActivationDataModule``: batches of cached activations for training and evaluating a dictionary.
 
 Training reads an endless, resumable stream: pass ``p`` over the train split is the reader's
-epoch ``p`` (shuffled from ``seed`` and ``p``), and a run resumed from a checkpoint skips exactly the batches it had already
-trained on, so it sees the same batches in the same order as an uninterrupted run. Training
+epoch ``p`` (shuffled from ``seed`` and ``p``). A checkpoint records the pass and each DataLoader
+worker's batches in it; a resumed run starts the reader there (the samples before are passed
+over on their tar headers, only the shuffle buffer's rows are read) and sees the same batches in
+the same order as an uninterrupted run. Training
 length is set by ``trainer.max_steps`` (or ``SAEModule.total_tokens``), never by epochs.
 
 ``batch_size`` is the global batch (rows per optimizer step over all processes): under DDP each
@@ -12,7 +14,10 @@ part of the cache, so a recipe trains on the same number of tokens per step on a
 
 from __future__ import annotations
 
+from array import array
+from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,8 +25,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from prisma_mm.errors import PrismaError
 
@@ -35,12 +39,75 @@ def _dist_world() -> tuple[int, int]:
     return 0, 1
 
 
+class _Tagged(IterableDataset):
+    """A dataset's batches as ``(DataLoader worker, batch)``, then ``(worker, None)`` when the
+    worker's part ends: the train stream keeps an uninterrupted loader's order and records
+    each worker's position for a checkpoint."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __iter__(self) -> Iterator[tuple[int, Tensor | None]]:
+        info = get_worker_info()
+        worker = 0 if info is None else info.id
+        for batch in self.dataset:
+            yield worker, batch
+        yield worker, None
+
+
+def _in_worker_order(
+    tagged: Iterator[tuple[int, Tensor | None]], start: list[int]
+) -> Iterator[tuple[int, Tensor]]:
+    """``(worker, batch)`` in the order of an uninterrupted DataLoader: round-robin over the
+    workers whose part has not ended, continuing from ``start`` (each worker's batches so far).
+    A resumed loader restarts its round at worker 0, so batches arriving early wait (at most
+    about one per worker)."""
+    counts = list(start)
+    waiting: list[deque[Tensor]] = [deque() for _ in counts]
+    finished = [False] * len(counts)
+    while True:
+        live = [w for w in range(len(counts)) if waiting[w] or not finished[w]]
+        if not live:
+            return
+        turn = min(live, key=lambda w: (counts[w], w))
+        while not waiting[turn] and not finished[turn]:
+            worker, batch = next(tagged)  # the loader ends only after every worker's end mark
+            if batch is None:
+                finished[worker] = True
+            else:
+                waiting[worker].append(batch)
+        if waiting[turn]:
+            counts[turn] += 1
+            yield turn, waiting[turn].popleft()
+
+
+@dataclass
+class _Pass:
+    """One pass of this process's train stream: its number, the global index of its first
+    batch, each worker's batches before this stream took it over (a resumed pass), the
+    worker of every batch handed out since, and its length once it is complete."""
+
+    number: int
+    first_batch: int
+    start: list[int]
+    workers: array = field(default_factory=lambda: array("H"))
+    length: int | None = None
+
+    def position(self, batches: int) -> list[int]:
+        """Each worker's batches among the pass's first ``batches``."""
+        import numpy as np
+
+        seen = np.frombuffer(self.workers, np.uint16)[: batches - sum(self.start)]
+        counts = np.bincount(seen, minlength=len(self.start))
+        return [int(a + b) for a, b in zip(self.start, counts)]
+
+
 class _TrainStream:
     """Endless iterable of this process's train batches, continuing across ``iter()`` calls.
 
     Lightning calls ``iter()`` once per epoch; the stream carries on where it was, so an
-    ``limit_train_batches``-sized epoch never restarts the data. The first iterator starts after
-    ``datamodule._resume_batches`` batches (the ones a resumed run already trained on).
+    ``limit_train_batches``-sized epoch never restarts the data. The first iterator starts at
+    the datamodule's resume position.
     """
 
     def __init__(self, datamodule: ActivationDataModule) -> None:
@@ -49,7 +116,7 @@ class _TrainStream:
 
     def __iter__(self) -> Iterator[Tensor]:
         if self._batches is None:
-            self._batches = self.datamodule._stream(self.datamodule._resume_batches)
+            self._batches = self.datamodule._stream()
         return self._batches
 
 
@@ -105,11 +172,14 @@ class ActivationDataModule(pl.LightningDataModule):
         self.normalize = normalize
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self._probe: Any = None
-        # resumable stream state: batches already trained on, and this process's batch count of
-        # every completed pass (so a resume skips whole passes without reading them)
-        self._resume_batches = 0
+        # resumable stream state: where the stream starts (pass, first batch's global index,
+        # each worker's batches in it), this process's batch count of every completed pass, and
+        # the passes handed out lately (the trained position may lag behind the prefetch)
+        self._start = _Pass(0, 0, [0] * max(1, self.num_workers))
         self._pass_lengths: list[int] = []
         self._resume_pass_lengths: list[int] = []
+        self._passes: deque[_Pass] = deque(maxlen=3)
+        self._handed_out = 0
         self._train_stream: _TrainStream | None = None
 
     # ---- what the cache holds --------------------------------------------------------------
@@ -185,44 +255,47 @@ class ActivationDataModule(pl.LightningDataModule):
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=pin)
 
     # ---- training stream -------------------------------------------------------------------
-    def _stream(self, skip: int) -> Iterator[Tensor]:
-        """Endless batches of this process, starting after ``skip`` already-trained batches."""
-        lengths = list(self._resume_pass_lengths)
-        data_pass = 0
-        while data_pass < len(lengths) and skip >= lengths[data_pass]:
-            skip -= lengths[data_pass]
-            data_pass += 1
-        self._pass_lengths = lengths[:data_pass]
+    def _stream(self) -> Iterator[Tensor]:
+        """Endless batches of this process, starting at the resume position."""
+        start = self._start
+        self._pass_lengths = list(self._resume_pass_lengths[: start.number])
+        self._passes.clear()
         batch_size = self.per_process_batch_size()
-        rank = _dist_world()[0]
+        current = _Pass(start.number, start.first_batch, list(start.start))
         while True:
             dataset = self._dataset(
                 "train", batch_size, shuffle_buffer=self.shuffle_buffer, drop_last=True
             )
-            dataset.set_epoch(data_pass)
-            batches = iter(self._loader(dataset))
-            count = 0
-            if skip:
-                bar = tqdm(
-                    total=skip, desc="skipping trained batches", disable=rank != 0, leave=False
-                )
-                for _ in range(skip):
-                    if next(batches, None) is None:
-                        break
-                    count += 1
-                    bar.update()
-                bar.close()
-                skip = 0
-            for batch in batches:
-                count += 1
+            dataset.set_epoch(current.number)
+            dataset.set_position(current.start)
+            self._passes.append(current)
+            tagged = iter(self._loader(_Tagged(dataset)))
+            for worker, batch in _in_worker_order(tagged, current.start):
+                current.workers.append(worker)
+                self._handed_out += 1
                 yield batch
-            if count == 0:
+            length = sum(current.start) + len(current.workers)
+            if length == 0:
                 raise PrismaError(
                     f"cache {self.cache_dir!r} gave no train batch of {batch_size} rows for this "
                     "process: use a smaller data.batch_size or a larger cache"
                 )
-            self._pass_lengths.append(count)
-            data_pass += 1
+            current.length = length
+            self._pass_lengths.append(length)
+            current = _Pass(
+                current.number + 1, current.first_batch + length, [0] * len(start.start)
+            )
+
+    def _position(self, trained: int) -> _Pass:
+        """The pass holding the stream's batch number ``trained`` (the next to train on), with
+        each worker's batches in it before that."""
+        for handed in reversed(self._passes):
+            if handed.first_batch <= trained:
+                within = trained - handed.first_batch
+                if handed.length is not None and within >= handed.length:
+                    return _Pass(handed.number + 1, trained, [0] * len(handed.start))
+                return _Pass(handed.number, handed.first_batch, handed.position(within))
+        return self._start
 
     def train_dataloader(self) -> _TrainStream:
         """The endless train stream of this process (a fresh one per ``fit``)."""
@@ -277,47 +350,73 @@ class ActivationDataModule(pl.LightningDataModule):
             "cache_dir": str(Path(self.cache_dir).resolve()),
         }
 
-    # ---- checkpoint state ------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Where the train stream is: batches trained so far, and each process's pass lengths.
-
-        Called on every process when a checkpoint is written (it gathers the pass lengths)."""
-        trainer = self.trainer
-        trained = 0
-        if trainer is not None:
-            trained = int(trainer.fit_loop.epoch_loop.batch_progress.total.processed)
-        lengths: list[list[int]] = [list(self._pass_lengths)]
-        rank, world = _dist_world()
-        if world > 1:
-            gathered: list[Any] = [None] * world
-            torch.distributed.all_gather_object(gathered, list(self._pass_lengths))
-            lengths = gathered
+    # ---- checkpoint state ----------------------------------------------------------------
+    def _order_settings(self) -> dict[str, Any]:
+        """What the order of the train batches depends on, besides the cache."""
         return {
             "seed": self.seed,
             "batch_size": self.batch_size,
-            "world_size": world,
+            "world_size": _dist_world()[1],
+            "num_workers": self.num_workers,
+            "shuffle_buffer": self.shuffle_buffer,
+            "eval_fraction": self.eval_fraction,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the train stream is: batches trained so far, each process's pass lengths, and
+        each process's position (its pass and every DataLoader worker's batches in it).
+
+        Called on every process when a checkpoint is written (it gathers the positions)."""
+        trainer = self.trainer
+        trained = self._handed_out
+        if trainer is not None:
+            trained = int(trainer.fit_loop.epoch_loop.batch_progress.total.processed)
+        at = self._position(trained)
+        mine = {"pass": at.number, "batches": at.start}
+        lengths: list[list[int]] = [list(self._pass_lengths[: at.number])]
+        positions: list[dict[str, Any]] = [mine]
+        world = _dist_world()[1]
+        if world > 1:
+            gathered: list[Any] = [None] * world
+            torch.distributed.all_gather_object(gathered, (lengths[0], mine))
+            lengths = [g[0] for g in gathered]
+            positions = [g[1] for g in gathered]
+        return {
+            **self._order_settings(),
             "trained_batches": trained,
             "pass_lengths": lengths,
+            "positions": positions,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume the train stream right after the checkpoint's trained batches.
+        """Resume the train stream right after the checkpoint's trained batches: the reader
+        starts at this process's recorded pass and per-worker position, reading no batch twice.
 
-        With another seed, batch size or number of processes the order cannot be reproduced:
-        the stream then starts a fresh pass after the passes every process had completed."""
-        rank, world = _dist_world()
-        saved = (state["seed"], state["batch_size"], state["world_size"])
-        if saved == (self.seed, self.batch_size, world):
-            self._resume_batches = int(state["trained_batches"])
+        With another seed, batch size, number of processes or workers, shuffle buffer or
+        held-out fraction the order cannot be reproduced: the stream then starts a fresh pass
+        after the passes every process had completed."""
+        rank = _dist_world()[0]
+        trained = int(state["trained_batches"])
+        settings = self._order_settings()
+        saved = {name: state.get(name) for name in settings}
+        if saved == settings and "positions" in state:
+            at = state["positions"][rank]
             self._resume_pass_lengths = [int(n) for n in state["pass_lengths"][rank]]
+            batches = [int(b) for b in at["batches"]]
+            self._start = _Pass(int(at["pass"]), trained - sum(batches), batches)
+            self._handed_out = trained
             return
         completed = min(len(lengths) for lengths in state["pass_lengths"])
-        rank_zero_warn(
-            f"resuming with seed={self.seed}, batch_size={self.batch_size}, {world} process(es) "
-            f"instead of the checkpoint's seed={saved[0]}, batch_size={saved[1]}, "
-            f"{saved[2]} process(es): the data order differs from an uninterrupted run; "
-            f"training continues with pass {completed} over the cache"
+        differs = ", ".join(
+            f"{name}={settings[name]} (checkpoint: {saved[name]})"
+            for name in settings
+            if saved[name] != settings[name]
         )
-        # zero-length passes make the stream skip straight to pass `completed`
+        rank_zero_warn(
+            f"resuming with {differs or 'a checkpoint without reader positions'}: the data "
+            "order differs from an uninterrupted run; training continues with pass "
+            f"{completed} over the cache"
+        )
         self._resume_pass_lengths = [0] * completed
-        self._resume_batches = 0
+        self._start = _Pass(completed, trained, [0] * max(1, self.num_workers))
+        self._handed_out = trained
