@@ -7,6 +7,10 @@
    batches, with and without the shuffle buffer; target >= 200,000 rows/s.
 3. Memory: peak RSS of a process reading a ~4 GB cache vs a ~1 GB cache (written
    synthetically with the writer's own sink); target: within 100 MB of each other.
+4. The sink alone (shards, sha256, statistics; no model): synthetic d=768 fp16 activations
+   through cache/shards.py's CacheSink vs writing the same bytes sequentially to the same
+   disk (one file, fsynced); target ratio >= 0.7.
+5. Validation at 1% held out: bytes the eval split reads against the cache's size.
 
 Usage: python benchmarks/cache.py [--images 64] [--batch-size 16] [--small-gb 1] [--big-gb 4]
 Caches are written to a temporary directory (--tmp) and deleted afterwards.
@@ -15,6 +19,7 @@ Caches are written to a temporary directory (--tmp) and deleted afterwards.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -29,8 +34,9 @@ from PIL import Image
 
 from prisma_mm.cache import ActivationDataset, write_cache
 from prisma_mm.cache.manifest import write_manifest
+from prisma_mm.cache.shards import CacheSink
 from prisma_mm.cache.stats import sample_moments_numpy
-from prisma_mm.cache.writer import CacheSink, new_manifest
+from prisma_mm.cache.writer import new_manifest
 from prisma_mm.zoo.registry import load_model
 
 VIT_B16_CARD = "vit-b16-augreg2-in21k-ft-in1k"  # vit_base_patch16_224; weights=None: random init
@@ -97,8 +103,11 @@ def bench_writing(tmp: Path, n_images: int, batch_size: int, workers: int, round
     print(f"  (setup per run: about {min(setups):.1f} s; target ratio >= 0.9)")
 
 
-def synthetic_cache(out: Path, gigabytes: float, shard_size: int = 256) -> int:
-    """A single-hook d=768 fp16 cache of about ``gigabytes``, written by the writer's sink."""
+def synthetic_cache(out: Path, gigabytes: float, shard_size: int = 256,
+                    precomputed: bool = True) -> int:  # fmt: skip
+    """A single-hook d=768 fp16 cache of about ``gigabytes``, written by the writer's sink
+    (``precomputed``: with each sample's moments given, as the GPU computes them; else the
+    sink computes them on the CPU, as without a GPU)."""
     out.mkdir(parents=True)
     hook = "blocks.11.hook_resid_post"
     manifest = new_manifest({"name": "synthetic"}, [hook], {hook: [N_TOKENS, D]})
@@ -110,7 +119,7 @@ def synthetic_cache(out: Path, gigabytes: float, shard_size: int = 256) -> int:
     n_samples = int(gigabytes * 1e9 / (N_TOKENS * D * 2))
     for i in range(n_samples):
         record = {"index": i, "position": i, "key": f"{i:08d}", "source": "synthetic"}
-        sink.add(record, {hook: pool[i % 8]}, {hook: moments[i % 8]})
+        sink.add(record, {hook: pool[i % 8]}, {hook: moments[i % 8]} if precomputed else None)
     sink.finish(n_samples, True)
     return n_samples
 
@@ -161,6 +170,61 @@ def bench_reading(cache: Path) -> None:
         )
 
 
+def sequential_write(path: Path, n_bytes: int, chunk: int = N_TOKENS * D * 2) -> float:
+    """Seconds to write ``n_bytes`` to one file in ``chunk``-sized writes and fsync it."""
+    data = np.random.default_rng(1).integers(0, 256, chunk, dtype=np.uint8).tobytes()
+    start = time.perf_counter()
+    with open(path, "wb") as handle:
+        for _ in range(n_bytes // chunk):
+            handle.write(data)
+        handle.write(data[: n_bytes % chunk])
+        handle.flush()
+        os.fsync(handle.fileno())
+    seconds = time.perf_counter() - start
+    path.unlink()
+    return seconds
+
+
+def bench_sink(tmp: Path, gigabytes: float, rounds: int) -> None:
+    print(f"[sink] {gigabytes:.1f} GB of d=768 fp16 [197, 768] samples, shards of 256, no model")
+    results: dict[str, list[float]] = {"sequential": [], "sink": [], "sink_cpu_stats": []}
+    size = 0
+    for round_ in range(rounds):  # interleaved, so a load spike on the machine hits every one
+        for label, precomputed in (("sink", True), ("sink_cpu_stats", False)):
+            out = tmp / f"sink-{round_}-{label}"
+            start = time.perf_counter()
+            synthetic_cache(out, gigabytes, precomputed=precomputed)
+            seconds = time.perf_counter() - start
+            size = int(sum(p.stat().st_size for p in out.iterdir()))
+            shutil.rmtree(out)
+            results[label].append(size / seconds)
+        results["sequential"].append(size / sequential_write(tmp / "sequential.bin", size))
+    best = {k: max(v) for k, v in results.items()}
+    print(f"  sequential write + fsync        {best['sequential'] / 1e6:8.0f} MB/s")
+    print(f"  sink, moments given (GPU path)  {best['sink'] / 1e6:8.0f} MB/s = "
+          f"{best['sink'] / best['sequential']:.2f} x sequential (target >= 0.7)")  # fmt: skip
+    print(f"  sink, moments on the CPU        {best['sink_cpu_stats'] / 1e6:8.0f} MB/s = "
+          f"{best['sink_cpu_stats'] / best['sequential']:.2f} x sequential")  # fmt: skip
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read through read() calls so far (Linux /proc/self/io)."""
+    with open("/proc/self/io") as handle:
+        return int(next(line for line in handle if line.startswith("rchar")).split()[1])
+
+
+def bench_validation(cache: Path) -> None:
+    print("[validation] eval split at eval_fraction 0.01, read in order")
+    start = _bytes_read()
+    rows = sum(len(b) for b in ActivationDataset(cache, split="eval", eval_fraction=0.01,
+                                                 shuffle_buffer=0))  # fmt: skip
+    read = _bytes_read() - start
+    total = sum(p.stat().st_size for p in cache.glob("shard-*.tar"))
+    used = rows * D * 2
+    print(f"  read {read / 1e6:,.1f} MB of a {total / 1e6:,.0f} MB cache = {read / total:.2%} "
+          f"({rows:,} rows, {used / 1e6:,.1f} MB of rows used: {read / used:.2f} x)")  # fmt: skip
+
+
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (large) parent process.
 RSS_SCRIPT = """
 import sys, torch
@@ -195,14 +259,18 @@ def main() -> None:
     parser.add_argument("--small-gb", type=float, default=1.0)
     parser.add_argument("--big-gb", type=float, default=4.0)
     parser.add_argument("--tmp", default=None, help="where to write the temporary caches")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["write", "read", "rss"])
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["write", "read", "rss", "sink", "validation"]
+    )
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="prisma-cache-bench-", dir=args.tmp))
     try:
         if "write" not in args.skip:
             bench_writing(tmp, args.images, args.batch_size, args.workers, args.rounds)
-        if "read" in args.skip and "rss" in args.skip:
+        if "sink" not in args.skip:
+            bench_sink(tmp, args.small_gb, args.rounds)
+        if {"read", "rss", "validation"} <= set(args.skip):
             return
         small = tmp / "small"
         start = time.perf_counter()
@@ -210,6 +278,8 @@ def main() -> None:
         print(f"(wrote a {cache_bytes(small):.2f} GB cache in {time.perf_counter() - start:.1f} s)")
         if "read" not in args.skip:
             bench_reading(small)
+        if "validation" not in args.skip:
+            bench_validation(small)
         if "rss" not in args.skip:
             big = tmp / "big"
             synthetic_cache(big, args.big_gb)

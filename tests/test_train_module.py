@@ -167,20 +167,26 @@ def test_datamodule_rejects_bad_arguments_with_one_line(tmp_path):
 
 
 def test_datamodule_resume_state_with_other_settings_restarts_at_a_pass(tmp_path):
-    dm = ActivationDataModule(str(tmp_path), hooks="h", batch_size=64, seed=3)
+    dm = ActivationDataModule(str(tmp_path), hooks="h", batch_size=64, seed=3, num_workers=2)
     state = {
-        "seed": 3,
-        "batch_size": 64,
-        "world_size": 1,
+        **dm._order_settings(),
         "trained_batches": 10,
         "pass_lengths": [[4, 4]],
+        "positions": [{"pass": 2, "batches": [1, 1]}],
     }
     dm.load_state_dict(state)
-    assert dm._resume_batches == 10 and dm._resume_pass_lengths == [4, 4]
-    other = ActivationDataModule(str(tmp_path), hooks="h", batch_size=128, seed=3)
+    assert dm._resume_pass_lengths == [4, 4]
+    assert (dm._start.number, dm._start.first_batch, dm._start.start) == (2, 8, [1, 1])
+    other = ActivationDataModule(str(tmp_path), hooks="h", batch_size=128, seed=3, num_workers=2)
     with pytest.warns(UserWarning, match="data order differs"):
         other.load_state_dict(state)
-    assert other._resume_batches == 0 and other._resume_pass_lengths == [0, 0]
+    assert other._resume_pass_lengths == [0, 0]
+    assert (other._start.number, other._start.first_batch, other._start.start) == (2, 10, [0, 0])
+    # a checkpoint written before reader positions were recorded: the next pass too
+    older = ActivationDataModule(str(tmp_path), hooks="h", batch_size=64, seed=3, num_workers=2)
+    with pytest.warns(UserWarning, match="without reader positions"):
+        older.load_state_dict({k: v for k, v in state.items() if k != "positions"})
+    assert older._start.number == 2 and older._start.start == [0, 0]
 
 
 # ---- the module ---------------------------------------------------------------------------------
