@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prisma_mm.sae.kernels import batchtopk_encode, sparse_decode, topk_encode
+from prisma_mm.sae.base import nested_fvus, prefix_fvus
+from prisma_mm.sae.kernels import _row_topk, batchtopk_encode, sparse_decode, topk_encode
 
 
 def _dense_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
@@ -131,3 +132,68 @@ def test_bf16_autocast_forward_keeps_fp32_gradients():
     # bf16 selection may differ on near ties; most entries agree
     agree = (code.dense().detach().float() != 0) == (ref != 0)
     assert float(agree.float().mean()) > 0.98
+
+
+@pytest.mark.parametrize("n", [1024, 1030])  # a multiple of the block size, and one with a tail
+def test_two_stage_row_topk_equals_torch_topk(n):
+    """Rows long against k take the block-maxima path: same values and latents as topk, also
+    when a row's top k crowd into one block or sit in the tail past the last full block."""
+    gen = torch.Generator().manual_seed(7)
+    pre = torch.randn(64, n, generator=gen, dtype=torch.float64)
+    n_blocks = n // 16
+    pre[0, [3 + n_blocks * i for i in range(16)]] += 50.0  # row 0: the whole top in one block
+    pre[1, n - 6 :] += 50.0  # row 1: the top in the tail (or the last blocks)
+    pre[2] = -pre[2].abs()  # row 2: nothing positive
+    for k in (1, 8, 32):
+        vals, idx = _row_topk(pre, k, sorted=True)
+        ref_vals, ref_idx = pre.topk(k, dim=1)
+        assert idx.shape == (64, k)  # the two-stage path ran (32 k <= n)
+        torch.testing.assert_close(vals, ref_vals, rtol=0, atol=0)
+        assert torch.equal(idx.sort(1).values, ref_idx.sort(1).values)
+    assert set(_row_topk(pre, 16, sorted=False)[1][0].tolist()) == {
+        3 + n_blocks * i for i in range(16)
+    }
+
+
+def test_long_rows_sparse_path_matches_dense_reference_gradients():
+    """The encoder on rows long enough for the two-stage top-k keeps exact gradients."""
+    x, w_enc, b_enc, w_dec, center = _inputs(8, batch=12, d=5, n=520)
+    code = topk_encode(x, w_enc, b_enc, 4, center=center)
+    recon = sparse_decode(code.values, code.latents, code.offsets, w_dec)
+    grad_out = torch.randn_like(recon)
+    wrt = [x, w_enc, b_enc, w_dec, center]
+    fast = torch.autograd.grad((recon * grad_out).sum(), wrt)
+    pre = (x - center) @ w_enc + b_enc
+    ref_recon = _dense_topk(pre, 4) @ w_dec
+    ref = torch.autograd.grad((ref_recon * grad_out).sum(), wrt)
+    torch.testing.assert_close(recon, ref_recon, rtol=1e-12, atol=1e-12)
+    for name, got, want in zip(["x", "W_enc", "b_enc", "W_dec", "center"], fast, ref):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("per_row_offset", [False, True])
+@pytest.mark.parametrize("keep", [0, 1, -1])
+def test_nested_fvus_matches_cumsum_prefixes_values_and_gradients(per_row_offset, keep):
+    """The fused nested FVUs equal prefix_fvus over offset + cumsum(parts), and so do the
+    gradients of a loss using both the FVUs and the kept prefix (parts, offset, target)."""
+    gen = torch.Generator().manual_seed(11)
+    parts = torch.randn(7, 3, 5, generator=gen, requires_grad=True)
+    offset_shape = (7, 5) if per_row_offset else (5,)
+    offset = torch.randn(*offset_shape, generator=gen, requires_grad=True)
+    target = torch.randn(7, 5, generator=gen, requires_grad=True)
+    weights = torch.tensor([0.5, 2.0, 1.0])
+    probe = torch.randn(7, 5, generator=gen)
+
+    fvus, prefix = nested_fvus(parts, offset, target, keep)
+    loss = (fvus * weights).sum() + (prefix * probe).sum()
+    got = torch.autograd.grad(loss, [parts, offset, target])
+
+    prefixes = offset.unsqueeze(-2) + parts.cumsum(1)
+    ref_fvus = prefix_fvus(prefixes, target)
+    ref_loss = (ref_fvus * weights).sum() + (prefixes[:, keep] * probe).sum()
+    want = torch.autograd.grad(ref_loss, [parts, offset, target])
+
+    torch.testing.assert_close(fvus, ref_fvus)
+    torch.testing.assert_close(prefix, prefixes[:, keep])
+    for name, g, w in zip(["parts", "offset", "target"], got, want):
+        torch.testing.assert_close(g, w, msg=name)

@@ -41,6 +41,7 @@ __all__ = [
     "SparseCode",
     "fvu",
     "check_field_types",
+    "nested_fvus",
     "geometric_median",
     "warmup",
 ]
@@ -221,6 +222,66 @@ def prefix_fvus(prefixes: Tensor, target: Tensor) -> Tensor:
     return err / var.clamp_min(torch.finfo(torch.float32).tiny)
 
 
+class _NestedErrors(torch.autograd.Function):
+    """``(parts [B, G, D], offset [D] | [B, D], target [B, D], keep) -> (sse [G], prefix [B, D])``
+    with ``prefix_g = offset + sum_{h <= g} parts[:, h]``, ``sse_g = sum (prefix_g - target)^2``
+    and ``prefix = prefix_keep``: one pass over ``[B, D]`` slices each way (the backward walks
+    the prefixes down from the last error), where the autograd graph of cumsum, subtract and
+    square makes about ten ``[B, G, D]`` temporaries."""
+
+    @staticmethod
+    def forward(ctx, parts, offset, target, keep):  # type: ignore[override]
+        err = offset - target  # [B, D] (offset broadcast)
+        sse = parts.new_empty(parts.shape[1])
+        prefix = None
+        for g in range(parts.shape[1]):
+            err = err + parts[:, g]
+            sse[g] = torch.linalg.vecdot(err.flatten(), err.flatten())
+            if g == keep:
+                prefix = err + target
+        ctx.keep = keep
+        ctx.offset_shape = offset.shape
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
+        ctx.save_for_backward(parts, err)
+        return sse, prefix
+
+    @staticmethod
+    def backward(ctx, grad_sse, grad_prefix):  # type: ignore[override]
+        parts, err = ctx.saved_tensors
+        grad_parts = torch.empty_like(parts)
+        acc = torch.zeros_like(err)  # d loss / d prefix_g summed over the prefixes g >= h
+        for g in range(parts.shape[1] - 1, -1, -1):
+            if grad_sse is not None:
+                acc.addcmul_(err, 2.0 * grad_sse[g])  # a 0-dim factor: no device sync
+            if g == ctx.keep and grad_prefix is not None:
+                acc.add_(grad_prefix)
+            grad_parts[:, g] = acc
+            if g > 0:
+                err = err - parts[:, g]
+        grad_offset = acc.sum(0) if len(ctx.offset_shape) == 1 else acc
+        grad_target = None
+        if ctx.needs_input_grad[2]:  # the prefix itself does not depend on the target
+            grad_target = -acc if grad_prefix is None else grad_prefix - acc
+        return grad_parts, grad_offset, grad_target, None
+
+
+def nested_fvus(
+    parts: Tensor, offset: Tensor, target: Tensor, keep: int = -1
+) -> tuple[Tensor, Tensor]:
+    """FVU of every nested prefix of per-group reconstructions, and one prefix.
+
+    ``parts [batch, G, d]`` (group ``g``'s share, e.g. from
+    :meth:`SparseAutoencoder.nested_parts`), ``offset [d]`` or ``[batch, d]`` added to every
+    prefix (``b_dec``, a skip path), ``target [batch, d]`` -> ``(fvus [G], prefix_keep [batch,
+    d])``; equal to ``prefix_fvus(offset + parts.cumsum(1), target)`` and that prefix, without
+    the ``[batch, G, d]`` temporaries."""
+    keep = keep % parts.shape[1]
+    target = target.float()
+    sse, prefix = _NestedErrors.apply(parts.float(), offset.float(), target, keep)
+    var = centred_sum_of_squares(target)  # over every process's rows under DDP
+    return sse / var.clamp_min(torch.finfo(torch.float32).tiny), prefix
+
+
 def warmup(progress: float, fraction: float) -> float:
     """Linear warm-up factor in [0, 1]: ``min(1, progress / fraction)`` (1 when fraction is 0)."""
     if fraction <= 0:
@@ -319,6 +380,9 @@ class FiringTracker(nn.Module):
 # --------------------------------------------------------------------------------------------
 # The Dictionary base class
 # --------------------------------------------------------------------------------------------
+
+
+_PROJECTION_CHUNK = 512  # decoder rows per vecdot in remove_decoder_grad_parallel_
 
 
 def _config_parameters(config_class: type) -> list[inspect.Parameter]:
@@ -461,8 +525,13 @@ class Dictionary(nn.Module):
             return
         rows = self._decoder_rows(self.W_dec.data)
         grad = self._decoder_rows(self.W_dec.grad)
-        # grad -= (<grad, row> / |row|^2) row, without [n, d] temporaries
-        coef = torch.linalg.vecdot(grad, rows) / torch.linalg.vecdot(rows, rows).clamp_min(1e-16)
+        # grad -= (<grad, row> / |row|^2) row; vecdot in row chunks keeps its product temporary
+        # in cache (one [n, d] product costs as much as the projection itself)
+        coef = torch.empty(rows.shape[0], dtype=grad.dtype, device=grad.device)
+        for start in range(0, rows.shape[0], _PROJECTION_CHUNK):
+            part = slice(start, start + _PROJECTION_CHUNK)
+            torch.linalg.vecdot(grad[part], rows[part], out=coef[part])
+        coef.div_(rows.norm(dim=1).square_().clamp_min_(1e-16))
         grad.addcmul_(coef.unsqueeze(1), rows, value=-1.0)
 
     def set_progress(self, fraction: float) -> None:
@@ -794,22 +863,30 @@ class SparseAutoencoder(Dictionary):
             code.values, code.latents, code.offsets, self._decoder_rows(self.W_dec)
         )
 
+    def nested_parts(
+        self, code: SparseCode, group: Tensor, n_groups: int, in_order: bool = False
+    ) -> Tensor:
+        """Per-group reconstructions, without ``b_dec``: ``[batch, n_groups, D]`` where slice
+        ``g`` decodes the entries of group ``g`` (one sparse decode with a bag per row and
+        group). ``group [nnz]`` gives each entry's group (0..n_groups-1); ``in_order``: the
+        groups already ascend within each row (groups of consecutive latents), so no sort."""
+        key = code.rows() * n_groups + group
+        if in_order:
+            values, latents = code.values, code.latents
+        else:
+            order = torch.argsort(key, stable=True)
+            values, latents = code.values[order], code.latents[order]
+        offsets = bag_offsets(key, code.batch * n_groups)
+        parts = sparse_decode(values, latents, offsets, self._decoder_rows(self.W_dec))
+        return parts.reshape(code.batch, n_groups, -1)
+
     def nested_recons(self, code: SparseCode, group: Tensor, n_groups: int) -> Tensor:
         """Cumulative reconstructions over nested groups, without ``b_dec``.
 
         ``group [nnz]`` gives each entry's group (0..n_groups-1); returns ``[batch, n_groups, D]``
         where slice ``g`` decodes the entries of groups ``0..g``.
         """
-        key = code.rows() * n_groups + group
-        order = torch.argsort(key, stable=True)
-        offsets = bag_offsets(key, code.batch * n_groups)
-        parts = sparse_decode(
-            code.values[order],
-            code.latents[order],
-            offsets,
-            self._decoder_rows(self.W_dec),
-        )
-        return parts.reshape(code.batch, n_groups, -1).cumsum(1)
+        return self.nested_parts(code, group, n_groups).cumsum(1)
 
     def decode_latents(self, code: Tensor | SparseCode) -> Tensor:
         """``W_dec^T code`` without biases, flat ``[batch, prod(d_out)]``."""
@@ -839,8 +916,11 @@ class SparseAutoencoder(Dictionary):
     def reconstruction_terms(self, recon: Tensor, target: Tensor) -> dict[str, Tensor]:
         """``{"fvu": ..., "mse": ...}`` for flat ``recon, target [batch, D]``: FVU and the mean
         over rows of the summed squared error."""
-        err = (recon.float() - target.float()).pow(2).sum(-1).mean()
-        return {"fvu": fvu(recon, target), "mse": err}
+        target = target.float()
+        row_sse = (recon.float() - target).pow(2).sum(-1)  # one error pass for both terms
+        var = centred_sum_of_squares(target)  # over every process's rows under DDP
+        fvu_value = row_sse.sum() / var.clamp_min(torch.finfo(torch.float32).tiny)
+        return {"fvu": fvu_value, "mse": row_sse.mean()}
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> Output:
         """``x [batch, d_in]`` (target ``[batch, d_out]``, default ``x``) -> :class:`Output`.

@@ -1,13 +1,14 @@
 """Fast sparse path for the TopK family: encoder + selection and decoder whose backward passes
 touch only the selected (row, latent) entries.
 
-Forward: one dense ``addmm`` for the pre-activations (unavoidable), a row-wise top-k (or an
-exact batch-wide top-(batch*k)), a sparse decode with ``F.embedding_bag``.
-Backward: ``grad W_enc`` and ``grad W_dec`` are CSR-sparse x dense products over the ``nnz``
-selected entries, ``grad x`` an ``embedding_bag`` over the selected encoder columns and
-``grad values`` a sampled (SDDMM) product; no dense ``[batch, n_latents]`` product anywhere.
-(``embedding_bag``'s own CPU backward is several times slower than these, hence the custom
-decode backward.)
+Forward: one dense ``addmm`` for the pre-activations (unavoidable), a row-wise top-k (two
+stages through block maxima when k is small against the row; or an exact batch-wide
+top-(batch*k)), a sparse decode with ``F.embedding_bag``.
+Backward: ``grad W_enc`` and ``grad W_dec`` are sparse-transpose x dense products over the
+``nnz`` selected entries (an ``embedding_bag`` with one bag per latent), ``grad x`` an
+``embedding_bag`` over the selected encoder columns and ``grad values`` a sampled (SDDMM)
+product; no dense ``[batch, n_latents]`` product anywhere. (``embedding_bag``'s own CPU
+backward is several times slower than these, hence the custom decode backward.)
 
 Entries are stored row by row, ascending latent index within a row (CSR order), as a
 :class:`~prisma_mm.sae.code.SparseCode`.
@@ -49,25 +50,24 @@ def _csr(offsets: Tensor, cols: Tensor, values: Tensor, n_cols: int) -> Tensor:
     return _csr_tensor(crow, cols, values, (offsets.numel(), n_cols))
 
 
-def _latent_major(
-    rows: Tensor, latents: Tensor, values: Tensor, n_latents: int, n_rows: int
-) -> Tensor:
-    """The transposed pattern as CSR ``[n_latents, n_rows]`` holding ``values``."""
-    order = torch.argsort(latents, stable=True)  # stable keeps rows ascending within a latent
-    counts = torch.bincount(latents, minlength=n_latents)
-    crow = torch.zeros(n_latents + 1, dtype=torch.long, device=latents.device)
-    crow[1:] = counts.cumsum(0)
-    return _csr_tensor(crow, rows[order], values[order], (n_latents, n_rows))
-
-
 def _scatter_t_matmul(
     rows: Tensor, latents: Tensor, weights: Tensor, dense: Tensor, n_latents: int
 ) -> Tensor:
     """``S^T @ dense`` for ``S [n_rows, n_latents]`` with entries ``(rows, latents, weights)``:
-    ``[n_latents, d]``. Empty input gives zeros."""
+    ``[n_latents, d]``, as one ``embedding_bag`` with a bag per latent over the latent-major
+    order (no zero-filled output and no CSR product: 1.5x faster on CPU). Empty input gives
+    zeros."""
     if latents.numel() == 0:
         return dense.new_zeros(n_latents, dense.shape[1])
-    return _latent_major(rows, latents, weights, n_latents, dense.shape[0]) @ dense
+    order = torch.argsort(latents, stable=True)  # stable keeps rows ascending within a latent
+    with torch.autocast(dense.device.type, enabled=False):
+        return F.embedding_bag(
+            rows[order],
+            dense,
+            bag_offsets(latents, n_latents),
+            mode="sum",
+            per_sample_weights=weights[order].to(dense.dtype),
+        )
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -84,9 +84,37 @@ def _pre_acts(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         return torch.addmm(bias, x, weight)
 
 
+# latents per block of the two-stage row top-k (16 balances its two smaller top-k's at n / k
+# of a few hundred)
+_TOPK_BLOCK = 16
+
+
+def _row_topk(pre: Tensor, k: int, sorted: bool) -> tuple[Tensor, Tensor]:
+    """``pre.topk(k, dim=1)`` (same values; indices equal up to ties), in two cheaper stages
+    when ``k`` is small against the row: split each row into ``n // 16`` blocks of 16 latents
+    (block ``j`` = latents ``j, j + n_blocks, ...``, so the block maxima are one vectorised
+    max over 16 slices), keep the ``k`` blocks with the largest maxima, and take the top ``k``
+    of their ``16 k`` latents (and the ``n % 16`` tail latents). Exact: a latent outside the
+    kept blocks is below ``k`` kept block maxima, so it is not in the row's top ``k``."""
+    batch, n = pre.shape
+    n_blocks = n // _TOPK_BLOCK
+    if 32 * k > n or batch == 0:  # the candidates would be a large part of the row
+        return pre.topk(k, dim=1, sorted=sorted)
+    main = n_blocks * _TOPK_BLOCK
+    block_max = pre[:, :main].view(batch, _TOPK_BLOCK, n_blocks).amax(1)
+    blocks = block_max.topk(k, dim=1, sorted=False).indices
+    stride = n_blocks * torch.arange(_TOPK_BLOCK, device=pre.device)
+    cols = (blocks.unsqueeze(1) + stride.unsqueeze(1)).reshape(batch, -1)
+    if main < n:
+        tail = torch.arange(main, n, device=pre.device).expand(batch, n - main)
+        cols = torch.cat([cols, tail], 1)
+    vals, pos = pre.gather(1, cols).topk(k, dim=1, sorted=sorted)
+    return vals, cols.gather(1, pos)
+
+
 def _select_topk(pre: Tensor, k: int, with_rank: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     batch, n = pre.shape
-    vals, idx = pre.topk(k, dim=1, sorted=with_rank)
+    vals, idx = _row_topk(pre, k, with_rank)
     # CSR order (latents ascending within a row): one stable (radix) sort of row * n + latent is
     # an order of magnitude faster than a row-wise sort
     row_base = torch.arange(batch, device=pre.device).unsqueeze(1) * n

@@ -25,7 +25,7 @@ from prisma_mm.sae.base import (
     Output,
     SparseAutoencoder,
     SparseCode,
-    prefix_fvus,
+    nested_fvus,
 )
 from prisma_mm.sae.batchtopk import BatchTopKParams
 from prisma_mm.sae.topk import auxk_term, nested_k_forward
@@ -117,11 +117,11 @@ class MatryoshkaSAE(SparseAutoencoder):
             code = SparseCode.from_dense(code)
         sizes = torch.tensor(self.cfg.group_sizes, device=x_in.device)
         group = torch.bucketize(code.latents, sizes.cumsum(0), right=True)
-        prefixes = self.nested_recons(code, group, len(sizes)) + self.b_dec.reshape(-1)
-        fvus = prefix_fvus(prefixes, flat_t)
+        # groups are runs of consecutive latents, so they already ascend within each row
+        parts = self.nested_parts(code, group, len(sizes), in_order=True)
+        fvus, recon = nested_fvus(parts, self.b_dec.reshape(-1), flat_t)
         loss = fvus.sum()
         losses = {f"fvu_prefix_{g}": fvus[g] for g in range(len(sizes))}
-        recon = prefixes[:, -1]
         losses.update(self.reconstruction_terms(recon, flat_t))
         aux = auxk_term(self, x_in, recon, flat_t, self.cfg.k_aux)
         if aux is not None:

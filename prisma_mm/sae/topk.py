@@ -20,7 +20,7 @@ from prisma_mm.sae.base import (
     Output,
     SparseAutoencoder,
     SparseCode,
-    prefix_fvus,
+    nested_fvus,
 )
 from prisma_mm.sae.distributed import centred_sum_of_squares
 from prisma_mm.sae.kernels import topk_encode
@@ -167,21 +167,16 @@ def nested_k_forward(
     bounds = torch.tensor(ks, device=code.rank.device)
     group = torch.bucketize(code.rank, bounds, right=True)
     b_dec = sae.b_dec.reshape(-1)
-    prefixes = sae.nested_recons(code, group, len(ks)) + b_dec
     skip = sae.skip(flat_x)
-    if skip is not None:
-        prefixes = prefixes + skip[:, None]
+    offset = b_dec if skip is None else b_dec + skip
     names = names or [f"fvu_k{k}" for k in ks]
-    fvus = prefix_fvus(prefixes, flat_t)
-    loss = (fvus * torch.tensor(weights, dtype=fvus.dtype, device=fvus.device)).sum()
-    losses: dict[str, Tensor] = {name: fvus[i] for i, name in enumerate(names)}
     code_k = ks[0] if code_k is None else min(code_k, max(ks))
     which = ks.index(code_k) if code_k in ks else None
-    recon = (
-        prefixes[:, which]
-        if which is not None
-        else sae.decode_sparse(_prefix_code(code, code_k)) + b_dec + (0 if skip is None else skip)
-    )
+    parts = sae.nested_parts(code, group, len(ks))
+    fvus, prefix = nested_fvus(parts, offset, flat_t, -1 if which is None else which)
+    loss = (fvus * torch.tensor(weights, dtype=fvus.dtype, device=fvus.device)).sum()
+    losses: dict[str, Tensor] = {name: fvus[i] for i, name in enumerate(names)}
+    recon = prefix if which is not None else sae.decode_sparse(_prefix_code(code, code_k)) + offset
     base = sae.reconstruction_terms(recon, flat_t)
     losses.update(base)
     aux = auxk_term(sae, x_in, recon, flat_t, getattr(sae.cfg, "k_aux", None))
