@@ -129,11 +129,10 @@ def test_torchrun_variables_make_the_parts(images, reference, tmp_path):
     _run_parts(images, out, envs, [[], []])
     _assert_equal_caches(out, reference)
     # a part re-run after the merge finds itself complete and leaves the merge as it was
-    merged = (out / "manifest.json").read_bytes()
-    _run_parts(images, out, envs[:1], [[]])
-    assert (
-        json.loads((out / "manifest.json").read_bytes())["shards"] == json.loads(merged)["shards"]
-    )
+    shards = read_manifest(out)["shards"]
+    again = write_cache("tiny-vit", str(images), out, HOOKS, weights=None, device="cpu",
+                        part="0/2", **OPTIONS)  # fmt: skip
+    assert again["shards"] == shards and read_manifest(out)["shards"] == shards
 
 
 def test_part_resolution_from_flags_and_launchers():
@@ -216,3 +215,47 @@ def test_a_part_killed_mid_way_and_re_run_merges_to_the_uninterrupted_cache(imag
 
     weights = load_file(saved[0])
     assert all(bool(t.isfinite().all()) for t in weights.values())
+
+
+def test_tar_shards_are_split_between_parts_each_opening_only_its_own(tmp_path, monkeypatch):
+    import webdataset.tariterators as tariterators
+    from test_cache_sources import _tar_shards
+
+    from prisma_mm.cache.inputs import part_shards
+    from prisma_mm.data.sources import open_source
+
+    _tar_shards(tmp_path, n_shards=4, per_shard=5)
+    pattern = str(tmp_path / "train-{000..003}.tar")
+    model = seeded_tiny_vit(0)
+    hook = HOOKS[1]
+    one = write_cache(model, pattern, tmp_path / "one", hook, **OPTIONS)
+    order = part_shards(open_source(pattern), 0)
+    assert [part_shards(open_source(pattern), 0, i, 2) for i in range(2)] == [
+        order[0::2],
+        order[1::2],  # webdataset's split_by_node rule over the seeded order
+    ]
+    opened: list[int] = []
+    real_opener = tariterators.url_opener
+
+    def spy(data, *args, **kwargs):
+        for item in real_opener(data, *args, **kwargs):
+            opened.append(int(item["url"].rsplit("-", 1)[1][:3]))
+            yield item
+
+    monkeypatch.setattr(tariterators, "url_opener", spy)
+    out = tmp_path / "parts"
+    for part in range(2):
+        opened.clear()
+        manifest = write_cache(model, pattern, out, hook, part=f"{part}/2", **OPTIONS)
+        assert sorted(opened) == sorted(order[part::2])  # no part reads another's shards
+    assert manifest["complete"] and manifest["n_samples"] == 20 and len(manifest["parts"]) == 2
+    ranges = [s["inputs"] for s in manifest["shards"]]
+    assert ranges[0][0] == 0 and ranges[-1][1] == 20
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    got, expected = read_samples(out), read_samples(tmp_path / "one")
+    assert sorted(got) == sorted(expected) and one["n_samples"] == 20
+    for key in expected:
+        np.testing.assert_array_equal(got[key][hook], expected[key][hook])
+    assert verify_cache(out).ok
+    with pytest.raises(PrismaError, match="fewer than the 5 parts"):
+        write_cache(model, pattern, tmp_path / "five", hook, part="0/5", **OPTIONS)

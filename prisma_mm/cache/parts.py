@@ -180,13 +180,20 @@ def merge_parts(out: str | Path) -> dict[str, Any]:
 
 
 def try_merge(out: Path) -> dict[str, Any] | None:
-    """Merge when every part is complete (called by each part as it finishes); else None."""
-    try:
-        return merge_parts(out)
-    except PrismaError as error:
-        if "differs" in str(error) or "splits" in str(error):
-            raise
+    """Merge when every part is present and complete (called by each part as it finishes);
+    else None, leaving the merge to the last part or to ``prisma-mm cache merge``."""
+    found = part_dirs(out)
+    counts = {count for _, count in found}
+    if len(counts) != 1:
         return None
+    count = counts.pop()
+    for index in range(count):
+        path = found.get((index, count))
+        if path is None or not (path / fmt.MANIFEST).is_file():
+            return None
+        if not fmt.read_manifest(path).get("complete"):
+            return None
+    return merge_parts(out)
 
 
 def _write_merged(out: Path, manifests: list[dict[str, Any]]) -> dict[str, Any]:
@@ -251,7 +258,10 @@ def _write_merged(out: Path, manifests: list[dict[str, Any]]) -> dict[str, Any]:
     with open(out / fmt.LOCK_FILE, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # parts finishing together write one after the other
         tmp = out / f"{fmt.MANIFEST}.{os.getpid()}{fmt.TMP_SUFFIX}"
-        tmp.write_text(fmt._dump(merged) + "\n")
+        with open(tmp, "w") as handle:
+            handle.write(fmt._dump(merged) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, out / fmt.MANIFEST)
         fmt.fsync_dir(out)
     return merged
