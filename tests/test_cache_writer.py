@@ -418,6 +418,9 @@ def test_random_tokens_are_k_distinct_patches_seeded_by_the_key(model, images, t
                           ("random:17", "16 patch tokens")]:  # fmt: skip
         with pytest.raises(PrismaError, match=message):
             _write(model, images, tmp_path / "bad", tokens=spec, hooks=[hook])
+    # a caller with one token list for every input is refused random:K (never token -1)
+    with pytest.raises(PrismaError, match="picks tokens per input"):
+        writer_module.token_index("random:5", hook, 17, model.layout)
 
 
 def test_device_auto_and_the_batch_size_by_device(model, images, tmp_path, monkeypatch):

@@ -147,9 +147,11 @@ def random_tokens(key: str, count: int, n_prefix: int, n_tokens: int) -> list[in
     return sorted(int(t) + n_prefix for t in chosen)
 
 
-def token_index(spec: str | list[int], hook: str, n_tokens: int, layout: Any) -> list[int]:
-    """The token positions kept for a hook whose activation has ``n_tokens`` tokens
-    (``random:K``: K entries of ``RANDOM_TOKEN``; each sample's meta.json lists its own)."""
+def token_index(spec: str | list[int], hook: str, n_tokens: int, layout: Any,
+                per_sample: bool = False) -> list[int]:  # fmt: skip
+    """The token positions kept for a hook whose activation has ``n_tokens`` tokens.
+    ``random:K`` (only for a caller that picks each input's tokens, ``per_sample=True``, as
+    the writer does with :func:`random_tokens`): K entries of ``RANDOM_TOKEN``."""
     if spec == "all":
         return list(range(n_tokens))
     if n_tokens != layout.n_tokens:
@@ -167,6 +169,11 @@ def token_index(spec: str | list[int], hook: str, n_tokens: int, layout: Any) ->
         return list(range(layout.n_prefix, layout.n_tokens))
     count = random_count(spec)
     if count is not None:
+        if not per_sample:
+            raise PrismaError(
+                f"--tokens {spec} picks tokens per input and applies to `prisma-mm cache`; "
+                "use all, cls, patches or token indices here"
+            )
         n_patches = layout.n_tokens - layout.n_prefix
         if count > n_patches:
             raise PrismaError(
@@ -608,7 +615,8 @@ def _prepare_model(
         _, probe_cache = model.run_with_cache(probe, hooks, stop_at_layer="auto")
     probe_cache = {h: token_rows(a) for h, a in probe_cache.items()}
     index = {
-        h: token_index(token_spec, h, int(probe_cache[h].shape[1]), model.layout) for h in hooks
+        h: token_index(token_spec, h, int(probe_cache[h].shape[1]), model.layout, True)
+        for h in hooks
     }
     shapes = {h: [len(index[h]), int(probe_cache[h].shape[2])] for h in hooks}
     name, card = _model_card(model)
