@@ -264,8 +264,11 @@ class TarSource(Source):
     tar order; the image is the first of the jpg/png/webp/… members, the label the ``cls``
     member when present; the key is the sha1 of ``<shard file name>/<sample key>``.
 
-    Each DataLoader worker reads the byte stream and decodes only its own inputs, so remote
-    shards are downloaded once per worker; copy them locally for many workers.
+    The cache writer reads the shards as :meth:`n_parts` parts: processes writing a cache in
+    parts take disjoint shard lists (webdataset's ``split_by_node`` rule, see
+    :func:`prisma_mm.cache.inputs.part_shards`); within a process each DataLoader worker
+    reads its part's byte stream and decodes only its own inputs, so remote shards are
+    downloaded once per worker; copy them locally for many workers.
     """
 
     random_access = False
@@ -302,8 +305,8 @@ class TarSource(Source):
         return len(self.urls)
 
     def stream(self, parts: Sequence[int] | None = None) -> Iterator[tuple[InputRecord, Loader]]:
-        """Samples shard by shard (in ``parts`` order when given); ``index`` counts them in the
-        order read."""
+        """Samples shard by shard (in ``parts`` order when given, e.g. one shard: ``[j]``);
+        ``index`` counts them in the order read (the writer renumbers them by position)."""
         from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
         index = 0
