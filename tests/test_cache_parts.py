@@ -139,8 +139,11 @@ def test_part_resolution_from_flags_and_launchers():
     assert parse_part("3/8") == (3, 8) and parse_part((0, 1)) == (0, 1)
     assert resolve_part(None, {}) == (0, 1, None)
     assert resolve_part(None, {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == (5, 8, 1)
-    slurm = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1"}
+    slurm = {"SLURM_PROCID": "9", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "1",
+             "SLURM_NTASKS": "16"}  # fmt: skip
     assert resolve_part(None, slurm) == (9, 16, 1)
+    # an sbatch script's batch step (no srun): the job's task count alone makes no parts
+    assert resolve_part(None, {"SLURM_PROCID": "0", "SLURM_NTASKS": "16"}) == (0, 1, None)
     assert resolve_part("2/4", {}) == (2, 4, None)  # by hand: the GPU is the part's index
     for bad in ("3/2", "x", "1/0", "-1/2", "2"):
         with pytest.raises(PrismaError, match="--part"):

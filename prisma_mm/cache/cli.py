@@ -128,7 +128,7 @@ def add_cache_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--part",
         default=None,
         help="write part i/N (0-based) of N cooperating processes into OUT/parts/ (default: "
-        "the launcher's RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS when set)",
+        "the launcher's RANK/WORLD_SIZE or srun's SLURM_PROCID/SLURM_STEP_NUM_TASKS)",
     )
     parser.add_argument("--limit", type=int, default=None, help="read at most this many inputs")
     parser.add_argument(

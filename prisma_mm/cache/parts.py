@@ -33,7 +33,9 @@ PART_RE = re.compile(r"^part-(\d{4,})-of-(\d{4,})$")
 # Launchers' variables, in the order they are looked for: (rank, world size, local rank).
 LAUNCHER_VARIABLES = (
     ("RANK", "WORLD_SIZE", "LOCAL_RANK"),  # torchrun, Lightning, accelerate, mpirun wrappers
-    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),  # srun
+    # srun; the step's task count, not SLURM_NTASKS, which an sbatch script's own (one-task)
+    # batch step also sees, so a command run there without srun stays one process
+    ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"),
 )
 
 

@@ -460,7 +460,7 @@ def write_cache(
     Re-running the same call resumes an interrupted cache.
 
     ``part``: ``"i/N"`` writes part i of N cooperating processes (default: the launcher's
-    RANK / WORLD_SIZE or SLURM_PROCID / SLURM_NTASKS when set) into ``out/parts/`` (see
+    RANK / WORLD_SIZE or srun's SLURM_PROCID / SLURM_STEP_NUM_TASKS when set) into ``out/parts/`` (see
     :mod:`~prisma_mm.cache.parts`), on ``cuda:LOCAL_RANK`` when the device is a GPU; the
     last part to finish merges the manifest. Returns the manifest (the merged one once every
     part is complete, else this part's).
