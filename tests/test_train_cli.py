@@ -148,14 +148,17 @@ def test_every_recipe_parses_and_its_dictionary_config_is_valid():
             train_cli(["fit", "--config", name, "--print_config"])
         assert done.value.code == 0, name
         config = yaml.safe_load(out.getvalue())
-        spec = config["model"]["dictionary"]
+        model_args, data_args = config["model"]["init_args"], config["data"]["init_args"]
+        for member in model_args.get("members", {}).values():  # MultiSAEModule's
+            assert member["hook"] in data_args["hooks"], name
+        spec = model_args["dictionary"]
         module_name, _, class_name = spec["class_path"].rpartition(".")
         cls = getattr(importlib.import_module(module_name), class_name)
         assert cls in prisma_mm.sae.ARCHITECTURES.values()
         init_args = dict(spec["init_args"])
         assert "d_in" not in init_args  # linked from the data at instantiation
         init_args.pop("n_sources", None)
-        hooks = config["data"]["hooks"]
+        hooks = data_args["hooks"]
         # the family's own checks (k, group sizes, activation) without allocating weights
         cfg = cls.config_class(d_in=32 if name.startswith("tiny") else 768, **init_args)
         assert cfg.n_latents > 0
@@ -163,8 +166,10 @@ def test_every_recipe_parses_and_its_dictionary_config_is_valid():
             assert len(hooks) == 2 and hooks[0].endswith("ln2.hook_normalized")
         if cls.architecture == "crosscoder":
             assert len(hooks) == (2 if name.startswith("tiny") else 12)
-        # a real recipe tells how to make its cache
-        assert "prisma-mm cache" in Path(resolve_recipe(name)).read_text()
+        # a real recipe tells how to make its cache (or, trained from a model, how to run it)
+        text = Path(resolve_recipe(name)).read_text()
+        from_model = config["data"]["class_path"].endswith("ModelActivationDataModule")
+        assert ("prisma-mm train fit" if from_model else "prisma-mm cache") in text, name
 
 
 def test_prisma_mm_train_reports_user_mistakes_in_one_line(capsys, tmp_path):

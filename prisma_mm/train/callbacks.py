@@ -23,6 +23,7 @@ from prisma_mm.errors import PrismaError
 from prisma_mm.sae.base import FiringTracker
 from prisma_mm.sae.distributed import batch_spans_processes
 from prisma_mm.train.data import ActivationDataModule
+from prisma_mm.train.model_data import ModelActivationDataModule
 from prisma_mm.train.spec import build_dictionary, dictionary_spec
 
 __all__ = [
@@ -186,7 +187,9 @@ class TrainMetrics(Callback):
         metrics["loss"] = out.loss.detach()
         for name, value in out.losses.items():
             metrics[f"loss/{name}"] = value.detach()
-        metrics["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+        # a MultiSAEModule member's learning rate is its own parameter group's
+        group = getattr(pl_module, "param_group", 0)
+        metrics["lr"] = trainer.optimizers[0].param_groups[group]["lr"]
         metrics["tokens_seen"] = float(pl_module.tokens_seen)
         pl_module.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=out.n_tokens)
         pl_module.log("tokens_seen", float(pl_module.tokens_seen), prog_bar=True, logger=False)
@@ -259,7 +262,7 @@ class SaveDictionary(Callback):
         if trainer.is_global_zero:
             datamodule = trainer.datamodule
             normalization = metadata = None
-            if isinstance(datamodule, ActivationDataModule):
+            if isinstance(datamodule, (ActivationDataModule, ModelActivationDataModule)):
                 normalization = fold_kwargs(
                     pl_module.dictionary, datamodule.hooks, datamodule.normalization
                 )

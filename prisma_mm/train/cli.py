@@ -23,13 +23,13 @@ import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
+import lightning.pytorch as pl
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from prisma_mm.errors import PrismaError, unknown
 from prisma_mm.train.data import ActivationDataModule
-from prisma_mm.train.module import SAEModule
 
 __all__ = [
     "TrainCLI",
@@ -40,6 +40,8 @@ __all__ = [
     "train_cli",
 ]
 
+DEFAULT_MODEL = "prisma_mm.train.module.SAEModule"
+DEFAULT_DATA = "prisma_mm.train.data.ActivationDataModule"
 DEFAULT_LOGGERS = (
     "lightning.pytorch.loggers.CSVLogger",
     "lightning.pytorch.loggers.TensorBoardLogger",
@@ -110,8 +112,27 @@ class TrainParser(LightningArgumentParser):
     causes of a bad value on lines of their own), after the usage as argparse prints it."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        one_line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
-        super().error(one_line, ex)
+        super().error(_subclass_error(message), ex)
+
+
+_UNION_ERROR = re.compile(
+    r"Errors:\s*- (?:Problem with given class_path '[^']*':\s*)?"
+    r"(?:Parser key \"(?P<key>[^\"]+)\":\s*)?(?P<message>.*?)\s*- Expected a <class 'NoneType'>",
+    re.S,
+)
+
+
+def _subclass_error(message: str) -> str:
+    """jsonargparse's error about a value of the ``model`` / ``data`` class in one line,
+    naming it by its dotted key (``model.lr_decay: ...``) rather than listing every type the
+    class argument accepts (the class itself, or None)."""
+    message = str(message)
+    found = _UNION_ERROR.search(message)
+    if found is not None and "Does not validate against any of the Union subtypes" in message:
+        outer = re.search(r'Parser key "([^"]+)":\s*Does not validate', message)
+        key = ".".join(k for k in (outer and outer.group(1), found.group("key")) if k)
+        message = f"{key}: {found.group('message')}" if key else found.group("message")
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
 
 
 class TrainCLI(LightningCLI):
@@ -132,8 +153,15 @@ class TrainCLI(LightningCLI):
             help="run directory <trainer.default_root_dir>/<run_name>/version_<n> "
             "(default: the recipe's file name, else 'sae')",
         )
+        # a recipe names its classes only to leave the defaults (train from a cache: SAEModule
+        # + ActivationDataModule): `data: {class_path: ...ModelActivationDataModule}` trains
+        # straight from a model, `model: {class_path: ...MultiSAEModule}` several dictionaries
+        # (both modules take a `dictionary` whose d_in is the data's)
+        parser.set_defaults(
+            {"model": {"class_path": DEFAULT_MODEL}, "data": {"class_path": DEFAULT_DATA}}
+        )
         parser.link_arguments(
-            "data.d_in", "model.dictionary.init_args.d_in", apply_on="instantiate"
+            "data.d_in", "model.init_args.dictionary.init_args.d_in", apply_on="instantiate"
         )
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
@@ -156,13 +184,18 @@ class TrainCLI(LightningCLI):
         except MisconfigurationException as error:  # Lightning's own checks, in one line
             first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
             raise PrismaError(f"trainer: {first}") from None
+        except ValueError as error:  # a model or data class refused its arguments
+            if "Does not validate against any of the Union subtypes" not in str(error):
+                raise
+            raise PrismaError(_subclass_error(str(error))) from None
 
 
 def check_config(config: Namespace) -> None:
     """One-line errors for a run that cannot work, before anything is built: devices, the data
     loader's workers, the run directory, the cache and its hooks, the dictionary's config.
     (The checkpoint is checked earlier, by :meth:`TrainCLI.parse_arguments`.)"""
-    workers = config.get("data.num_workers")
+    data_args = _init_args(config, "data")
+    workers = data_args.get("num_workers")
     if workers is not None and int(workers) < 0:
         raise PrismaError(
             f"data.num_workers must be 0 or more, got {workers} (0 reads in the main process)"
@@ -189,17 +222,39 @@ def check_config(config: Namespace) -> None:
     if "weights_only" in config:
         config.weights_only = True  # never torch's or an environment variable's default
     processes = _process_count(config.get("trainer.devices"), config.get("trainer.num_nodes"))
-    batch_size = config.get("data.batch_size")
+    batch_size = data_args.get("batch_size")
     if processes and isinstance(batch_size, int) and batch_size > 0 and batch_size % processes:
         raise PrismaError(
             f"data.batch_size {batch_size} is not divisible by the {processes} training "
             "processes (trainer.devices x trainer.num_nodes); make it a multiple so every step "
             "trains on the same rows"
         )
-    data = config.get("data")
-    if isinstance(data, Namespace):
+    members = _init_args(config, "model").get("members")
+    if isinstance(members, dict):  # MultiSAEModule: its members' hooks are the data's
+        from prisma_mm.train.multi import check_member_hooks
+
+        check_member_hooks(
+            {k: v.as_dict() if isinstance(v, Namespace) else v for k, v in members.items()},
+            data_args.get("hooks"),
+        )
+    if _named_class(config.get("data.class_path")) is ActivationDataModule:
         # the cache, its hooks and the data arguments, read from the manifest alone
-        check_data_and_dictionary(ActivationDataModule(**data.as_dict()), config)
+        check_data_and_dictionary(ActivationDataModule(**data_args.as_dict()), config)
+
+
+def _named_class(class_path: Any) -> Any:
+    """The class a config's ``class_path`` names (None when it names none)."""
+    module_name, _, class_name = str(class_path or DEFAULT_DATA).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), class_name, None)
+    except ImportError:
+        return None
+
+
+def _init_args(config: Namespace, group: str) -> Namespace:
+    """The ``init_args`` of the ``model`` or ``data`` class of a parsed config."""
+    args = config.get(f"{group}.init_args")
+    return args if isinstance(args, Namespace) else Namespace()
 
 
 def _process_count(devices: Any, num_nodes: Any) -> int | None:
@@ -219,7 +274,7 @@ def check_data_and_dictionary(datamodule: ActivationDataModule, config: Namespac
     line equals the cache's width; the dictionary's config is valid at that width (its own
     checks, e.g. ``k``, without allocating weights)."""
     width = datamodule.d_in
-    spec = config.get("model.dictionary")
+    spec = _init_args(config, "model").get("dictionary")
     if not isinstance(spec, Namespace) or spec.get("init_args") is None:
         return
     init_args = spec.init_args.as_dict()
@@ -277,8 +332,8 @@ def check_checkpoint(path: str) -> None:
 
 def _fill_sources(config: Namespace) -> None:
     """A crosscoder's ``n_sources`` is the number of hooks the data reads."""
-    dictionary = config.get("model.dictionary")
-    hooks = config.get("data.hooks")
+    dictionary = _init_args(config, "model").get("dictionary")
+    hooks = _init_args(config, "data").get("hooks")
     if not isinstance(dictionary, Namespace) or dictionary.get("init_args") is None:
         return
     if "n_sources" in dictionary.init_args and hooks is not None:
@@ -338,8 +393,12 @@ def train_cli(argv: list[str] | None = None, run: bool = True) -> TrainCLI:
         # `prisma-mm train fit ...` hands LightningCLI its own argv, which differs from sys.argv
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         return TrainCLI(
-            SAEModule,
-            ActivationDataModule,
+            # any LightningModule and LightningDataModule by class_path (defaults: SAEModule
+            # and ActivationDataModule, see TrainCLI.add_arguments_to_parser)
+            pl.LightningModule,
+            pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
             args=args,
             run=run,
             seed_everything_default=0,
