@@ -131,7 +131,7 @@ def _select_batchtopk(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tens
     batch, n = pre.shape
     total = min(batch * k, batch * n)
     m = min(n, 2 * k)
-    cand_vals, cand_idx = pre.topk(m, dim=1, sorted=False)
+    cand_vals, cand_idx = _row_topk(pre, m, sorted=False)
     cand_rows = torch.arange(batch, device=pre.device).repeat_interleave(m)
     flat_vals, flat_idx = cand_vals.flatten(), cand_idx.flatten()
     sel = flat_vals.topk(total, sorted=False).indices
