@@ -271,7 +271,10 @@ class ModelActivationDataModule(pl.LightningDataModule):
 
     @property
     def model(self) -> Any:
-        """The HookedModel, built on first use (on the trainer's device) and probed once."""
+        """The HookedModel, built on first use and probed once; on the trainer's device once
+        there is a trainer (the CLI builds it before, for ``d_in``)."""
+        if self._model is not None and self._model.device != self._device():
+            self._model.module.to(self._device())
         if self._model is None:
             spec = self.model_spec
             if isinstance(spec, str):

@@ -24,6 +24,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
 from prisma_mm.analysis.metrics import split_batch
@@ -216,6 +217,9 @@ class MultiSAEModule(pl.LightningModule):
 
     # ---- rows of each member ----------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        strategy = getattr(self.trainer, "strategy", None)
+        if isinstance(strategy, DDPStrategy):  # as SAEModule: every process computes its buffers
+            strategy._ddp_kwargs.setdefault("broadcast_buffers", False)
         datamodule = getattr(self.trainer, "datamodule", None)
         hooks = list(getattr(datamodule, "hooks", []))
         check_member_hooks(self.member_hooks, hooks)
