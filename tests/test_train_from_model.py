@@ -146,6 +146,22 @@ def test_inputs_split_by_rank_and_worker_without_duplicates(world):
     assert abs(len(seen[0]) - len(seen[1])) <= 1
 
 
+def test_tar_shards_split_by_rank_and_worker_read_only_their_own(shards):
+    """6 shards over 2 ranks x 3 workers: each worker of each rank streams one whole shard."""
+    source = open_source(str(shards / "toyworld-{000000..000005}.tar"))
+    shard_of = {record.key: record.source.split("#")[0] for record, _ in source.stream()}
+    seen: dict[tuple[int, int], list[str]] = {}
+    for rank in range(2):
+        inputs = ModelInputs(source, None, "train", 0.0, 8, 0, 0, rank, 2)
+        for worker in range(3):
+            records = list(inputs._records(worker, 3))
+            assert records and not any(by_batch for _, _, by_batch in records)
+            seen[rank, worker] = [key for key, _, _ in records]
+    every = [key for keys in seen.values() for key in keys]
+    assert sorted(every) == sorted(shard_of)  # each input once, over all ranks and workers
+    assert all(len({shard_of[k] for k in keys}) == 1 for keys in seen.values())
+
+
 class CountForwards(Callback):
     """Counts forwards of the data module's model (a forward hook on its first block)."""
 

@@ -53,8 +53,10 @@ class ModelInputs(IterableDataset):
     Yields ``{"keys": list[str], "pixels": Tensor [n, 3, H, W]}`` (inputs that fail to decode
     are dropped). Train inputs of pass ``epoch`` are visited in a permutation seeded by
     ``(seed, epoch)``; ``split="eval"`` visits the held-out inputs in source order. Rank
-    ``rank`` of ``world_size`` takes every ``world_size``-th input (or whole tar shards), and
-    DataLoader worker ``w`` of ``W`` every ``W``-th of the rank's batches.
+    ``rank`` of ``world_size`` takes every ``world_size``-th input, and DataLoader worker ``w``
+    of ``W`` every ``W``-th of the rank's batches; a tar source with at least
+    ``world_size * W`` shards gives each worker of each rank whole shards of its own (with at
+    least ``world_size``, each rank), so no process reads another's shards.
     """
 
     def __init__(
@@ -84,8 +86,9 @@ class ModelInputs(IterableDataset):
     def _wanted(self, key: str) -> bool:
         return (eval_score(key) < self.eval_fraction) == (self.split == "eval")
 
-    def _records(self) -> Iterator[tuple[str, Any]]:
-        """``(key, load)`` of this rank's inputs, before the worker split."""
+    def _records(self, worker: int, n_workers: int) -> Iterator[tuple[str, Any, bool]]:
+        """``(key, load, split_by_batch)`` of this rank's inputs: ``split_by_batch`` when the
+        workers still share them batch by batch (False: this worker's own tar shards)."""
         shuffle = self.split == "train"
         if self.source.random_access:
             n = self.source.count() or 0
@@ -101,21 +104,25 @@ class ModelInputs(IterableDataset):
                     continue
                 mine += 1
                 if (mine - 1) % self.world_size == self.rank:
-                    yield record.key, (lambda i=index: self.source.load(i))
+                    yield record.key, (lambda i=index: self.source.load(i)), True
             return
         parts = list(range(self.source.n_parts()))
         if shuffle:
             parts = np.random.default_rng([self.seed, self.epoch]).permutation(parts).tolist()
+        # webdataset's split_by_node, then split_by_worker: no worker reads another's shards
+        by_worker = len(parts) >= self.world_size * n_workers
         by_shard = len(parts) >= self.world_size
-        if by_shard:
-            parts = parts[self.rank :: self.world_size]  # webdataset's split_by_node rule
+        if by_worker:
+            parts = parts[self.rank * n_workers + worker :: self.world_size * n_workers]
+        elif by_shard:
+            parts = parts[self.rank :: self.world_size]
         mine = 0
         for record, load in self.source.stream(parts):
             if not self._wanted(record.key):
                 continue
             mine += 1
             if by_shard or (mine - 1) % self.world_size == self.rank:
-                yield record.key, load
+                yield record.key, load, not by_worker
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -123,11 +130,12 @@ class ModelInputs(IterableDataset):
         keys: list[str] = []
         pixels: list[Tensor] = []
         batch = taken = 0
-        for key, load in self._records():
+        for key, load, by_batch in self._records(worker, n_workers):
             if self.limit is not None and taken >= self.limit:
                 break
             taken += 1
-            mine = batch % n_workers == worker  # batch b of this rank goes to worker b % W
+            # batch b of this rank goes to worker b % W (unless the worker has its own shards)
+            mine = not by_batch or batch % n_workers == worker
             if mine:
                 try:
                     raw = load()
@@ -350,8 +358,12 @@ class ModelActivationDataModule(pl.LightningDataModule):
             return {}
         if self._normalization is None:
             moments = {h: RunningMoments(self.d_in) for h in self.hooks}
+            left = self.stats_inputs  # workers with their own shards each stop at the limit
             for _, rows in self._input_rows("train", 0, 0, 1, limit=self.stats_inputs):
-                x = fmt.to_torch(rows, self.buffer_dtype)
+                if left <= 0:
+                    break
+                x = fmt.to_torch(rows[:left], self.buffer_dtype)
+                left -= x.shape[0]
                 for i, hook in enumerate(self.hooks):
                     parts = sample_moments(x[:, :, i].float())
                     for s in range(x.shape[0]):
@@ -443,7 +455,7 @@ class ModelActivationDataModule(pl.LightningDataModule):
                     yield self._emit(buffer.take(batch_size, rng)[0], normalizer)
             if split == "train":
                 self._passes = epoch + 1
-            if not got:
+            if not got and split == "train":
                 raise PrismaError(
                     f"data source {self.source.describe()} gave process {rank} of {world} no "
                     f"{split} input: use a larger source or fewer processes"
