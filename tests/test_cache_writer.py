@@ -421,6 +421,13 @@ def test_random_tokens_are_k_distinct_patches_seeded_by_the_key(model, images, t
     # a caller with one token list for every input is refused random:K (never token -1)
     with pytest.raises(PrismaError, match="picks tokens per input"):
         writer_module.token_index("random:5", hook, 17, model.layout)
+    # the reader serves its rows, but cannot name their tokens from the manifest
+    from prisma_mm.cache import ActivationDataset
+
+    rows = torch.cat(list(ActivationDataset(tmp_path / "r", batch_size=8, shuffle_buffer=0)))
+    assert rows.shape == (11 * 5, 32)
+    with pytest.raises(PrismaError, match="chosen per sample"):
+        ActivationDataset(tmp_path / "r", batch_size=8, provenance=True)
 
 
 def test_device_auto_and_the_batch_size_by_device(model, images, tmp_path, monkeypatch):

@@ -287,6 +287,12 @@ class ActivationDataset(IterableDataset):
             )
         self._members = [f"{self.manifest['hook_keys'][h]}.npy" for h in self.hooks]
         self._token_index = np.asarray(self.manifest["token_index"][self.hooks[0]], np.int64)
+        if provenance and (self._token_index < 0).any():
+            raise PrismaError(
+                f"cache {str(self.cache_dir)!r} keeps tokens {self.manifest.get('tokens')!r}, "
+                "chosen per sample (in each sample's meta.json): provenance=True cannot name "
+                "their token indices; read it without provenance"
+            )
         self._storage = np.dtype(self.manifest["storage_dtype"])
         # each shard's first sample in the manifest's order, so that a sample's number (which
         # splits rows across readers) does not depend on the order shards are read in
