@@ -87,13 +87,13 @@ def test_interleaving_open_shards_mixes_a_class_sorted_cache(tmp_path):
 
 def test_buffer_memory_is_bounded(cache, monkeypatch):
     seen = []
-    original = reader_module._RowBuffer.append
+    original = reader_module.RowBuffer.append
 
     def tracking(self, *args):
         original(self, *args)
         seen.append((self.n, len(self.data)))
 
-    monkeypatch.setattr(reader_module._RowBuffer, "append", tracking)
+    monkeypatch.setattr(reader_module.RowBuffer, "append", tracking)
     rows = _rows(ActivationDataset(cache, SYNTHETIC_HOOKS[0], batch_size=8, shuffle_buffer=20))
     assert sorted(rows) == sorted(ALL_ROWS)
     assert {capacity for _, capacity in seen} == {20 + N_TOKENS}

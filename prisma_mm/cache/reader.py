@@ -60,7 +60,7 @@ def normalization(
     return mean, float(np.sqrt(d / total_var))
 
 
-class _RowBuffer:
+class RowBuffer:
     """Rows ``[capacity, n_hooks, d]`` in storage dtype, with their sample id and their place
     in the sample (row offset).
 
@@ -419,7 +419,7 @@ class ActivationDataset(IterableDataset):
             raise PrismaError(f"set_position({batches}): batch counts must be 0 or more")
         self.position = batches
 
-    def _refill(self, buffer: _RowBuffer, replay: dict[int, tuple[Path, Any]]) -> None:
+    def _refill(self, buffer: RowBuffer, replay: dict[int, tuple[Path, Any]]) -> None:
         """Read the rows that a skipped stretch left in the buffer: each sample with rows there
         is read once, in manifest order (one open per shard)."""
         positions = buffer.valid()
@@ -451,7 +451,7 @@ class ActivationDataset(IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, part]) if shuffle else None
         merge = np.random.default_rng([self.seed, self.epoch, part, 1]) if shuffle else None
         threshold = max(self.shuffle_buffer, self.batch_size) if shuffle else self.batch_size
-        buffer = _RowBuffer(threshold + self.n_tokens, len(self.hooks), self.d, self._storage)
+        buffer = RowBuffer(threshold + self.n_tokens, len(self.hooks), self.d, self._storage)
         info = get_worker_info()
         worker = 0 if info is None else info.id
         skip = self.position[worker] if worker < len(self.position) else 0

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from prisma_mm.cache import manifest as fmt
 from prisma_mm.cache.inputs import PREPARERS
-from prisma_mm.cache.reader import _RowBuffer, eval_score, normalization
+from prisma_mm.cache.reader import RowBuffer, eval_score, normalization
 from prisma_mm.cache.stats import RunningMoments, sample_moments
 from prisma_mm.cache.writer import parse_hooks, parse_tokens, token_index, token_rows
 from prisma_mm.data.images import BadImage
@@ -434,7 +434,7 @@ class ModelActivationDataModule(pl.LightningDataModule):
         normalizer = self._normalizer()
         threshold = max(self.shuffle_buffer, batch_size) if shuffle else batch_size
         n_hooks, d = len(self.hooks), self.d_in
-        buffer = _RowBuffer(
+        buffer = RowBuffer(
             threshold + self.input_batch_size * self._n_tokens,
             n_hooks,
             d,
