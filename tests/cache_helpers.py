@@ -136,3 +136,46 @@ def uniform_mixing(labels: np.ndarray, batch_size: int, repeats: int = 40) -> tu
         shuffled = rng.permutation(labels)
         batches += [shuffled[i : i + batch_size] for i in range(0, len(shuffled), batch_size)]
     return batch_mixing(batches, batch_size)
+
+
+class ShardBytes:
+    """Counts the bytes read through the shard files the cache reader opens, by patching
+    ``reader._open_shard``. ``payload_only``: count ``readinto`` (the payload buffers) and not
+    ``read`` (the tar headers)."""
+
+    def __init__(self, monkeypatch, payload_only: bool = False) -> None:
+        from prisma_mm.cache import reader as reader_module
+
+        self.bytes = 0
+        opened, counter = reader_module._open_shard, self
+
+        class Counting:
+            def __init__(self, path):
+                self.raw = opened(path)
+
+            def read(self, size=-1):
+                data = self.raw.read(size)
+                if not payload_only:
+                    counter.bytes += len(data)
+                return data
+
+            def readinto(self, buffer):
+                got = self.raw.readinto(buffer)
+                counter.bytes += got
+                return got
+
+            def __getattr__(self, name):
+                return getattr(self.raw, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.raw.close()
+
+        monkeypatch.setattr(reader_module, "_open_shard", Counting)
+
+    def take(self) -> int:
+        """The bytes counted since the last call."""
+        count, self.bytes = self.bytes, 0
+        return count

@@ -6,7 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from cache_helpers import SYNTHETIC_HOOKS, batch_mixing, synthetic_cache, uniform_mixing
+from cache_helpers import (
+    SYNTHETIC_HOOKS,
+    ShardBytes,
+    batch_mixing,
+    synthetic_cache,
+    uniform_mixing,
+)
 
 from prisma_mm.cache import ActivationDataset, read_manifest
 from prisma_mm.cache import reader as reader_module
@@ -239,44 +245,6 @@ def test_reader_errors(cache, tmp_path):
         (tmp_path / "moved.tar").rename(cache / "shard-000002.tar")
 
 
-class _CountingFile:
-    """Counts the bytes read through shard files the reader opens (patched over _open_shard)."""
-
-    def __init__(self, monkeypatch):
-        self.bytes = 0
-        opened = reader_module._open_shard
-        counter = self
-
-        class Counting:
-            def __init__(self, path):
-                self.raw = opened(path)
-
-            def read(self, size=-1):
-                data = self.raw.read(size)
-                counter.bytes += len(data)
-                return data
-
-            def readinto(self, buffer):
-                got = self.raw.readinto(buffer)
-                counter.bytes += got
-                return got
-
-            def __getattr__(self, name):
-                return getattr(self.raw, name)
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                self.raw.close()
-
-        monkeypatch.setattr(reader_module, "_open_shard", Counting)
-
-    def take(self) -> int:
-        count, self.bytes = self.bytes, 0
-        return count
-
-
 @pytest.fixture(scope="module")
 def wide_cache(tmp_path_factory):
     # 512 tokens x 4 fp32 = 8 KiB per member: payloads dwarf the 512-byte tar headers
@@ -284,7 +252,7 @@ def wide_cache(tmp_path_factory):
 
 
 def test_held_out_split_reads_only_its_samples_payloads(wide_cache, monkeypatch):
-    counter = _CountingFile(monkeypatch)
+    counter = ShardBytes(monkeypatch)
     member = 512 * 4 * 4 + 128  # one hook's .npy: rows + npy header
     everything = _rows(ActivationDataset(wide_cache, SYNTHETIC_HOOKS[0], batch_size=512))
     all_bytes = counter.take()
@@ -315,7 +283,7 @@ def test_held_out_split_reads_only_its_samples_payloads(wide_cache, monkeypatch)
 def test_set_position_continues_an_uninterrupted_read_reading_only_the_buffer(
     wide_cache, monkeypatch, buffer, skip
 ):
-    counter = _CountingFile(monkeypatch)
+    counter = ShardBytes(monkeypatch)
 
     def dataset():
         ds = ActivationDataset(

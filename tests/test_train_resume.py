@@ -7,9 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from cache_helpers import SYNTHETIC_HOOKS, synthetic_cache
+from cache_helpers import SYNTHETIC_HOOKS, ShardBytes, synthetic_cache
 
-from prisma_mm.cache import reader as reader_module
 from prisma_mm.train.data import ActivationDataModule
 
 N_TOKENS = 32
@@ -33,40 +32,8 @@ def _take(datamodule: ActivationDataModule, n: int) -> list[torch.Tensor]:
     return [next(batches).clone() for _ in range(n)]
 
 
-class _PayloadBytes:
-    """Bytes read into payload buffers (readinto) through the shards the reader opens."""
-
-    def __init__(self, monkeypatch) -> None:
-        self.bytes = 0
-        opened, counter = reader_module._open_shard, self
-
-        class Counting:
-            def __init__(self, path):
-                self.raw = opened(path)
-
-            def readinto(self, buffer):
-                got = self.raw.readinto(buffer)
-                counter.bytes += got
-                return got
-
-            def __getattr__(self, name):
-                return getattr(self.raw, name)
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                self.raw.close()
-
-        monkeypatch.setattr(reader_module, "_open_shard", Counting)
-
-    def take(self) -> int:
-        count, self.bytes = self.bytes, 0
-        return count
-
-
 def test_resumed_stream_reads_far_less_than_a_replay(cache, monkeypatch):
-    counter = _PayloadBytes(monkeypatch)
+    counter = ShardBytes(monkeypatch, payload_only=True)
     whole = _take(_datamodule(cache, 0), 40)
     whole_bytes = counter.take()
     first = _datamodule(cache, 0)
