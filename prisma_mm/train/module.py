@@ -61,7 +61,48 @@ def lr_factor(
     raise PrismaError(f"unknown lr decay {decay!r}: use 'constant', 'linear' or 'cosine'")
 
 
-class SAEModule(pl.LightningModule):
+class TrainingLength:
+    """The length of a run, for a LightningModule with ``total_tokens`` (or None) and a
+    ``tokens_seen`` buffer; ``setup`` stores :meth:`total_steps` in ``_total_steps``."""
+
+    total_tokens: int | None
+    tokens_seen: Tensor
+    _total_steps: int
+
+    def tokens_per_step(self) -> int:
+        """Rows per optimizer step over all processes (global batch x gradient accumulation)."""
+        datamodule = getattr(self.trainer, "datamodule", None)  # type: ignore[attr-defined]
+        batch_size = getattr(datamodule, "batch_size", None)
+        if batch_size is None:
+            raise PrismaError(
+                f"{type(self).__name__} needs an ActivationDataModule (or a datamodule with "
+                "batch_size) to convert total_tokens to steps; or set trainer.max_steps and "
+                "leave total_tokens unset"
+            )
+        return int(batch_size) * int(self.trainer.accumulate_grad_batches)  # type: ignore[attr-defined]
+
+    def total_steps(self) -> int:
+        """Optimizer steps in the whole run (from ``total_tokens``, else the trainer's limits)."""
+        if self.total_tokens is not None:
+            return math.ceil(self.total_tokens / self.tokens_per_step())
+        trainer = self.trainer  # type: ignore[attr-defined]
+        steps = trainer.max_steps
+        if steps is None or steps < 0:
+            steps = trainer.estimated_stepping_batches
+        if not math.isfinite(steps) or steps <= 0:
+            raise PrismaError(
+                "the training length is unknown: set trainer.max_steps or model.total_tokens"
+            )
+        return int(steps)
+
+    def progress(self) -> float:
+        """Fraction of training done, in [0, 1] (tokens seen / total tokens, else steps)."""
+        if self.total_tokens is not None:
+            return min(1.0, int(self.tokens_seen) / self.total_tokens)
+        return min(1.0, self.global_step / max(1, self._total_steps))  # type: ignore[attr-defined]
+
+
+class SAEModule(TrainingLength, pl.LightningModule):
     """Trains a sparse dictionary on batches of activations.
 
     Args:
@@ -140,37 +181,6 @@ class SAEModule(pl.LightningModule):
         # checkpointed with the weights: a resumed run neither re-initialises nor recounts tokens
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
-
-    # ---- sizes ------------------------------------------------------------------------------
-    def tokens_per_step(self) -> int:
-        """Rows per optimizer step over all processes (global batch x gradient accumulation)."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        batch_size = getattr(datamodule, "batch_size", None)
-        if batch_size is None:
-            raise PrismaError(
-                "SAEModule needs an ActivationDataModule (or a datamodule with batch_size) to "
-                "convert total_tokens to steps; or set trainer.max_steps and leave total_tokens unset"
-            )
-        return int(batch_size) * int(self.trainer.accumulate_grad_batches)
-
-    def total_steps(self) -> int:
-        """Optimizer steps in the whole run (from ``total_tokens``, else the trainer's limits)."""
-        if self.total_tokens is not None:
-            return math.ceil(self.total_tokens / self.tokens_per_step())
-        steps = self.trainer.max_steps
-        if steps is None or steps < 0:
-            steps = self.trainer.estimated_stepping_batches
-        if not math.isfinite(steps) or steps <= 0:
-            raise PrismaError(
-                "the training length is unknown: set trainer.max_steps or model.total_tokens"
-            )
-        return int(steps)
-
-    def progress(self) -> float:
-        """Fraction of training done, in [0, 1] (tokens seen / total tokens, else steps)."""
-        if self.total_tokens is not None:
-            return min(1.0, int(self.tokens_seen) / self.total_tokens)
-        return min(1.0, self.global_step / max(1, self._total_steps))
 
     # ---- Lightning hooks --------------------------------------------------------------------
     def setup(self, stage: str) -> None:

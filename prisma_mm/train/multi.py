@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
-import math
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ from prisma_mm.train.callbacks import (
     export_dictionary,
     fold_kwargs,
 )
-from prisma_mm.train.module import SAEModule, lr_factor, validation_log
+from prisma_mm.train.module import SAEModule, TrainingLength, lr_factor, validation_log
 from prisma_mm.train.spec import build_dictionary, dictionary_spec
 
 __all__ = ["MultiSAEModule", "SaveDictionaries", "check_member_hooks"]
@@ -158,7 +157,7 @@ def _build_member(name: str, class_path: str, init_args: dict[str, Any], d_in: i
     return build_dictionary({"class_path": class_path, "init_args": {**kept, "d_in": d_in}})
 
 
-class MultiSAEModule(pl.LightningModule):
+class MultiSAEModule(TrainingLength, pl.LightningModule):
     """Trains several dictionaries on the rows of one batch (one forward of the model).
 
     Args:
@@ -240,30 +239,6 @@ class MultiSAEModule(pl.LightningModule):
     def member_view(self, name: str) -> _Member:
         """The member as a per-dictionary callback sees it (logging under ``name/``)."""
         return _Member(self, name, list(self.members).index(name))
-
-    # ---- sizes (as SAEModule's) -------------------------------------------------------------
-    def tokens_per_step(self) -> int:
-        """Rows per optimizer step over all processes (each member trains on all of them)."""
-        batch_size = getattr(getattr(self.trainer, "datamodule", None), "batch_size", None)
-        if batch_size is None:
-            raise PrismaError("MultiSAEModule needs a datamodule with batch_size")
-        return int(batch_size) * int(self.trainer.accumulate_grad_batches)
-
-    def total_steps(self) -> int:
-        """Optimizer steps in the whole run (from ``total_tokens``, else the trainer's)."""
-        if self.total_tokens is not None:
-            return math.ceil(self.total_tokens / self.tokens_per_step())
-        steps = self.trainer.max_steps
-        if steps is None or steps < 0 or not math.isfinite(steps):
-            raise PrismaError(
-                "the training length is unknown: set trainer.max_steps or model.total_tokens"
-            )
-        return int(steps)
-
-    def progress(self) -> float:
-        if self.total_tokens is not None:
-            return min(1.0, int(self.tokens_seen) / self.total_tokens)
-        return min(1.0, self.global_step / max(1, self._total_steps))
 
     # ---- Lightning hooks --------------------------------------------------------------------
     def configure_callbacks(self) -> list[Callback]:
