@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from array import array
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -102,25 +102,49 @@ class _Pass:
         return [int(a + b) for a, b in zip(self.start, counts)]
 
 
-class _TrainStream:
+class TrainStream:
     """Endless iterable of this process's train batches, continuing across ``iter()`` calls.
 
     Lightning calls ``iter()`` once per epoch; the stream carries on where it was, so an
-    ``limit_train_batches``-sized epoch never restarts the data. The first iterator starts at
-    the datamodule's resume position.
+    ``limit_train_batches``-sized epoch never restarts the data. ``batches`` makes the one
+    iterator, on the first ``iter()`` (for a cache: from the datamodule's resume position).
     """
 
-    def __init__(self, datamodule: ActivationDataModule) -> None:
-        self.datamodule = datamodule
+    def __init__(self, batches: Callable[[], Iterator[Tensor]]) -> None:
+        self._make = batches
         self._batches: Iterator[Tensor] | None = None
 
     def __iter__(self) -> Iterator[Tensor]:
         if self._batches is None:
-            self._batches = self.datamodule._stream()
+            self._batches = self._make()
         return self._batches
 
+    def close(self) -> None:
+        """Stop the iterator (and the DataLoader workers behind it)."""
+        if self._batches is not None:
+            self._batches.close()  # type: ignore[attr-defined]
+            self._batches = None
 
-class ActivationDataModule(pl.LightningDataModule):
+
+class EndlessTrainData:
+    """``train_dataloader`` / ``teardown`` of a datamodule whose ``_train_batches()`` makes its
+    endless train iterator: a fresh :class:`TrainStream` per ``fit``, closed at its end."""
+
+    _train_stream: TrainStream | None = None
+    _train_batches: Callable[[], Iterator[Tensor]]  # each datamodule's own
+
+    def train_dataloader(self) -> TrainStream:
+        """The endless train stream of this process (a fresh one per ``fit``)."""
+        self._train_stream = TrainStream(self._train_batches)
+        return self._train_stream
+
+    def teardown(self, stage: str) -> None:
+        """Close the train stream at the end of ``fit`` (stops its DataLoader workers)."""
+        if stage == "fit" and self._train_stream is not None:
+            self._train_stream.close()
+
+
+class ActivationDataModule(EndlessTrainData, pl.LightningDataModule):
     """Train / eval batches of one or several hooks of an activation cache.
 
     Args:
@@ -180,7 +204,6 @@ class ActivationDataModule(pl.LightningDataModule):
         self._resume_pass_lengths: list[int] = []
         self._passes: deque[_Pass] = deque(maxlen=3)
         self._handed_out = 0
-        self._train_stream: _TrainStream | None = None
 
     # ---- what the cache holds --------------------------------------------------------------
     def _dataset(self, split: str | None, batch_size: int, **kwargs: Any) -> Any:
@@ -255,7 +278,7 @@ class ActivationDataModule(pl.LightningDataModule):
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=pin)
 
     # ---- training stream -------------------------------------------------------------------
-    def _stream(self) -> Iterator[Tensor]:
+    def _train_batches(self) -> Iterator[Tensor]:
         """Endless batches of this process, starting at the resume position."""
         start = self._start
         self._pass_lengths = list(self._resume_pass_lengths[: start.number])
@@ -296,18 +319,6 @@ class ActivationDataModule(pl.LightningDataModule):
                     return _Pass(handed.number + 1, trained, [0] * len(handed.start))
                 return _Pass(handed.number, handed.first_batch, handed.position(within))
         return self._start
-
-    def train_dataloader(self) -> _TrainStream:
-        """The endless train stream of this process (a fresh one per ``fit``)."""
-        self._train_stream = _TrainStream(self)
-        return self._train_stream
-
-    def teardown(self, stage: str) -> None:
-        """Close the train stream at the end of ``fit`` (stops its DataLoader workers)."""
-        stream = self._train_stream
-        if stage == "fit" and stream is not None and stream._batches is not None:
-            stream._batches.close()  # type: ignore[attr-defined]
-            stream._batches = None
 
     def val_dataloader(self) -> DataLoader | list:
         """The eval split, read once in cache order (empty when ``eval_fraction`` is 0)."""

@@ -37,6 +37,7 @@ from prisma_mm.cache.writer import parse_hooks, parse_tokens, token_index, token
 from prisma_mm.data.images import BadImage
 from prisma_mm.data.sources import Labeled, Source, open_source
 from prisma_mm.errors import PrismaError
+from prisma_mm.train.data import EndlessTrainData
 
 __all__ = ["ModelActivationDataModule", "ModelInputs"]
 
@@ -152,19 +153,6 @@ class ModelInputs(IterableDataset):
             yield {"keys": keys, "pixels": torch.stack(pixels)}
 
 
-class _TrainStream:
-    """The endless train stream, continuing across Lightning's per-epoch ``iter()`` calls."""
-
-    def __init__(self, datamodule: ModelActivationDataModule) -> None:
-        self.datamodule = datamodule
-        self._batches: Iterator[Tensor] | None = None
-
-    def __iter__(self) -> Iterator[Tensor]:
-        if self._batches is None:
-            self._batches = self.datamodule._train_batches()
-        return self._batches
-
-
 class _EvalStream:
     """The eval split, one pass per ``iter()`` (so each validation runs the model again)."""
 
@@ -177,7 +165,7 @@ class _EvalStream:
         return dm._rows_stream("eval", dm.eval_batch_size, rank, world, False, False)
 
 
-class ModelActivationDataModule(pl.LightningDataModule):
+class ModelActivationDataModule(EndlessTrainData, pl.LightningDataModule):
     """Train / eval batches of activations computed by a model on the fly (no cache).
 
     Args:
@@ -267,7 +255,6 @@ class ModelActivationDataModule(pl.LightningDataModule):
         self._normalization: dict[str, dict[str, Any]] | None = None
         self._start_pass = 0
         self._passes = 0
-        self._train_stream: _TrainStream | None = None
         self.forward_calls = 0  # model forwards run (training, statistics, samples, eval)
         # set to a list to record the keys of the train inputs this process runs (checks)
         self.seen_keys: list[str] | None = None
@@ -482,18 +469,6 @@ class ModelActivationDataModule(pl.LightningDataModule):
             "train", self.per_process_batch_size(), rank, world, shuffle=True, endless=True,
             record_keys=self.seen_keys,
         )  # fmt: skip
-
-    def train_dataloader(self) -> _TrainStream:
-        """The endless train stream of this process."""
-        self._train_stream = _TrainStream(self)
-        return self._train_stream
-
-    def teardown(self, stage: str) -> None:
-        """Close the train stream at the end of ``fit`` (stops its DataLoader workers)."""
-        stream = self._train_stream
-        if stage == "fit" and stream is not None and stream._batches is not None:
-            stream._batches.close()  # type: ignore[attr-defined]
-            stream._batches = None
 
     def val_dataloader(self) -> _EvalStream | list:
         """The held-out inputs of this process, every row once, in order, run through the
