@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -179,3 +184,21 @@ class ShardBytes:
         """The bytes counted since the last call."""
         count, self.bytes = self.bytes, 0
         return count
+
+
+def kill_when(process: subprocess.Popen, ready, what: str, patience_s: float = 120) -> None:
+    """SIGKILL ``process`` as soon as ``ready()`` is true. Fails the test if the process ends
+    first, or (so that a hung child cannot hang the suite) if ``ready()`` stays false for
+    ``patience_s``: a guard against hanging, not a measurement."""
+    give_up = time.monotonic() + patience_s
+    try:
+        while not ready():
+            if process.poll() is not None:
+                pytest.fail(f"{what} finished before it could be killed")
+            if time.monotonic() > give_up:
+                pytest.fail(f"{what} made no progress")
+            time.sleep(0.002)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from cache_helpers import HOOKS, SlowImages, image_folder, read_samples, seeded_tiny_vit
+from cache_helpers import HOOKS, SlowImages, image_folder, kill_when, read_samples, seeded_tiny_vit
 
 from prisma_mm.cache import read_manifest, verify_cache, write_cache
 from prisma_mm.cache.parts import merge_parts, parse_part, resolve_part
@@ -183,16 +181,7 @@ def test_a_part_killed_mid_way_and_re_run_merges_to_the_uninterrupted_cache(imag
     part0 = out / "parts" / "part-0000-of-0002"
     killed = subprocess.Popen(_part_script(images, out, "0/2", 0.05), env=_env())
     other = subprocess.Popen(_part_script(images, out, "1/2", 0.0), env=_env())
-    deadline = time.monotonic() + 120
-    try:
-        while _committed(part0) < 1:
-            assert killed.poll() is None, "part 0 finished before it could be killed"
-            assert time.monotonic() < deadline, "part 0 made no progress"
-            time.sleep(0.002)
-        os.kill(killed.pid, signal.SIGKILL)
-    finally:
-        killed.kill()
-        killed.wait()
+    kill_when(killed, lambda: _committed(part0) >= 1, "part 0")
     assert other.wait(timeout=300) == 0
     # part 1 finished alone: nothing merged yet, and `cache merge` refuses in one line
     assert not (out / "manifest.json").exists()

@@ -4,16 +4,13 @@ cache of an uninterrupted run: same keys in the same order, same arrays, no dupl
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
-from cache_helpers import HOOKS, SlowImages, image_folder, read_samples, seeded_tiny_vit
+from cache_helpers import HOOKS, SlowImages, image_folder, kill_when, read_samples, seeded_tiny_vit
 
 from prisma_mm.cache import read_manifest, verify_cache, write_cache
 
@@ -51,16 +48,7 @@ def _run_and_kill(folder: Path, out: Path, condition, delay: float = 0.05) -> No
         options=OPTIONS,
     )  # fmt: skip
     process = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)])
-    deadline = time.monotonic() + 120
-    try:
-        while not condition(out):
-            assert process.poll() is None, "the writer finished before it could be killed"
-            assert time.monotonic() < deadline, "the writer made no progress"
-            time.sleep(0.002)
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
+    kill_when(process, lambda: condition(out), "the writer")
 
 
 def test_sigkill_at_several_moments_then_rerun_equals_an_uninterrupted_run(tmp_path):
