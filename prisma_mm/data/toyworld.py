@@ -26,7 +26,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -716,3 +716,357 @@ def run_toyworld(args: argparse.Namespace) -> int:
     )
     print(f"wrote {args.n} images in {len(paths)} shards to {args.out_dir}")
     return 0
+
+
+# ----- the moving toy world ---------------------------------------------------------------------
+# Clips of the same objects in motion. Each object of a clip moves in a straight line at a
+# constant velocity: one of 8 directions (screen axes, y down; "north" is up) and a speed, or
+# stays still; some objects appear (absent before a frame) or disappear (absent from a frame).
+# Frame t of a clip draws every object shown at t at ``centre + velocity * (t - (T - 1) / 2)``,
+# so the sampled scene is the clip's middle, and the background is the same in every frame.
+DIRECTIONS = (
+    "east",
+    "north_east",
+    "north",
+    "north_west",
+    "west",
+    "south_west",
+    "south",
+    "south_east",
+)
+SPEEDS = ("still", "slow", "fast")
+# Pixels per frame at 64 px (scaled with the image side).
+SPEED_PIXELS = {"still": 0.0, "slow": 2.0, "fast": 4.0}
+#: The motion factors of an object and their values, after :data:`FACTORS` in clip label order.
+MOTION_FACTORS: dict[str, tuple[str, ...]] = {
+    "direction": DIRECTIONS,
+    "speed": SPEEDS,
+    "appears": ("yes",),
+    "disappears": ("yes",),
+}
+#: Every factor of a clip: the image factors, then the motion factors.
+CLIP_FACTORS: dict[str, tuple[str, ...]] = {**FACTORS, **MOTION_FACTORS}
+CLIP_VALUE_NAMES: list[str] = [f"{f}={v}" for f, values in CLIP_FACTORS.items() for v in values]
+CLIP_VALUE_INDEX: dict[str, int] = {name: i for i, name in enumerate(CLIP_VALUE_NAMES)}
+CLIP_VALUE_FACTORS: list[str] = [f for f, values in CLIP_FACTORS.items() for _ in values]
+#: Indices into :data:`CLIP_VALUE_NAMES` of the motion values.
+MOTION_VALUES: list[int] = [
+    CLIP_VALUE_INDEX[f"{f}={v}"] for f in MOTION_FACTORS for v in MOTION_FACTORS[f]
+]
+CLIP_SIZE, CLIP_FRAMES, CLIP_OBJECTS = 32, 8, 2
+EVENT_PROB = 0.15  # chance that an object appears during the clip, and that it disappears
+
+
+@dataclass(frozen=True)
+class Motion:
+    """How one object of a clip moves. ``velocity`` (x, y) in pixels per frame (y down);
+    ``direction`` None when still; the object is drawn on frames ``shown_from <= t <
+    shown_until`` (``shown_from > 0``: it appears; ``shown_until < n_frames``: it disappears)."""
+
+    direction: str | None
+    speed: str
+    velocity: tuple[float, float]
+    shown_from: int
+    shown_until: int
+
+    def values(self, n_frames: int) -> list[int]:
+        """Indices into :data:`CLIP_VALUE_NAMES` of this motion's values."""
+        out = [CLIP_VALUE_INDEX[f"speed={self.speed}"]]
+        if self.direction is not None:
+            out.append(CLIP_VALUE_INDEX[f"direction={self.direction}"])
+        if self.shown_from > 0:
+            out.append(CLIP_VALUE_INDEX["appears=yes"])
+        if self.shown_until < n_frames:
+            out.append(CLIP_VALUE_INDEX["disappears=yes"])
+        return out
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A clip's content: the scene at its middle, one :class:`Motion` per object, the length,
+    and the seed of the (static) background's noise."""
+
+    scene: Scene
+    motions: tuple[Motion, ...]
+    n_frames: int
+    background_seed: int
+
+    def frame_objects(self, t: int) -> list[int]:
+        """Indices of the objects drawn on frame ``t`` (some may lie outside the image)."""
+        return [k for k, m in enumerate(self.motions) if m.shown_from <= t < m.shown_until]
+
+    def moved(self, k: int, t: int, size: int) -> ToyObject:
+        """Object ``k`` where frame ``t`` draws it (centre and 3 x 3 position updated)."""
+        obj, motion = self.scene.objects[k], self.motions[k]
+        offset = t - (self.n_frames - 1) / 2
+        x = obj.centre[0] + motion.velocity[0] * offset
+        y = obj.centre[1] + motion.velocity[1] * offset
+        clamped = (min(max(x, 0.0), size - 1e-3), min(max(y, 0.0), size - 1e-3))
+        return replace(obj, centre=(x, y), position=_position_of(*clamped, size))
+
+    def to_json(self) -> dict[str, Any]:
+        """The scene's description plus the motions and the clip length."""
+        out = self.scene.to_json()
+        out["n_frames"] = self.n_frames
+        out["motions"] = [asdict(m) for m in self.motions]
+        return out
+
+
+def clip_seed(seed: int, index: int) -> np.random.Generator:
+    """The random generator of clip ``index`` of the moving world of ``seed`` (a stream apart
+    from the images': clip i is not image i set in motion)."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(index), 1]))
+
+
+def check_clip(size: int, n_frames: int, max_objects: int) -> None:
+    """A usable clip shape, else a PrismaError naming the bad argument."""
+    check_size(size)
+    if isinstance(n_frames, bool) or not isinstance(n_frames, (int, np.integer)) or n_frames < 2:
+        raise PrismaError(f"clip length {n_frames!r}: give at least 2 frames (motion needs two)")
+    if not isinstance(max_objects, (int, np.integer)) or not 1 <= max_objects <= MAX_OBJECTS:
+        raise PrismaError(f"max_objects {max_objects!r}: give 1..{MAX_OBJECTS}")
+
+
+def sample_clip(
+    rng: np.random.Generator,
+    size: int = CLIP_SIZE,
+    n_frames: int = CLIP_FRAMES,
+    max_objects: int = CLIP_OBJECTS,
+    event_prob: float = EVENT_PROB,
+) -> Clip:
+    """Draw a clip: a scene of 1..``max_objects`` objects (no nested pairs: they would come
+    apart) and a motion per object. Speeds are uniform over :data:`SPEEDS`, directions over
+    :data:`DIRECTIONS`; an object appears with probability ``event_prob`` (first shown at a
+    frame in ``1 .. T-2``) and, independently, disappears with it (last shown ``1 .. T-2``
+    frames after it is first shown), so every object is on screen for at least one frame."""
+    scene = sample_scene(rng, size, inside_prob=0.0)
+    objects = scene.objects[:max_objects]
+    colours = [o.colour for o in objects]
+    shared = tuple(i for i, c in enumerate(colours) if colours.count(c) > 1)
+    scene = Scene(scene.background, objects, (), shared)
+    motions = []
+    for _ in objects:
+        speed = SPEEDS[int(rng.integers(len(SPEEDS)))]
+        direction, velocity = None, (0.0, 0.0)
+        if speed != "still":
+            k = int(rng.integers(len(DIRECTIONS)))
+            direction = DIRECTIONS[k]
+            pixels = SPEED_PIXELS[speed] * size / 64.0
+            angle = math.radians(45.0 * k)
+            velocity = (pixels * math.cos(angle), -pixels * math.sin(angle))
+        shown_from, shown_until = 0, n_frames
+        if n_frames >= 3 and rng.random() < event_prob:
+            shown_from = int(rng.integers(1, n_frames - 1))
+        if n_frames >= 3 and rng.random() < event_prob:
+            shown_until = int(rng.integers(shown_from + 1, n_frames))
+        motions.append(Motion(direction, speed, velocity, shown_from, shown_until))
+    return Clip(scene, tuple(motions), n_frames, int(rng.integers(2**62)))
+
+
+def render_clip(clip: Clip, size: int = CLIP_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """Draw every frame of a clip.
+
+    Returns ``frames`` uint8 ``[T, size, size, 3]`` and ``owner`` int8 ``[T, size, size]``:
+    the index of the clip object seen at each pixel, -1 for background.
+    """
+    frames = np.empty((clip.n_frames, size, size, 3), np.uint8)
+    owner = np.empty((clip.n_frames, size, size), np.int8)
+    for t in range(clip.n_frames):
+        shown = clip.frame_objects(t)
+        frame_scene = replace(clip.scene, objects=tuple(clip.moved(k, t, size) for k in shown))
+        image, seen = render_scene(frame_scene, size, np.random.default_rng(clip.background_seed))
+        frames[t] = image
+        owner[t] = np.where(seen >= 0, np.asarray(shown + [-1], np.int8)[seen], -1)
+    return frames, owner
+
+
+def _frame_values(clip: Clip, t: int, visible: Sequence[int], size: int) -> dict[int, list[int]]:
+    """Per visible object of frame ``t``: its clip-label indices (static values as drawn at
+    ``t``, then motion values)."""
+    out = {}
+    for k in visible:
+        static = clip.moved(k, t, size).values()
+        out[k] = static + clip.motions[k].values(clip.n_frames)
+    return out
+
+
+def clip_patch_labels(
+    clip: Clip,
+    owner: np.ndarray,
+    patch_grid: int | Sequence[int],
+    tubelet: int = 1,
+) -> np.ndarray:
+    """Per-frame, per-patch multi-hot uint8 ``[T // tubelet, rows, cols, n_clip_values]``.
+
+    ``owner`` int ``[T, size, size]`` from :func:`render_clip`. Frame ``t`` follows the image
+    rules (an object's values, now with its motion values, in the patches where a pixel of it
+    is visible; ``background`` where a background pixel is; ``count`` = objects visible on
+    the frame, in every patch; ``same_colour`` among them), and with ``tubelet > 1`` each
+    label is the union over the ``tubelet`` frames a token covers (``T`` must divide).
+    """
+    n_frames, size = owner.shape[0], owner.shape[1]
+    rows, cols = _grid(patch_grid, size)
+    if tubelet < 1 or n_frames % tubelet:
+        raise PrismaError(f"tubelet {tubelet} does not divide the clip's {n_frames} frames")
+    out = np.zeros((n_frames, rows, cols, len(CLIP_VALUE_NAMES)), np.uint8)
+    for t in range(n_frames):
+        blocks = owner[t].reshape(rows, size // rows, cols, size // cols).transpose(0, 2, 1, 3)
+        blocks = blocks.reshape(rows, cols, -1)
+        visible = [k for k in clip.frame_objects(t) if (owner[t] == k).any()]
+        colours = [clip.scene.objects[k].colour for k in visible]
+        background = CLIP_VALUE_INDEX[f"background={clip.scene.background}"]
+        out[t, :, :, background] = (blocks == -1).any(-1)
+        if visible:
+            out[t, :, :, CLIP_VALUE_INDEX[f"count={len(visible)}"]] = 1
+        for k, values in _frame_values(clip, t, visible, size).items():
+            seen = (blocks == k).any(-1)
+            for v in values:
+                out[t, :, :, v] |= seen
+            if colours.count(clip.scene.objects[k].colour) > 1:
+                out[t, :, :, CLIP_VALUE_INDEX["same_colour=yes"]] |= seen
+    return out.reshape(n_frames // tubelet, tubelet, rows, cols, -1).max(1)
+
+
+def clip_labels(clip: Clip, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Clip-level multi-hot uint8 ``[n_clip_values]`` (the union over frames) and per-frame
+    ``[T, n_clip_values]`` labels, from the exact pixel owners of :func:`render_clip`."""
+    per_frame = clip_patch_labels(clip, owner, 1)[:, 0, 0]
+    return per_frame.max(0), per_frame
+
+
+def render_clip_index(
+    seed: int,
+    index: int,
+    size: int = CLIP_SIZE,
+    n_frames: int = CLIP_FRAMES,
+    max_objects: int = CLIP_OBJECTS,
+) -> tuple[np.ndarray, np.ndarray, Clip]:
+    """Clip ``index`` of the moving world of ``seed``: ``(frames [T,size,size,3] uint8, owner
+    [T,size,size], clip)``; depends only on ``(seed, index)`` and the shape arguments."""
+    clip = sample_clip(clip_seed(seed, index), size, n_frames, max_objects)
+    frames, owner = render_clip(clip, size)
+    return frames, owner, clip
+
+
+def render_clip_arrays(
+    n: int,
+    seed: int = 0,
+    size: int = CLIP_SIZE,
+    n_frames: int = CLIP_FRAMES,
+    start: int = 0,
+    patch_grid: int | Sequence[int] | None = None,
+    tubelet: int = 1,
+    max_objects: int = CLIP_OBJECTS,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Render clips ``start .. start+n-1`` into memory.
+
+    Returns ``{"clips": uint8 [n, T, size, size, 3], "labels": uint8 [n, V], "frame_labels":
+    uint8 [n, T, V]}`` (``V`` = ``len(CLIP_VALUE_NAMES)``) plus ``"patches": uint8
+    [n, T // tubelet, rows, cols, V]`` when ``patch_grid`` is given.
+    """
+    check_clip(size, n_frames, max_objects)
+    if n < 0 or start < 0 or seed < 0:
+        raise PrismaError(f"render_clip_arrays needs n, start, seed >= 0, got {n}, {start}, {seed}")
+    n_values = len(CLIP_VALUE_NAMES)
+    out = {
+        "clips": np.empty((n, n_frames, size, size, 3), np.uint8),
+        "labels": np.empty((n, n_values), np.uint8),
+        "frame_labels": np.empty((n, n_frames, n_values), np.uint8),
+    }
+    if patch_grid is not None:
+        rows, cols = _grid(patch_grid, size)
+        if tubelet < 1 or n_frames % tubelet:
+            raise PrismaError(f"tubelet {tubelet} does not divide the clips' {n_frames} frames")
+        out["patches"] = np.empty((n, n_frames // tubelet, rows, cols, n_values), np.uint8)
+    for j in tqdm(range(n), desc="render moving toy world", unit="clip", disable=not progress):
+        frames, owner, clip = render_clip_index(seed, start + j, size, n_frames, max_objects)
+        out["clips"][j] = frames
+        out["labels"][j], out["frame_labels"][j] = clip_labels(clip, owner)
+        if patch_grid is not None:
+            out["patches"][j] = clip_patch_labels(clip, owner, patch_grid, tubelet)
+    return out
+
+
+def shuffle_frames(frames: Any, seed: int = 0) -> tuple[Any, np.ndarray]:
+    """The frame-shuffled control: the same frames ``[..., T, H, W, C]`` (or any array whose
+    frame axis is -4) in a seeded random order that moves every frame (a derangement), so
+    any coherent motion is gone while every frame's content is kept. Returns
+    ``(shuffled, order)`` with ``shuffled[..., t, :, :, :] = frames[..., order[t], :, :, :]``."""
+    n_frames = frames.shape[-4]
+    if n_frames < 2:
+        raise PrismaError(f"a clip of {n_frames} frame cannot be shuffled: give at least 2")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), n_frames, 2]))
+    while True:
+        order = rng.permutation(n_frames)
+        if (order != np.arange(n_frames)).all():
+            break
+    return frames[..., order, :, :, :], order
+
+
+def repeat_frame(frames: Any, frame: int | None = None) -> Any:
+    """The no-motion control: frame ``frame`` (default the middle one, ``T // 2``) of
+    ``[..., T, H, W, C]`` repeated ``T`` times (same shape and dtype)."""
+    n_frames = frames.shape[-4]
+    t = n_frames // 2 if frame is None else int(frame)
+    if not -n_frames <= t < n_frames:
+        raise PrismaError(f"frame {frame} is outside the clip's 0..{n_frames - 1}")
+    one = frames[..., t : t + 1, :, :, :] if t >= 0 else frames[..., t, None, :, :, :]
+    if isinstance(one, torch.Tensor):
+        return one.expand_as(frames).clone()
+    return np.repeat(one, n_frames, axis=-4)
+
+
+class MovingToyWorld(torch.utils.data.Dataset):
+    """``n`` clips of the moving toy world: ``world[i] -> (frames, labels)``.
+
+    ``frames`` uint8 ``[T, size, size, 3]``; ``labels`` a dict with ``"multi_hot"`` uint8
+    ``[V]`` over :data:`CLIP_VALUE_NAMES`, ``"frames"`` ``[T, V]``, ``"clip"`` (its JSON
+    description), ``"index"``, and with ``patch_grid`` ``"patches"``
+    ``[T // tubelet, rows, cols, V]``. Clips ``start .. start + n - 1`` are drawn.
+    """
+
+    value_names = CLIP_VALUE_NAMES
+
+    def __init__(
+        self,
+        n: int,
+        seed: int = 0,
+        size: int = CLIP_SIZE,
+        n_frames: int = CLIP_FRAMES,
+        patch_grid: int | Sequence[int] | None = None,
+        tubelet: int = 1,
+        start: int = 0,
+        max_objects: int = CLIP_OBJECTS,
+    ) -> None:
+        if n < 0 or start < 0 or seed < 0:
+            raise PrismaError(f"MovingToyWorld needs n, start, seed >= 0, got {n}, {start}, {seed}")
+        check_clip(size, n_frames, max_objects)
+        if patch_grid is not None:
+            _grid(patch_grid, size)
+            if tubelet < 1 or n_frames % tubelet:
+                raise PrismaError(f"tubelet {tubelet} does not divide the {n_frames} frames")
+        self.n, self.seed, self.size, self.start = int(n), int(seed), int(size), int(start)
+        self.n_frames, self.max_objects = int(n_frames), int(max_objects)
+        self.patch_grid, self.tubelet = patch_grid, int(tubelet)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, dict[str, Any]]:
+        if not -self.n <= i < self.n:
+            raise IndexError(f"moving toy-world index {i} out of range for {self.n} clips")
+        index = self.start + (i % self.n)
+        frames, owner, clip = render_clip_index(
+            self.seed, index, self.size, self.n_frames, self.max_objects
+        )
+        multi_hot, per_frame = clip_labels(clip, owner)
+        labels: dict[str, Any] = {
+            "index": index,
+            "multi_hot": multi_hot,
+            "frames": per_frame,
+            "clip": clip.to_json(),
+        }
+        if self.patch_grid is not None:
+            labels["patches"] = clip_patch_labels(clip, owner, self.patch_grid, self.tubelet)
+        return frames, labels
