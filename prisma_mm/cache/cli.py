@@ -42,6 +42,8 @@ def _write(args: argparse.Namespace) -> int:
         img_size=args.img_size,
         progress=not args.quiet,
         part=args.part,
+        clip=args.clip,
+        video_backend=args.video_backend,
     )
     _summary(args.out, manifest)
     return 0
@@ -100,8 +102,9 @@ def add_cache_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     parser.add_argument(
         "--data",
-        help="image folder, class-folder tree, list file, tar shards (train-{000..099}.tar or "
-        "a URL); prefix folder:/classes:/list:/tar: to choose explicitly",
+        help="image or video folder, class-folder tree, list file, tar shards "
+        "(train-{000..099}.tar or a URL); prefix folder:/classes:/list:/tar:/videos: to choose "
+        "explicitly",
     )
     parser.add_argument("--out", help="output directory (created; resumed if it holds this cache)")
     parser.add_argument(
@@ -142,6 +145,19 @@ def add_cache_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         default="0",
         help="seed of the random order the inputs are visited in (0), or none for the "
         "source's own order",
+    )
+    parser.add_argument(
+        "--clip",
+        default=None,
+        help="video data: clips per video, uniform:T, stride:T:S, windows:T:S[:HOP] or card "
+        "(default: the card's own), +pad to repeat the last frame of short videos",
+    )
+    parser.add_argument(
+        "--video-backend",
+        default="auto",
+        choices=("auto", "pyav", "decord", "torchcodec"),
+        help="video decoder: auto (default: PyAV, decord where measured exact), pyav, decord, "
+        "torchcodec",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_write, cache_parser=parser)

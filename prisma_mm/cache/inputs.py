@@ -56,6 +56,32 @@ def _image_preparer(model: Any) -> Callable[[Any], Tensor]:
 PREPARERS["image"] = _image_preparer
 
 
+def _video_preparer(model: Any) -> Callable[[Any], Tensor]:
+    """A decoded clip ``uint8 [T, H, W, 3]`` through the card's clip transform to
+    ``[3, T, H, W]``; a float ``[3, T, H, W]`` clip is already model input (in-memory clips)."""
+    transform = model.spec.transform
+
+    def prepare(raw: Any) -> Tensor:
+        if isinstance(raw, Tensor) and raw.is_floating_point() and raw.dim() == 4:
+            if raw.shape[0] == 3 and raw.shape[-1] != 3:
+                return raw
+        return transform(raw)
+
+    return prepare
+
+
+PREPARERS["video"] = _video_preparer
+
+
+def probe_input(model: Any) -> Tensor:
+    """A zero input of the model's shape (``[1, 3, H, W]``, or ``[1, 3, frames, H, W]`` for a
+    video model) to find the hooks' shapes with."""
+    height, width = model.layout.input_size
+    frames = getattr(model.spec, "frames", None)
+    shape = (1, 3, height, width) if frames is None else (1, 3, frames, height, width)
+    return torch.zeros(shape, device=model.device, dtype=model.dtype)
+
+
 # ----- the visiting order ---------------------------------------------------------------------
 def parse_order_seed(seed: int | str | None) -> int | None:
     """``--order-seed``: a non-negative integer, or ``none`` for the source's own order."""

@@ -37,6 +37,7 @@ from prisma_mm.cache.inputs import (
     InputBatches,
     describe_order,
     parse_order_seed,
+    probe_input,
 )
 from prisma_mm.cache.parts import (
     PARTS_DIR,
@@ -444,6 +445,8 @@ def write_cache(
     img_size: int | None = None,
     progress: bool = True,
     part: str | tuple[int, int] | None = None,
+    clip: str | None = None,
+    video_backend: str = "auto",
 ) -> dict[str, Any]:
     """Stream ``data`` through ``model`` and cache the activations at ``hooks`` in ``out``.
 
@@ -464,6 +467,11 @@ def write_cache(
     :mod:`~prisma_mm.cache.parts`), on ``cuda:LOCAL_RANK`` when the device is a GPU; the
     last part to finish merges the manifest. Returns the manifest (the merged one once every
     part is complete, else this part's).
+
+    Video data (see :mod:`prisma_mm.data.video`): one input per clip window, cut by ``clip``
+    (``uniform:T``, ``stride:T:S``, ``windows:T:S[:HOP]``, ``card``; None: the card's own),
+    decoded in the DataLoader workers by ``video_backend`` (``auto``, ``pyav``, ``decord``,
+    ``torchcodec``).
     """
     _check_counts(batch_size, workers, shard_size, limit)
     part_index, n_parts, local_rank = resolve_part(part)
@@ -486,7 +494,7 @@ def write_cache(
         raise PrismaError(
             "img_size applies to a model card name: build the HookedModel at that size instead"
         )
-    source = open_source(data)
+    source = _clip_source(open_source(data), clip, video_backend, model)
     if source.kind not in PREPARERS:
         raise PrismaError(
             f"the cache writer cannot prepare {source.kind!r} inputs yet (known: "
@@ -518,6 +526,25 @@ def write_cache(
         if merged is not None:
             return merged
     return manifest
+
+
+def _clip_source(source: Source, clip: str | None, backend: str, model: Any) -> Source:
+    """A video source cut into clips (``clip``, else the card's own sampling); other kinds
+    refuse ``clip``."""
+    if source.kind != "video":
+        if clip is not None:
+            raise PrismaError(f"--clip {clip!r} applies to video data; {_describe_short(source)} "
+                              f"holds {source.kind} inputs")  # fmt: skip
+        return source
+    from prisma_mm.data.video import sample_source
+
+    if isinstance(model, str):
+        from prisma_mm.zoo.registry import get_card
+
+        card = get_card(model)
+    else:
+        card = getattr(model, "card", None)
+    return sample_source(source, clip, card, backend)
 
 
 def _pick_device(device: Any, part_index: int, n_parts: int, local_rank: int | None
@@ -609,10 +636,9 @@ def _prepare_model(
                 f"hook {hook!r} is an attention pattern [heads, q, k], not [tokens, d]: the "
                 "cache stores token activations; drop it from --hooks"
             )
-    height, width = model.layout.input_size
+    _check_clip_length(model, source)
     with torch.inference_mode():
-        probe = torch.zeros(1, 3, height, width, device=model.device, dtype=model.dtype)
-        _, probe_cache = model.run_with_cache(probe, hooks, stop_at_layer="auto")
+        _, probe_cache = model.run_with_cache(probe_input(model), hooks, stop_at_layer="auto")
     probe_cache = {h: token_rows(a) for h, a in probe_cache.items()}
     index = {
         h: token_index(token_spec, h, int(probe_cache[h].shape[1]), model.layout, True)
@@ -631,6 +657,20 @@ def _prepare_model(
         source.describe(), shard_size, limit,
     )  # fmt: skip
     return model, new
+
+
+def _check_clip_length(model: Any, source: Source) -> None:
+    """Refuse, before work, clips of another length than the video model takes."""
+    frames = getattr(model.spec, "frames", None)
+    sampling = getattr(source, "sampling", None)
+    if source.kind != "video" or frames is None or sampling is None:
+        return
+    if sampling.frames != frames:
+        raise PrismaError(
+            f"--clip {sampling.spec()} gives clips of {sampling.frames} frames but the model "
+            f"takes {frames}: sample {frames} frames per clip (e.g. --clip windows:{frames}:"
+            f"{sampling.stride})"
+        )
 
 
 def _open_manifest(out: Path, new: dict[str, Any], limit: int | None,

@@ -307,26 +307,37 @@ class TarSource(Source):
     def stream(self, parts: Sequence[int] | None = None) -> Iterator[tuple[InputRecord, Loader]]:
         """Samples shard by shard (in ``parts`` order when given, e.g. one shard: ``[j]``);
         ``index`` counts them in the order read (the writer renumbers them by position)."""
-        from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
-
         index = 0
-        for url in self.urls if parts is None else [self.urls[i] for i in parts]:
-            shard_name = url.rstrip("/").rsplit("/", 1)[-1]
-            samples = group_by_keys(tar_file_expander(url_opener([{"url": url}])))
-            try:
-                for sample in samples:
-                    key = sample["__key__"]
-                    record = InputRecord(
-                        index, stable_key(f"{shard_name}/{key}"), f"{url}#{key}", _tar_label(sample)
-                    )
-                    index += 1
-                    yield record, _tar_loader(sample, record.source)
-            except (tarfile.TarError, OSError, ValueError) as error:
+        for url, shard_name, sample in tar_samples(self.urls, parts):
+            if isinstance(sample, Exception):
                 # A damaged shard ends there; the rest of it counts as one skipped input.
                 record = InputRecord(index, stable_key(f"{shard_name}/#error"), url)
                 index += 1
-                reason = f"{url}: unreadable tar shard ({error.__class__.__name__}: {error})"
+                reason = f"{url}: unreadable tar shard ({sample.__class__.__name__}: {sample})"
                 yield record, _raise(BadImage(reason))
+                continue
+            key = sample["__key__"]
+            record = InputRecord(
+                index, stable_key(f"{shard_name}/{key}"), f"{url}#{key}", _tar_label(sample)
+            )
+            index += 1
+            yield record, _tar_loader(sample, record.source)
+
+
+def tar_samples(urls: Sequence[str], parts: Sequence[int] | None = None
+                ) -> Iterator[tuple[str, str, dict[str, Any] | Exception]]:  # fmt: skip
+    """``(url, shard file name, sample)`` for every webdataset sample of the shards ``urls``
+    (in ``parts`` order when given); a damaged shard ends with ``(url, name, error)``."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+    for url in urls if parts is None else [urls[i] for i in parts]:
+        shard_name = url.rstrip("/").rsplit("/", 1)[-1]
+        samples = group_by_keys(tar_file_expander(url_opener([{"url": url}])))
+        try:
+            for sample in samples:
+                yield url, shard_name, sample
+        except (tarfile.TarError, OSError, ValueError) as error:
+            yield url, shard_name, error
 
 
 def _raise(error: Exception) -> Loader:
@@ -400,7 +411,7 @@ class TorchDatasetSource(Source):
 
 def _split_item(item: Any) -> tuple[Any, Any]:
     if isinstance(item, dict):
-        for key in ("image", "img", "pixel_values"):
+        for key in ("image", "img", "pixel_values", "clip", "video"):
             if key in item:
                 return item[key], _plain_label(item.get("label"))
         raise BadImage(f"dataset item has keys {sorted(item)}; expected 'image' and 'label'")
@@ -469,6 +480,8 @@ def open_source(data: Any) -> Source:
     """
     if isinstance(data, Source):
         return data
+    from prisma_mm.data import video  # noqa: F401 - registers the video sources
+
     if isinstance(data, Path):
         data = str(data)
     if not isinstance(data, str):
