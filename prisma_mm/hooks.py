@@ -57,7 +57,9 @@ class TokenLayout:
     """How the tokens of an activation map to space and time.
 
     Tokens are ``n_prefix`` prefix tokens (CLS, registers) followed by the patch grid
-    ``(frames, height, width)`` flattened row-major (frame-major for video).
+    ``(frames, height, width)`` flattened in ``order``, slowest axis first: ``"thw"``
+    (frame-major, row-major within a frame: images, VideoMAE, ViViT) or ``"hwt"`` (time
+    fastest: TimeSformer). ``tubelet``: input frames per grid frame.
     """
 
     n_prefix: int
@@ -65,6 +67,11 @@ class TokenLayout:
     patch_size: tuple[int, int]
     input_size: tuple[int, int]
     tubelet: int = 1
+    order: str = "thw"
+
+    def __post_init__(self) -> None:
+        if sorted(self.order) != ["h", "t", "w"]:
+            raise PrismaError(f"token order {self.order!r} must be a permutation of 'thw'")
 
     @property
     def n_patches(self) -> int:
@@ -86,8 +93,11 @@ class TokenLayout:
         if token < self.n_prefix:
             return None
         index = token - self.n_prefix
-        _, height, width = self.grid
-        return index // (height * width), (index // width) % height, index % width
+        sizes = dict(zip("thw", self.grid))
+        position = {}
+        for axis in reversed(self.order):  # the fastest axis is the last one
+            index, position[axis] = divmod(index, sizes[axis])
+        return position["t"], position["h"], position["w"]
 
     def patch_map(self, values: Tensor) -> Tensor:
         """Reshape per-token values ``[..., tokens]`` into ``[..., frames, h, w]`` (prefix dropped)."""
@@ -98,7 +108,10 @@ class TokenLayout:
                 f"values have {values.shape[-1]} tokens; this layout has {self.n_tokens} "
                 f"({self.n_prefix} prefix + {self.n_patches} patches)"
             )
-        return values.reshape(*values.shape[:-1], *self.grid)
+        sizes = dict(zip("thw", self.grid))
+        grid = values.reshape(*values.shape[:-1], *(sizes[axis] for axis in self.order))
+        lead = list(range(grid.dim() - 3))
+        return grid.permute(*lead, *(len(lead) + self.order.index(axis) for axis in "thw"))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -107,6 +120,7 @@ class TokenLayout:
             "patch_size": list(self.patch_size),
             "input_size": list(self.input_size),
             "tubelet": self.tubelet,
+            "order": self.order,
         }
 
     @classmethod
@@ -117,6 +131,7 @@ class TokenLayout:
             patch_size=tuple(int(v) for v in data["patch_size"]),  # type: ignore[arg-type]
             input_size=tuple(int(v) for v in data["input_size"]),  # type: ignore[arg-type]
             tubelet=int(data.get("tubelet", 1)),
+            order=str(data.get("order", "thw")),
         )
 
 
@@ -137,7 +152,10 @@ class BlockSpec:
     residual stream; ``ln2``: the norm before the MLP; ``mlp_proj``: the MLP's output
     projection (its input is the MLP hidden); ``norm1``: the norm before attention (its
     input is the residual stream, read to form ``hook_resid_mid``; its output is
-    ``ln1.hook_normalized``); ``attn``: the attention; ``mlp``: the MLP.
+    ``ln1.hook_normalized``); ``attn``: the attention; ``mlp``: the MLP; ``attn_out_proj``:
+    the attention's output projection, whose input is ``attn.hook_z`` (None: timm's
+    ``attn.norm``); ``resid_mid_at_ln2``: ``hook_resid_mid`` is read as ln2's input, for
+    blocks whose skip path is pooled or split (there resid_pre + attn_out is not the stream).
     """
 
     attn_branch: str
@@ -146,10 +164,10 @@ class BlockSpec:
     mlp_proj: str
     norm1: str
     attn: str
-    pattern_style: (
-        str  # "timm" (explicit path via fused_attn=False) or "mha" (nn.MultiheadAttention)
-    )
+    pattern_style: str  # "timm" (fused_attn=False), "mha" (nn.MultiheadAttention) or "none"
     mlp: str = "mlp"
+    attn_out_proj: str | None = None
+    resid_mid_at_ln2: bool = False
 
 
 @dataclass
@@ -161,7 +179,7 @@ class ModelSpec:
     blocks: Sequence[nn.Module]
     block_spec: BlockSpec
     embed: nn.Module  # its output (its input where embed_is_input) is hook_embed
-    final_norm: nn.Module  # its output is ln_final.hook_normalized (all tokens)
+    final_norm: nn.Module | None  # its output is ln_final.hook_normalized (all tokens)
     output_module: nn.Module | None  # its output is hook_output; None: the forward's return
     layout: TokenLayout
     transform: Callable[[Any], Tensor] | None  # PIL RGB image -> normalized [3, H, W]
@@ -171,17 +189,33 @@ class ModelSpec:
     embed_is_input: bool = False
     prepare: Callable[[Any], Tensor] | None = None  # raw input -> model input (text towers)
     text: ModelSpec | None = None  # the text tower of a CLIP / SigLIP model
+    # video: input [batch, 3, frames, H, W]; check(x) raises a family's own misuse guard
+    frames: int | None = None
+    check: Callable[[Tensor], None] | None = None
+    # per block (layout of its input, layout after it): grids that shrink between stages
+    block_layouts: Sequence[tuple[TokenLayout, TokenLayout]] | None = None
+    # per-block hooks the adapter cannot offer / can only read, with the reason in words
+    missing: dict[str, str] = field(default_factory=dict)
+    read_only: dict[str, str] = field(default_factory=dict)
 
 
 class _StopForward(Exception):
     """Raised inside a hook to end the forward once every requested hook has fired."""
 
 
-def _as_tokens(value: Tensor) -> tuple[Tensor, bool]:
-    """A pooled output ``[batch, d]`` as ``[batch, 1, d]``; returns whether it was squeezed."""
+def _as_tokens(value: Tensor) -> tuple[Tensor, tuple[int, ...] | None]:
+    """A pooled output ``[batch, d]`` as ``[batch, 1, d]`` and a channel-last grid
+    ``[batch, frames, h, w, d]`` (Swin3D) as ``[batch, frames*h*w, d]``; returns the shape to
+    restore a replacement to (None: it already was ``[batch, tokens, d]``)."""
     if value.dim() == 2:
-        return value.unsqueeze(1), True
-    return value, False
+        return value.unsqueeze(1), tuple(value.shape)
+    if value.dim() == 5:
+        return value.flatten(1, 3), tuple(value.shape)
+    return value, None
+
+
+def _restore(new: Tensor, shape: tuple[int, ...] | None) -> Tensor:
+    return new if shape is None else new.reshape(shape)
 
 
 class _Dispatch:
@@ -257,6 +291,23 @@ def _mlp_kind(mlp: nn.Module) -> str | None:
         return "fc1"
     if "c_fc" in names:
         return "c_fc"
+    if "dense" in names and hasattr(mlp, "intermediate_act_fn"):
+        return "dense"  # transformers' ViT-style Intermediate: dense, then the activation
+    if isinstance(mlp, nn.Sequential) and len(mlp) and isinstance(mlp[0], nn.Linear):
+        return "sequential"  # torchvision.ops.MLP: Linear, activation, dropout, Linear, ...
+    return None
+
+
+def _n_heads(attn: nn.Module) -> int:
+    return int(getattr(attn, "num_heads", None) or attn.num_attention_heads)
+
+
+def _qkv_linears(attn: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module] | None:
+    """The separate q / k / v Linears of an attention without q / k norms (transformers')."""
+    for names in (("q_proj", "k_proj", "v_proj"), ("query", "key", "value")):
+        found = [getattr(attn, name, None) for name in names]
+        if all(isinstance(module, nn.Linear) for module in found):
+            return found[0], found[1], found[2]
     return None
 
 
@@ -280,6 +331,14 @@ def _qkv_kind(attn: nn.Module) -> str | None:
     return None
 
 
+def _qkv_style(attn: nn.Module) -> str | None:
+    """:func:`_qkv_kind`, or ``linears`` (q / k / v Linears, no norms: transformers')."""
+    kind = _qkv_kind(attn)
+    if kind is None and _qkv_linears(attn) is not None and hasattr(attn, "num_attention_heads"):
+        return "linears"
+    return kind
+
+
 class HookedModel(nn.Module):
     """A native vision model with uniform, TransformerLens-style hook points.
 
@@ -293,7 +352,7 @@ class HookedModel(nn.Module):
         self.module = spec.module
         self.spec = spec
         self.card = card
-        self.layout = spec.layout
+        self.layout = spec.layout  # of hook_embed and the first block (see layout_for)
         self.d_model = spec.d_model
         self.n_layers = len(spec.blocks)
         self.prefix = spec.prefix
@@ -327,7 +386,7 @@ class HookedModel(nn.Module):
         bs = self.spec.block_spec
         block = self.spec.blocks[0]
         attn = block.get_submodule(bs.attn)
-        qkv = _qkv_kind(attn)
+        qkv = _qkv_style(attn)
         if qkv is None:
             for suffix in ("attn.hook_q", "attn.hook_k", "attn.hook_v"):
                 missing[suffix] = f"{type(attn).__name__} does not expose q / k / v"
@@ -352,13 +411,19 @@ class HookedModel(nn.Module):
                 "nn.MultiheadAttention does not expose its pattern for editing "
                 "(edit hook_attn_out or the resid hooks instead)"
             )
-        elif not (hasattr(attn, "norm") and hasattr(attn, "proj")):
+        elif bs.attn_out_proj is None and not (hasattr(attn, "norm") and hasattr(attn, "proj")):
             missing["attn.hook_z"] = f"{type(attn).__name__} has no output projection to hook"
+        if bs.pattern_style == "none":
+            missing["attn.hook_pattern"] = (
+                f"{type(attn).__name__} computes its pattern inside one fused call"
+            )
         kind = _mlp_kind(block.get_submodule(bs.mlp))
         if kind is None:
             missing["mlp.hook_pre"] = "this MLP has no first linear layer to hook"
         if kind not in ("swiglu", "glu"):
             missing["mlp.hook_pre_linear"] = "the MLP is not gated (hook_pre_linear is GLU-only)"
+        missing.update(self.spec.missing)
+        read_only.update({k: v for k, v in self.spec.read_only.items() if k not in missing})
         return missing, read_only
 
     def _all_hook_names(self) -> list[str]:
@@ -367,7 +432,9 @@ class HookedModel(nn.Module):
         names = [f"{p}hook_embed"]
         for i in range(len(self.spec.blocks)):
             names += [f"{p}blocks.{i}.{suffix}" for suffix in offered]
-        return [*names, f"{p}ln_final.hook_normalized", f"{p}hook_output"]
+        if self.spec.final_norm is not None:
+            names.append(f"{p}ln_final.hook_normalized")
+        return [*names, f"{p}hook_output"]
 
     def _point(self, name: str) -> HookPoint:
         local = name.removeprefix(self.prefix)
@@ -390,6 +457,20 @@ class HookedModel(nn.Module):
                 return self._text.hook_point(name)
             raise self._unknown_hook(name)
         return point
+
+    def layout_for(self, hook: str) -> TokenLayout:
+        """The :class:`TokenLayout` of the activation at ``hook``. Models whose token grid
+        shrinks between stages (MViT, Swin3D) have one per block: a block's ``hook_resid_pre``
+        and ``ln1.hook_normalized`` see its input grid, its later hooks the grid after it;
+        ``ln_final`` and ``hook_output`` the last block's. Elsewhere it is ``model.layout``."""
+        point = self.hook_point(hook)
+        layouts = self.spec.block_layouts
+        if layouts is None or point.layer is None and point.order[0] < 0:
+            return self.layout
+        if point.layer is None:
+            return layouts[-1][1]
+        before = point.order[1] <= BLOCK_HOOKS.index("ln1.hook_normalized")
+        return layouts[point.layer][0 if before else 1]
 
     def _unknown_hook(self, name: str) -> PrismaError:
         match = _BLOCK_RE.match(name.removeprefix(self.prefix))
@@ -415,9 +496,18 @@ class HookedModel(nn.Module):
     def preprocess(self, images: Any) -> Tensor:
         """Images (PIL of any mode, uint8/uint16 arrays HW/HWC, or tensors CHW/BCHW) to the
         model's normalized input batch ``[batch, 3, H, W]`` (float32), via the card's transform;
-        on a text tower, prompts (a string or a list) to tokens ``[batch, n_ctx]``."""
+        on a text tower, prompts (a string or a list) to tokens ``[batch, n_ctx]``; on a video
+        model, clips (``[frames, H, W, 3]`` uint8 arrays / tensors, a list of them, or one
+        ``[batch, frames, H, W, 3]``) to ``[batch, 3, frames, H, W]``."""
         if self.spec.prepare is not None:
             return self.spec.prepare(images)
+        if self.spec.frames is not None:
+            clips = list(images) if isinstance(images, list | tuple) else [images]
+            if len(clips) == 1 and getattr(clips[0], "ndim", 0) == 5:
+                clips = list(clips[0])
+            if not clips:
+                raise PrismaError("preprocess got no clips: pass a list of at least one clip")
+            return torch.stack([self.spec.transform(clip) for clip in clips])
         from prisma_mm.data.images import to_pil_rgb
 
         if isinstance(images, Tensor) and images.dim() == 4:
@@ -432,21 +522,26 @@ class HookedModel(nn.Module):
         if self.spec.prepare is not None:
             return self.spec.prepare(x)
         height, width = self.layout.input_size
-        expected = f"a float tensor [batch, 3, {height}, {width}]"
+        frames = self.spec.frames
+        size = (height, width) if frames is None else (frames, height, width)
+        expected = f"a float tensor [batch, 3, {', '.join(map(str, size))}]"
+        what = "images" if frames is None else "clips"
         if not isinstance(x, Tensor):
             raise PrismaError(
                 f"model input is a {type(x).__name__}; expected {expected} "
-                "(use model.preprocess(images) to convert images)"
+                f"(use model.preprocess({what}) to convert {what})"
             )
-        if x.dim() != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != (height, width):
+        if self.spec.check is not None and x.dim() == 2 + len(size) and x.shape[1] == 3:
+            self.spec.check(x)  # the family's own guard names its silent failure
+        if x.dim() != 2 + len(size) or x.shape[1] != 3 or tuple(x.shape[2:]) != size:
             raise PrismaError(
                 f"model input has shape {tuple(x.shape)}; expected {expected} "
-                "(use model.preprocess(images) to resize and normalize images)"
+                f"(use model.preprocess({what}) to resize and normalize {what})"
             )
         if not x.is_floating_point():
             raise PrismaError(
                 f"model input has dtype {x.dtype}; expected {expected} "
-                "(use model.preprocess(images) to normalize uint8 images)"
+                f"(use model.preprocess({what}) to normalize uint8 {what})"
             )
         return x.to(device=self.device, dtype=self.dtype)
 
@@ -454,10 +549,10 @@ class HookedModel(nn.Module):
         """The native forward on a checked input, then any hook_output of a module-less output."""
         output = self.spec.forward(x)
         for _, point, fn in list(self._output_fns):
-            value, squeezed = _as_tokens(output)
+            value, shape = _as_tokens(output)
             new = self._checked(point, value, fn(value, point))
             if new is not None:
-                output = new.squeeze(1) if squeezed else new
+                output = _restore(new, shape)
         return output
 
     def forward(self, x: Any) -> Tensor:
@@ -525,9 +620,11 @@ class HookedModel(nn.Module):
         if suffix in ("attn.hook_q", "attn.hook_k", "attn.hook_v"):
             return self._on_qkv(stack, block.get_submodule(bs.attn), point, fn, suffix[-1])
         if suffix == "attn.hook_z":
-            return self._on_z(stack, block.get_submodule(bs.attn), point, fn)
+            return self._on_z(stack, block.get_submodule(bs.attn), point, fn, block)
         if suffix == "hook_attn_out":
             return self._on_output(stack, block.get_submodule(bs.attn_branch), point, fn)
+        if suffix == "hook_resid_mid" and bs.resid_mid_at_ln2:
+            return self._on_input(stack, block.get_submodule(bs.ln2), point, fn)
         if suffix == "hook_resid_mid":
             return self._on_resid_mid(stack, block, point, fn)
         if suffix == "ln2.hook_normalized":
@@ -569,21 +666,22 @@ class HookedModel(nn.Module):
     def _on_output(self, stack, module: nn.Module, point: HookPoint, fn: HookFn) -> None:
         def hook(_module, _inputs, output):
             primary = output[0] if isinstance(output, tuple) else output
-            value, squeezed = _as_tokens(primary)
+            value, shape = _as_tokens(primary)
             new = self._checked(point, value, fn(value, point))
             if new is None:
                 return None
-            new = new.squeeze(1) if squeezed else new
+            new = _restore(new, shape)
             return (new, *output[1:]) if isinstance(output, tuple) else new
 
         self._register(stack, module, "forward", point, hook)
 
     def _on_input(self, stack, module: nn.Module, point: HookPoint, fn: HookFn) -> None:
         def hook(_module, args, kwargs):
-            value = args[0] if args else kwargs["q_x"]
+            value, shape = _as_tokens(args[0] if args else kwargs["q_x"])
             new = self._checked(point, value, fn(value, point))
             if new is None:
                 return None
+            new = _restore(new, shape)
             if args:
                 return (new, *args[1:]), kwargs
             return args, {**kwargs, "q_x": new}
@@ -614,7 +712,13 @@ class HookedModel(nn.Module):
 
     def _on_qkv(self, stack, attn: nn.Module, point: HookPoint, fn: HookFn, which: str) -> None:
         index = "qkv".index(which)
-        kind = _qkv_kind(attn)
+        kind = _qkv_style(attn)
+        if kind == "linears":
+            heads = _n_heads(attn)
+            linear = _qkv_linears(attn)[index]  # type: ignore[index]
+            return self._on_slice(
+                stack, linear, point, fn, lambda out: out.unflatten(-1, (heads, -1))
+            )
         if kind == "mha":
             heads = attn.num_heads
 
@@ -653,16 +757,18 @@ class HookedModel(nn.Module):
             stack, attn.qkv, point, fn, lambda out: out.unflatten(-1, (3, heads, -1))[:, :, 2]
         )
 
-    def _on_z(self, stack, attn: nn.Module, point: HookPoint, fn: HookFn) -> None:
-        # z (heads concatenated) is the input of the attention's inner norm, then proj
-        heads = attn.num_heads
+    def _on_z(self, stack, attn: nn.Module, point: HookPoint, fn: HookFn, block) -> None:
+        # z (heads concatenated) is the input of the output projection (timm: of attn.norm)
+        heads = _n_heads(attn)
+        out_proj = self.spec.block_spec.attn_out_proj
+        target = attn.norm if out_proj is None else block.get_submodule(out_proj)
 
         def hook(_module, args, kwargs):
             value = args[0].unflatten(-1, (heads, -1))
             new = self._checked(point, value, fn(value, point))
             return None if new is None else ((new.flatten(-2), *args[1:]), kwargs)
 
-        self._register(stack, attn.norm, "pre", point, hook)
+        self._register(stack, target, "pre", point, hook)
 
     def _on_mlp_pre(self, stack, mlp: nn.Module, point: HookPoint, fn: HookFn, suffix) -> None:
         kind = _mlp_kind(mlp)
@@ -671,6 +777,10 @@ class HookedModel(nn.Module):
             return self._on_output(stack, mlp.fc1, point, fn)
         if kind == "c_fc":
             return self._on_output(stack, mlp.c_fc, point, fn)
+        if kind == "dense":
+            return self._on_output(stack, mlp.dense, point, fn)
+        if kind == "sequential":
+            return self._on_output(stack, mlp[0], point, fn)
         if kind == "swiglu":
             return self._on_output(stack, mlp.fc1_g if gate else mlp.fc1_x, point, fn)
         # GluMlp: fc1's output chunks into (x1, x2); the activation takes x2 if gate_last
@@ -691,11 +801,15 @@ class HookedModel(nn.Module):
         def keep_pre(_module, args, kwargs):
             stash["pre"] = args[0]
 
-        def hook(_module, _inputs, branch):
+        def hook(_module, _inputs, output):
+            branch = output[0] if isinstance(output, tuple) else output
             pre = stash.pop("pre")
-            mid = pre + branch
+            mid, shape = _as_tokens(pre + branch)
             new = self._checked(point, mid, fn(mid, point))
-            return None if new is None else new - pre
+            if new is None:
+                return None
+            new = _restore(new, shape) - pre
+            return (new, *output[1:]) if isinstance(output, tuple) else new
 
         self._register(stack, block.get_submodule(bs.norm1), "pre", point, keep_pre)
         self._register(stack, block.get_submodule(bs.attn_branch), "forward", point, hook)

@@ -19,12 +19,18 @@ sys.path.insert(0, str(REPO))
 
 from prisma_mm.zoo.registry import ModelCard, get_card, list_models  # noqa: E402
 
-FAMILY_LIBRARY = {"timm": "timm", "open_clip": "open_clip"}
+FAMILY_LIBRARY = {
+    "timm": "timm",
+    "open_clip": "open_clip",
+    "transformers_video": "transformers",
+    "torchvision_video": "torchvision",
+}
 
 
 def library_id(card: ModelCard) -> str:
     """What the library itself calls the checkpoint: ``arch.tag`` (timm), ``arch / tag``
-    (open_clip), or the bare architecture for random-init cards."""
+    (open_clip, torchvision's builder / weights enum), or the bare architecture (random-init
+    cards; transformers' model class, whose checkpoint is the source repo)."""
     if not card.pretrained:
         return card.arch
     if card.family == "timm":
@@ -55,7 +61,8 @@ def render() -> str:
         "`prisma-mm zoo list`.",
         "",
         "- **library id**: the name the library itself uses (`timm.create_model('arch.tag')`, "
-        "`open_clip.create_model('arch', pretrained='tag')`).",
+        "`open_clip.create_model('arch', pretrained='tag')`; video: the transformers model "
+        "class, or torchvision's builder / weights enum, see [video.md](video.md)).",
         "- **source**: the Hugging Face repo the weights come from (`weights='pretrained'` reads "
         "it through the library's own loader, also offline from a populated HF cache).",
         "- **task**: `classifier` (has an ImageNet head), `embedding` (image embedding only), "

@@ -29,7 +29,11 @@ from torch.overrides import TorchFunctionMode
 
 from prisma_mm.errors import PrismaError, unknown
 
-ADAPTERS = {"timm": "prisma_mm.zoo.timm_vit", "open_clip": "prisma_mm.zoo.open_clip"}
+ADAPTERS = {
+    "timm": "prisma_mm.zoo.timm_vit",
+    "open_clip": "prisma_mm.zoo.open_clip",
+    "transformers_video": "prisma_mm.zoo.video",
+}
 TASKS = ("classifier", "embedding", "clip")
 
 

@@ -1,0 +1,449 @@
+"""Adapter for transformers' video transformers (VideoMAE, TimeSformer, ViViT, V-JEPA 2):
+hook points over the native modules, found by class at run time.
+
+Input convention (every video card, here and in :mod:`prisma_mm.zoo.video_torchvision`):
+clips are float tensors ``[batch, 3, frames, H, W]``, normalized as the card says
+(``model.preprocess(clips)`` turns ``[frames, H, W, 3]`` uint8 clips into that); each family
+gets its own order (``[batch, frames, 3, H, W]`` for transformers) inside the adapter.
+
+Token order is each family's own and ``model.layout`` says it: VideoMAE and V-JEPA 2 are
+frame-major without prefix tokens (tubelets of 2 frames), ViViT CLS + tubelets frame-major,
+TimeSformer CLS + patches with time fastest (``order="hwt"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from torch import Tensor, nn
+
+from prisma_mm.errors import PrismaError
+from prisma_mm.hooks import BlockSpec, HookedModel, ModelSpec, TokenLayout
+from prisma_mm.zoo import registry
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ClipTransform:
+    """A decoded clip ``[frames, H, W, 3]`` (uint8, or float in [0, 1]; numpy or torch) to the
+    model's input ``[3, frames, crop, crop]``: shorter side resized to ``resize`` (bilinear,
+    antialiased), centre crop, then ``(x - mean) / std``, as the families' own processors."""
+
+    frames: int
+    resize: int
+    crop: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __call__(self, clip: Any) -> Tensor:
+        video = torch.as_tensor(np.asarray(clip)) if not isinstance(clip, Tensor) else clip
+        if video.dim() != 4 or video.shape[-1] != 3:
+            raise PrismaError(
+                f"a clip has shape {tuple(video.shape)}; expected [frames, H, W, 3] "
+                "(decoded RGB frames, channels last)"
+            )
+        if video.shape[0] != self.frames:
+            raise PrismaError(
+                f"a clip has {video.shape[0]} frames; this card takes {self.frames} "
+                "(sample clips of the card's length, see docs/video.md)"
+            )
+        frames = video.permute(0, 3, 1, 2)
+        frames = frames.float() / 255.0 if not frames.is_floating_point() else frames.float()
+        height, width = frames.shape[-2:]
+        scale = self.resize / min(height, width)
+        size = (max(self.crop[0], round(height * scale)), max(self.crop[1], round(width * scale)))
+        if size != (height, width):
+            frames = nn.functional.interpolate(
+                frames, size=size, mode="bilinear", align_corners=False, antialias=True
+            )
+        top, left = (size[0] - self.crop[0]) // 2, (size[1] - self.crop[1]) // 2
+        frames = frames[..., top : top + self.crop[0], left : left + self.crop[1]]
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return ((frames - mean) / std).permute(1, 0, 2, 3).contiguous()
+
+
+def clip_transform(card: registry.ModelCard, frames: int, crop: tuple[int, int], **defaults):
+    """The card's :class:`ClipTransform`: its ``preprocess`` entries over the family defaults."""
+    settings = {"resize": crop[0], "mean": IMAGENET_MEAN, "std": IMAGENET_STD, **defaults}
+    settings.update({k: v for k, v in card.preprocess.items() if k in ("resize", "mean", "std")})
+    return ClipTransform(
+        frames=frames,
+        resize=int(settings["resize"]),
+        crop=crop,
+        mean=tuple(float(v) for v in settings["mean"]),  # type: ignore[arg-type]
+        std=tuple(float(v) for v in settings["std"]),  # type: ignore[arg-type]
+    )
+
+
+def find_one(module: nn.Module, cls: type, card: registry.ModelCard) -> nn.Module:
+    """The first submodule of class ``cls`` (found by class: paths moved between versions)."""
+    for sub in module.modules():
+        if isinstance(sub, cls):
+            return sub
+    raise PrismaError(
+        f"{card.name!r}: {type(module).__name__} has no {cls.__name__}; this transformers "
+        f"version ({transformers.__version__}) lays the model out differently"
+    )
+
+
+def find_all(module: nn.Module, cls: type) -> list[nn.Module]:
+    """Every submodule of class ``cls``, in registration (= forward) order."""
+    return [sub for sub in module.modules() if isinstance(sub, cls)]
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _card_frames(card: registry.ModelCard, default: int) -> int:
+    return int(card.preprocess.get("frames", default))
+
+
+# ----- one function per family: (native module, card) -> ModelSpec ----------------------------
+
+
+def _videomae(module: nn.Module, card: registry.ModelCard) -> ModelSpec:
+    from transformers.models.videomae import modeling_videomae as m
+
+    config = module.config
+    base = find_one(module, m.VideoMAEModel, card)
+    patch = _pair(config.patch_size)
+    size = _pair(config.image_size)
+    tubelet = int(config.tubelet_size)
+    frames = int(config.num_frames)
+    layout = TokenLayout(
+        n_prefix=0,
+        grid=(frames // tubelet, size[0] // patch[0], size[1] // patch[1]),
+        patch_size=patch,
+        input_size=size,
+        tubelet=tubelet,
+    )
+    return ModelSpec(
+        module=module,
+        forward=_forward(module, "pixel_values", frames_first=True),
+        blocks=find_all(base.encoder, m.VideoMAELayer),
+        block_spec=BlockSpec(
+            attn_branch="attention",
+            mlp_branch="output.dropout",
+            ln2="layernorm_after",
+            mlp_proj="output.dense",
+            norm1="layernorm_before",
+            attn="attention.attention",
+            pattern_style="none",
+            mlp="intermediate",
+            attn_out_proj="attention.output.dense",
+        ),
+        embed=base.embeddings,
+        final_norm=base.layernorm,  # None with mean pooling: its fc_norm sees the pooled token
+        output_module=getattr(module, "classifier", None),
+        layout=layout,
+        transform=clip_transform(card, frames, size),
+        d_model=int(config.hidden_size),
+        frames=frames,
+    )
+
+
+def _timesformer(module: nn.Module, card: registry.ModelCard) -> ModelSpec:
+    from transformers.models.timesformer import modeling_timesformer as m
+
+    config = module.config
+    if config.attention_type != "divided_space_time":
+        raise PrismaError(
+            f"{card.name!r}: TimeSformer attention_type {config.attention_type!r} is not "
+            "supported; prisma-mm hooks the divided space-time checkpoints"
+        )
+    base = find_one(module, m.TimesformerModel, card)
+    patch = _pair(config.patch_size)
+    size = _pair(config.image_size)
+    frames = int(config.num_frames)
+    layout = TokenLayout(
+        n_prefix=1,
+        grid=(frames, size[0] // patch[0], size[1] // patch[1]),
+        patch_size=patch,
+        input_size=size,
+        order="hwt",  # the embeddings put patch-major, time-fastest tokens after CLS
+    )
+    split = (
+        "TimeSformer's divided attention runs on per-patch [batch*patches, frames, d] and "
+        "per-frame [batch*frames, 1+patches, d] sequences, not on the clip's tokens"
+    )
+    missing = dict.fromkeys(
+        (
+            "ln1.hook_normalized",
+            "attn.hook_q",
+            "attn.hook_k",
+            "attn.hook_v",
+            "attn.hook_z",
+            "attn.hook_pattern",
+            "hook_attn_out",
+        ),
+        f"{split} (read hook_resid_mid - hook_resid_pre for the attention's update)",
+    )
+
+    def check(x: Tensor) -> None:
+        if x.shape[2] != frames or tuple(x.shape[3:]) != size:
+            raise PrismaError(
+                f"TimeSformer {card.name!r} got {x.shape[2]} frames at {tuple(x.shape[3:])} px; "
+                f"it takes exactly config.num_frames={frames} at {size} (other lengths and sizes "
+                "give wrong outputs without an error)"
+            )
+
+    return ModelSpec(
+        module=module,
+        forward=_forward(module, "pixel_values", frames_first=True),
+        blocks=find_all(base.encoder, m.TimesformerLayer),
+        block_spec=BlockSpec(
+            attn_branch="attention",
+            mlp_branch="output",
+            ln2="layernorm_after",
+            mlp_proj="output.dense",
+            norm1="layernorm_before",
+            attn="attention.attention",
+            pattern_style="none",
+            mlp="intermediate",
+            resid_mid_at_ln2=True,
+        ),
+        embed=base.embeddings,
+        final_norm=base.layernorm,
+        output_module=getattr(module, "classifier", None),
+        layout=layout,
+        transform=clip_transform(card, frames, size, mean=(0.45,) * 3, std=(0.225,) * 3),
+        d_model=int(config.hidden_size),
+        frames=frames,
+        check=check,
+        missing=missing,
+        read_only={
+            "hook_resid_mid": "it is read at layernorm_after's input; the block adds its "
+            "temporal and spatial updates itself (edit hook_resid_pre or hook_resid_post)"
+        },
+    )
+
+
+def _vivit(module: nn.Module, card: registry.ModelCard) -> ModelSpec:
+    from transformers.models.vivit import modeling_vivit as m
+
+    config = module.config
+    base = find_one(module, m.VivitModel, card)
+    tubelet, patch_h, patch_w = (int(v) for v in config.tubelet_size)
+    size = _pair(config.image_size)
+    frames = int(config.num_frames)
+    layout = TokenLayout(
+        n_prefix=1,
+        grid=(frames // tubelet, size[0] // patch_h, size[1] // patch_w),
+        patch_size=(patch_h, patch_w),
+        input_size=size,
+        tubelet=tubelet,
+    )
+    return ModelSpec(
+        module=module,
+        forward=_forward(module, "pixel_values", frames_first=True),
+        blocks=find_all(base, m.VivitLayer),
+        block_spec=BlockSpec(
+            attn_branch="attention",
+            mlp_branch="mlp",
+            ln2="layernorm_after",
+            mlp_proj="mlp.fc2",
+            norm1="layernorm_before",
+            attn="attention",
+            pattern_style="none",
+            attn_out_proj="attention.o_proj",
+        ),
+        embed=base.embeddings,
+        final_norm=base.layernorm,
+        output_module=getattr(module, "classifier", None),
+        layout=layout,
+        transform=clip_transform(card, frames, size, resize=256, mean=(0.5,) * 3, std=(0.5,) * 3),
+        d_model=int(config.hidden_size),
+        frames=frames,
+    )
+
+
+def _vjepa2(module: nn.Module, card: registry.ModelCard) -> ModelSpec:
+    from transformers.models.vjepa2 import modeling_vjepa2 as m
+
+    config = module.config
+    encoder = find_one(module, m.VJEPA2Encoder, card)  # not the predictor's layers
+    patch = int(config.patch_size)
+    crop = int(config.crop_size)
+    tubelet = int(config.tubelet_size)
+    frames = _card_frames(card, int(config.frames_per_clip))
+    layout = TokenLayout(
+        n_prefix=0,
+        grid=(frames // tubelet, crop // patch, crop // patch),
+        patch_size=(patch, patch),
+        input_size=(crop, crop),
+        tubelet=tubelet,
+    )
+
+    def check(x: Tensor) -> None:
+        if tuple(x.shape[3:]) != (crop, crop):
+            raise PrismaError(
+                f"V-JEPA 2 {card.name!r} got {tuple(x.shape[3:])} px clips; it takes exactly "
+                f"config.crop_size={crop} (its rotary positions assume that grid, so other "
+                "sizes give wrong positions without an error)"
+            )
+
+    classifier = getattr(module, "classifier", None)
+    return ModelSpec(
+        module=module,
+        forward=_forward(
+            module,
+            "pixel_values_videos",
+            frames_first=True,
+            **({} if classifier is not None else {"skip_predictor": True}),
+        ),
+        blocks=find_all(encoder, m.VJEPA2Layer),
+        block_spec=BlockSpec(
+            attn_branch="attention",
+            mlp_branch="mlp",
+            ln2="norm2",
+            mlp_proj="mlp.fc2",
+            norm1="norm1",
+            attn="attention",
+            pattern_style="none",
+            attn_out_proj="attention.proj",
+        ),
+        embed=encoder.embeddings,
+        final_norm=encoder.layernorm,
+        output_module=classifier,
+        layout=layout,
+        transform=clip_transform(card, frames, (crop, crop), resize=int(crop * 256 / 224)),
+        d_model=int(config.hidden_size),
+        frames=frames,
+        check=check,
+    )
+
+
+FAMILIES: dict[str, Callable[[nn.Module, registry.ModelCard], ModelSpec]] = {
+    "videomae": _videomae,
+    "timesformer": _timesformer,
+    "vivit": _vivit,
+    "vjepa2": _vjepa2,
+}
+
+
+def _forward(module: nn.Module, input_name: str, frames_first: bool, **fixed) -> Callable:
+    """The native forward on ``[batch, 3, frames, H, W]``: logits (classifiers) or the last
+    hidden state ``[batch, tokens, d]`` (encoders)."""
+
+    def run(x: Tensor) -> Tensor:
+        native = x.transpose(1, 2) if frames_first else x  # -> [batch, frames, 3, H, W]
+        output = module(**{input_name: native}, **fixed)
+        return output.logits if hasattr(output, "logits") else output.last_hidden_state
+
+    return run
+
+
+# ----- building ------------------------------------------------------------------------------
+
+
+def _model_class(card: registry.ModelCard) -> type:
+    cls = getattr(transformers, card.arch, None)
+    if cls is None or not hasattr(cls, "config_class"):
+        raise PrismaError(
+            f"card {card.name!r}: {card.arch!r} is not a transformers model class "
+            f"(transformers {transformers.__version__})"
+        )
+    if cls.config_class.model_type not in FAMILIES:
+        raise PrismaError(
+            f"card {card.name!r}: {card.arch} ({cls.config_class.model_type}) is not one of the "
+            f"hooked video families {sorted(FAMILIES)}"
+        )
+    return cls
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    # transformers logs every unused pretraining weight (the VideoMAE decoder, ...) at WARNING
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _from_pretrained(cls: type, card: registry.ModelCard, source: str) -> nn.Module:
+    """``cls.from_pretrained`` from a folder or the HF cache (offline first), else the hub."""
+    with _quiet():
+        try:
+            return cls.from_pretrained(source, local_files_only=True)
+        except OSError:
+            if Path(source).exists():
+                raise
+        try:
+            return cls.from_pretrained(source)
+        except (OSError, ValueError) as error:
+            raise PrismaError(
+                f"pretrained weights of {card.name!r} could not be loaded "
+                f"({error.__class__.__name__}); "
+                f"{registry.offline_hint(source, ['config.json', 'model.safetensors'])}"
+            ) from error
+
+
+def _local(cls: type, card: registry.ModelCard, path: Path, device: torch.device) -> nn.Module:
+    if path.is_dir() and (path / "config.json").is_file():
+        try:
+            return _from_pretrained(cls, card, str(path))
+        except OSError as error:
+            raise PrismaError(
+                f"directory {path} is not a transformers save_pretrained folder of {card.arch} "
+                f"({error.__class__.__name__}: it needs config.json and model.safetensors)"
+            ) from error
+    if path.is_dir():
+        found = [
+            path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()
+        ]
+        if not found:
+            raise PrismaError(
+                f"directory {path} has no config.json, model.safetensors or pytorch_model.bin "
+                "(expected a transformers save_pretrained folder)"
+            )
+        path = found[0]
+    module = _random(cls, card, device)
+    registry.load_into(module, registry.load_state_dict_file(path), str(path))
+    return module
+
+
+def _random(cls: type, card: registry.ModelCard, device: torch.device) -> nn.Module:
+    config = cls.config_class(**card.kwargs)
+    context = torch.device("meta") if device.type == "meta" else contextlib.nullcontext()
+    with context:
+        return cls(config)
+
+
+def build(
+    card: registry.ModelCard, weights: str | None, device: torch.device, img_size: int | None = None
+) -> HookedModel:
+    """Build the card's transformers video model with the requested weights, hooked.
+
+    ``weights``: None (seeded random init from the card's config), ``"pretrained"`` (the HF
+    repo ``card.source``, from the HF cache offline first), ``"hf-hub:org/repo"``, or a path
+    (a ``save_pretrained`` folder, or a safetensors / torch state-dict file of the card's
+    architecture)."""
+    del img_size  # refused for video cards by registry.check_img_size
+    cls = _model_class(card)
+    if weights == "pretrained":
+        module = _from_pretrained(cls, card, card.source)
+    elif weights is not None and weights.startswith("hf-hub:"):
+        module = _from_pretrained(cls, card, weights.removeprefix("hf-hub:"))
+    elif weights is not None:
+        module = _local(cls, card, registry.resolve_local_weights(weights), device)
+    else:
+        module = _random(cls, card, device)
+    if device.type != "meta":
+        module = module.to(device)
+    module.eval()
+    return HookedModel(FAMILIES[cls.config_class.model_type](module, card), card=card)

@@ -1,0 +1,311 @@
+"""The video zoo: every family's tiny card hooked over the native module.
+
+For each family: every hook fires with the shape its layout says, the hooked forward is
+bit-identical to the library's own call, random init is the library's own (seeded), the
+layout maps a perturbed input patch at one frame back to exactly the tokens of that frame and
+patch, stop_at_layer stops, and every weights path loads checkpoints written here (a
+save_pretrained folder, a Hugging Face cache read offline, a state-dict file). The guards for
+silent misuse (TimeSformer's clip length, V-JEPA 2's size) raise one line.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import prisma_mm
+from prisma_mm import PrismaError
+from prisma_mm.hooks import TokenLayout
+from prisma_mm.zoo import registry
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = ["tiny-videomae", "tiny-timesformer", "tiny-vivit", "tiny-vjepa2"]
+VIDEO_FAMILIES = ("transformers_video", "torchvision_video")
+
+
+@functools.cache
+def _model(name: str):
+    return prisma_mm.load_model(name, weights=None, seed=0)
+
+
+def _clip(model, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    frames = model.spec.frames
+    height, width = model.layout.input_size
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, frames, height, width, generator=generator)
+
+
+def _native(model, x: torch.Tensor) -> torch.Tensor:
+    """The library's own call on its own input order, without prisma-mm in the way."""
+    module = model.module
+    if model.card.family == "torchvision_video":
+        return module(x)
+    name = "pixel_values_videos" if module.config.model_type == "vjepa2" else "pixel_values"
+    kwargs = {"skip_predictor": True} if type(module).__name__ == "VJEPA2Model" else {}
+    out = module(**{name: x.transpose(1, 2)}, **kwargs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def test_every_video_card_is_in_a_video_family_with_a_tiny_card() -> None:
+    video = [n for n in registry.list_models() if registry.get_card(n).family in VIDEO_FAMILIES]
+    assert set(TINY) <= set(video)
+    for name in video:
+        card = registry.get_card(name)
+        assert card.task in ("classifier", "embedding"), name
+        assert int(card.preprocess.get("frames", 0)) > 0 or not card.is_tiny, name
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_every_hook_fires_with_the_shape_its_layout_gives(name: str) -> None:
+    model = _model(name)
+    x = _clip(model)
+    names = [n for n in model.hook_names]
+    out, cache = model.run_with_cache(x, names)
+    assert list(cache) == names
+    for hook, value in cache.items():
+        layout = model.layout_for(hook)
+        if hook == "hook_output":
+            assert value.shape[:2] == (2, 1 if model.card.task == "classifier" else layout.n_tokens)
+        elif hook.endswith(("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z")):
+            assert value.shape[:2] == (2, layout.n_tokens), hook
+            assert value.dim() == 4, hook  # [batch, tokens, heads, d_head]
+        elif hook.endswith(("mlp.hook_pre", "mlp.hook_post")):
+            assert value.shape[:2] == (2, layout.n_tokens) and value.shape[2] > 0, hook
+        else:
+            assert value.shape[:2] == (2, layout.n_tokens), hook
+    if model.card.task == "classifier":
+        assert out.shape == (2, model.card.kwargs["num_labels"])
+    # zoo show's meta build agrees with the real one
+    meta = registry.build_on_meta(name)
+    assert meta.layout == model.layout and meta.hook_names == model.hook_names
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_hooked_forward_is_bit_identical_to_the_library_and_init_is_the_librarys(name) -> None:
+    model = _model(name)
+    x = _clip(model, seed=1)
+    with torch.no_grad():
+        native = _native(model, x)
+        with model.hooks({hook: lambda value, point: None for hook in model.hook_names}):
+            hooked = model(x)
+    assert torch.equal(native, hooked)
+    # seeded random init is the library's own constructor under that seed
+    card = model.card
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if card.family == "transformers_video":
+            import transformers
+
+            cls = getattr(transformers, card.arch)
+            library = cls(cls.config_class(**card.kwargs)).eval()
+        else:
+            import torchvision
+
+            library = torchvision.models.get_model(card.arch, **card.kwargs).eval()
+    own, theirs = model.module.state_dict(), library.state_dict()
+    assert own.keys() == theirs.keys() and all(torch.equal(own[k], theirs[k]) for k in own)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_one_perturbed_patch_maps_back_to_exactly_its_frame_and_patch(name: str) -> None:
+    model = _model(name)
+    layout = model.layout
+    x = _clip(model, batch=1, seed=2)
+    frame, row, col = 3, 1, 2  # input frame 3: grid frame 3 // tubelet
+    (ph, pw) = layout.patch_size
+    bumped = x.clone()
+    bumped[:, :, frame, row * ph : (row + 1) * ph, col * pw : (col + 1) * pw] += 1.0
+    _, before = model.run_with_cache(x, "hook_embed")
+    _, after = model.run_with_cache(bumped, "hook_embed")
+    changed = ((after["hook_embed"] - before["hook_embed"]).abs().amax(-1) > 1e-6)[0]
+    tokens = changed.nonzero().flatten().tolist()
+    assert len(tokens) == 1, tokens
+    assert layout.token_to_patch(tokens[0]) == (frame // layout.tubelet, row, col)
+    # and the patch map puts that token at that place in [frames, h, w]
+    grid = layout.patch_map(changed.float())
+    assert grid[frame // layout.tubelet, row, col] == 1 and grid.sum() == 1
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_stop_at_layer_stops_and_keeps_the_earlier_activations(name: str) -> None:
+    model = _model(name)
+    x = _clip(model, seed=3)
+    hook = "blocks.0.hook_resid_post"
+    full_out, full = model.run_with_cache(x, hook)
+    out, early = model.run_with_cache(x, hook, stop_at_layer=1)
+    assert full_out is not None and out is None
+    assert torch.equal(full[hook], early[hook])
+    with pytest.raises(PrismaError, match="fire at or after block 1"):
+        model.run_with_cache(x, "blocks.1.hook_resid_post", stop_at_layer=1)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_editing_the_stream_changes_the_output_and_an_identity_edit_does_not(name) -> None:
+    model = _model(name)
+    x = _clip(model, seed=4)
+    with torch.no_grad():
+        base = model(x)
+        same = model.run_with_hooks(x, [("blocks.0.hook_resid_post", lambda v, p: v.clone())])
+        zeroed = model.run_with_hooks(
+            x, [("blocks.0.hook_resid_post", lambda v, p: torch.zeros_like(v))]
+        )
+    assert torch.equal(base, same)
+    assert not torch.allclose(base, zeroed)
+
+
+def test_timesformer_tokens_are_time_fastest_after_cls() -> None:
+    layout = _model("tiny-timesformer").layout
+    assert layout.order == "hwt" and layout.n_prefix == 1
+    frames = layout.grid[0]
+    assert layout.token_to_patch(1) == (0, 0, 0)
+    assert layout.token_to_patch(2) == (1, 0, 0)  # the next token is the next frame
+    assert layout.token_to_patch(1 + frames) == (0, 0, 1)
+    assert layout.token_to_patch(0) is None
+
+
+def test_token_layout_order_round_trips_and_refuses_a_bad_order() -> None:
+    layout = TokenLayout(1, (2, 3, 4), (8, 8), (24, 32), tubelet=2, order="hwt")
+    assert TokenLayout.from_dict(layout.to_dict()) == layout
+    assert (
+        TokenLayout.from_dict({**layout.to_dict(), "order": None} | {"order": "thw"}).order == "thw"
+    )
+    values = torch.arange(layout.n_tokens)
+    grid = layout.patch_map(values)
+    for token in range(1, layout.n_tokens):
+        assert grid[layout.token_to_patch(token)] == token
+    with pytest.raises(PrismaError, match="permutation"):
+        TokenLayout(0, (1, 2, 2), (8, 8), (16, 16), order="tth")
+
+
+def test_timesformer_at_another_clip_length_or_size_is_refused_in_one_line() -> None:
+    model = _model("tiny-timesformer")
+    with pytest.raises(PrismaError, match=r"config\.num_frames=4") as error:
+        model(torch.zeros(1, 3, 3, 32, 32))
+    assert "\n" not in str(error.value)
+    with pytest.raises(PrismaError, match="num_frames"):
+        model(torch.zeros(1, 3, 4, 40, 40))
+
+
+def test_vjepa2_at_a_size_other_than_crop_size_is_refused_in_one_line() -> None:
+    model = _model("tiny-vjepa2")
+    with pytest.raises(PrismaError, match=r"crop_size=32") as error:
+        model(torch.zeros(1, 3, 4, 48, 48))
+    assert "\n" not in str(error.value)
+
+
+def test_wrong_input_shapes_and_dtypes_say_what_is_expected() -> None:
+    model = _model("tiny-videomae")
+    with pytest.raises(PrismaError, match=r"expected a float tensor \[batch, 3, 4, 32, 32\]"):
+        model(torch.zeros(1, 4, 3, 32, 32))  # frames before channels
+    with pytest.raises(PrismaError, match="dtype"):
+        model(torch.zeros(1, 3, 4, 32, 32, dtype=torch.uint8))
+    with pytest.raises(PrismaError, match="preprocess"):
+        model(np.zeros((1, 3, 4, 32, 32), np.float32))
+
+
+def test_timesformer_resid_mid_is_read_only_and_split_attention_hooks_say_why() -> None:
+    model = _model("tiny-timesformer")
+    x = _clip(model)
+    with pytest.raises(PrismaError, match="can be read but not replaced"):
+        model.run_with_hooks(x, [("blocks.0.hook_resid_mid", lambda v, p: v * 2)])
+    with pytest.raises(PrismaError, match="divided attention"):
+        model.hook_point("blocks.0.hook_attn_out")
+    # resid_mid + the MLP branch is resid_post: the read is the stream the block adds to
+    _, cache = model.run_with_cache(
+        x, ["blocks.0.hook_resid_mid", "blocks.0.hook_mlp_out", "blocks.0.hook_resid_post"]
+    )
+    mid, mlp, post = cache.values()
+    assert torch.allclose(mid + mlp, post, atol=1e-6)
+
+
+def test_preprocess_resizes_crops_and_normalizes_uint8_clips() -> None:
+    model = _model("tiny-videomae")
+    clip = np.full((4, 40, 60, 3), 255, np.uint8)
+    batch = model.preprocess([clip, clip])
+    assert tuple(batch.shape) == (2, 3, 4, 32, 32)
+    mean = torch.tensor((0.485, 0.456, 0.406))
+    std = torch.tensor((0.229, 0.224, 0.225))
+    assert torch.allclose(batch[0, :, 0, 0, 0], (1 - mean) / std, atol=1e-5)
+    assert torch.equal(model.preprocess(np.stack([clip, clip])), batch)
+    with pytest.raises(PrismaError, match="has 3 frames; this card takes 4"):
+        model.preprocess(clip[:3])
+    with pytest.raises(PrismaError, match=r"\[frames, H, W, 3\]"):
+        model.preprocess(clip.transpose(0, 3, 1, 2))
+
+
+# ----- weights paths -------------------------------------------------------------------------
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_save_pretrained_folder_and_state_dict_file(tmp_path) -> None:
+    source = prisma_mm.load_model("tiny-vivit", weights=None, seed=5)
+    source.module.save_pretrained(tmp_path / "saved")
+    loaded = prisma_mm.load_model("tiny-vivit", weights=tmp_path / "saved")
+    assert _same(loaded.module, source.module)
+    x = _clip(source, seed=6)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), source(x))
+    save_file(source.module.state_dict(), str(tmp_path / "vivit.safetensors"))
+    from_file = prisma_mm.load_model("tiny-vivit", weights=tmp_path / "vivit.safetensors")
+    assert _same(from_file.module, source.module)
+    (tmp_path / "bare").mkdir()  # a folder with weights but no config.json: the card's config
+    save_file(source.module.state_dict(), str(tmp_path / "bare" / "model.safetensors"))
+    assert _same(
+        prisma_mm.load_model("tiny-vivit", weights=tmp_path / "bare").module, source.module
+    )
+    with pytest.raises(PrismaError, match="do not fit this model"):
+        prisma_mm.load_model("tiny-videomae", weights=tmp_path / "vivit.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PrismaError, match="has no config.json"):
+        prisma_mm.load_model("tiny-vivit", weights=tmp_path / "empty")
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, read offline (as a machine without network)."""
+    import huggingface_hub.constants as hub
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_hf_cache_folder_offline(offline_hub, tmp_path) -> None:
+    source = prisma_mm.load_model("tiny-videomae", weights=None, seed=7)
+    source.module.save_pretrained(tmp_path / "export")
+    repo = offline_hub / "models--test-org--tiny-videomae"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for file in (tmp_path / "export").iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    loaded = prisma_mm.load_model("tiny-videomae", weights="hf-hub:test-org/tiny-videomae")
+    assert _same(loaded.module, source.module)
+
+
+def test_missing_pretrained_weights_offline_name_what_to_fetch(offline_hub) -> None:
+    real = [
+        n for n in registry.list_models("transformers_video") if not registry.get_card(n).is_tiny
+    ]
+    name = real[0] if real else None
+    target = name or "tiny-videomae"
+    weights = "pretrained" if name else "hf-hub:test-org/absent"
+    repo = registry.get_card(name).source if name else "test-org/absent"
+    with pytest.raises(PrismaError, match="could not be loaded") as error:
+        prisma_mm.load_model(target, weights=weights)
+    message = str(error.value)
+    assert repo in message and "config.json" in message and "huggingface-cli download" in message
+    assert "\n" not in message
