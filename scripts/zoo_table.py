@@ -24,6 +24,7 @@ FAMILY_LIBRARY = {
     "open_clip": "open_clip",
     "transformers_video": "transformers",
     "torchvision_video": "torchvision",
+    "diffusers": "diffusers",
 }
 
 

@@ -33,8 +33,9 @@ ADAPTERS = {
     "timm": "prisma_mm.zoo.timm_vit",
     "open_clip": "prisma_mm.zoo.open_clip",
     "transformers_video": "prisma_mm.zoo.video",
+    "diffusers": "prisma_mm.zoo.diffusion",
 }
-TASKS = ("classifier", "embedding", "clip")
+TASKS = ("classifier", "embedding", "clip", "text-to-image")
 
 
 def _package_or_repo_dir(name: str) -> Path:
@@ -66,6 +67,7 @@ class ModelCard:
     weights: str | None = None  # "asset:FILE" for weights shipped in assets/
     config_file: str | None = None  # architecture config shipped in model_zoo/ (open_clip)
     preprocess: dict[str, Any] = field(default_factory=dict)
+    generate: dict[str, Any] = field(default_factory=dict)  # diffusion: steps, guidance, size
     description: str = ""
     file: str = ""
 
@@ -179,6 +181,8 @@ def check_img_size(card: ModelCard, img_size: Any) -> int | None:
         return None
     if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0:
         raise PrismaError(f"img_size={img_size!r}: give a positive number of pixels, e.g. 224")
+    if card.family == "diffusers":
+        return img_size  # the pipeline checks it against its VAE (HookedPipeline.check_size)
     if card.family != "timm" and card.family != "open_clip":
         raise PrismaError(f"img_size is not supported for {card.family} cards ({card.name!r})")
     patch = build_on_meta(card).layout.patch_size
@@ -210,6 +214,10 @@ def load_model(
     so the same call builds the same weights; the global RNG state is left as it was.
     """
     card = get_card(name) if isinstance(name, str) else name
+    if card.family == "diffusers":  # a pipeline, not one module: its own loader
+        from prisma_mm.zoo.diffusion import load_pipeline
+
+        return load_pipeline(card, weights, device, dtype, size=img_size, seed=seed)
     if isinstance(weights, Path):
         weights = str(weights)
     if weights is not None and not isinstance(weights, str):
@@ -262,6 +270,10 @@ def build_on_meta(name: str | ModelCard, img_size: int | None = None):
     """The card's architecture on the ``meta`` device (at ``img_size`` if given): no weights,
     no memory."""
     card = get_card(name) if isinstance(name, str) else name
+    if card.family == "diffusers":
+        from prisma_mm.zoo.diffusion import build_on_meta as build_pipeline_on_meta
+
+        return build_pipeline_on_meta(card, size=img_size)
     if img_size is not None:
         img_size = check_img_size(card, img_size)
     with _SkipInitOnMeta():
