@@ -18,9 +18,12 @@ STAGE_PARSERS: list[tuple[str, str]] = [
     ("prisma_mm.cache.cli", "add_cache_parser"),
     ("prisma_mm.cli", "_add_toyworld_parser"),
     ("prisma_mm.analysis.cli", "add_analysis_parsers"),
+    ("prisma_mm.analysis.families", "add_family_parser"),
     ("prisma_mm.demo", "add_demo_parser"),
     ("prisma_mm.viz.cli", "add_index_parser"),
     ("prisma_mm.viz.browser", "add_browse_parser"),
+    ("prisma_mm.steer.cli", "add_steer_parser"),
+    ("prisma_mm.sae.published", "add_sae_parser"),
 ]
 
 

@@ -29,6 +29,7 @@ Definitions (also in docs/toyworld.md):
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -366,3 +367,110 @@ def score_ground_truth(
             "nothing to score: give patch_codes/patch_labels or image_codes/image_labels"
         )
     return GroundTruthReport(list(value_names), patch, image)
+
+
+# ----- conjunctions --------------------------------------------------------------------------
+#: Pairs of object factors whose conjunctions are labelled by default: every pair of the toy
+#: world's object factors (shape x colour, colour x position, ...).
+CONJUNCTION_PAIRS: tuple[tuple[str, str], ...] = tuple(
+    itertools.combinations(("shape", "colour", "size", "position", "rotation", "texture"), 2)
+)
+CONJUNCTION_SEPARATOR = " & "
+
+
+def conjunction_parts(
+    pairs: Sequence[tuple[str, str]] = CONJUNCTION_PAIRS, value_names: Sequence[str] | None = None
+) -> list[tuple[int, int]]:
+    """``(a, b)`` indices into ``value_names`` (default the toy world's) of every conjunction
+    of ``pairs``: for each factor pair, every value of the first with every value of the
+    second, in label order."""
+    if value_names is None:
+        from prisma_mm.data.toyworld import VALUE_NAMES as value_names
+    by_factor: dict[str, list[int]] = {}
+    for i, name in enumerate(value_names):
+        by_factor.setdefault(_factor_of(name), []).append(i)
+    unknown = sorted({f for pair in pairs for f in pair if f not in by_factor})
+    if unknown:
+        raise PrismaError(
+            f"unknown factor(s) {unknown} in the conjunction pairs: use {sorted(by_factor)}"
+        )
+    return [(a, b) for fa, fb in pairs for a in by_factor[fa] for b in by_factor[fb]]
+
+
+def conjunction_names(
+    parts: Sequence[tuple[int, int]], value_names: Sequence[str] | None = None
+) -> list[str]:
+    """``"shape=circle & colour=red"`` names of the conjunctions ``parts``."""
+    if value_names is None:
+        from prisma_mm.data.toyworld import VALUE_NAMES as value_names
+    return [f"{value_names[a]}{CONJUNCTION_SEPARATOR}{value_names[b]}" for a, b in parts]
+
+
+def patch_conjunctions(
+    scene: Any, owner: np.ndarray, patch_grid: int | Sequence[int], parts: Sequence[tuple[int, int]]
+) -> np.ndarray:
+    """Per-patch conjunction labels uint8 ``[rows, cols, n_conjunctions]`` of a toy-world
+    scene: conjunction ``(a, b)`` is present in a patch when ONE object having both values
+    ``a`` and ``b`` has a visible pixel in it (a red square beside a blue circle makes neither
+    "red circle"), the rule of the toy world's value labels applied per object.
+
+    ``owner``: int ``[size, size]`` from :func:`prisma_mm.data.toyworld.render_scene`;
+    ``parts``: from :func:`conjunction_parts`; patches row-major.
+    """
+    size = owner.shape[0]
+    rows, cols = (patch_grid, patch_grid) if isinstance(patch_grid, int) else patch_grid
+    if size % rows or size % cols:
+        raise PrismaError(f"patch grid {patch_grid!r} does not tile a {size}x{size} image")
+    blocks = owner.reshape(rows, size // rows, cols, size // cols).transpose(0, 2, 1, 3)
+    blocks = blocks.reshape(rows, cols, -1)
+    index = {(int(a), int(b)): i for i, (a, b) in enumerate(parts)}
+    out = np.zeros((rows, cols, len(parts)), np.uint8)
+    for k, obj in enumerate(scene.objects):
+        values = obj.values()
+        hits = [index[p] for p in itertools.permutations(values, 2) if p in index]
+        if hits:
+            out[:, :, hits] |= (blocks == k).any(-1)[:, :, None]
+    return out
+
+
+def conjunction_detectors(
+    values_auroc: Tensor,
+    conjunctions_auroc: Tensor,
+    parts: Sequence[tuple[int, int]],
+    threshold: float = DEFAULT_THRESHOLD,
+    margin: float = 0.05,
+) -> Tensor:
+    """Bool ``[n_latents, n_conjunctions]``: latent ``l`` is a detector of conjunction
+    ``c = (a, b)`` when ``auroc[l, c] >= threshold`` and ``auroc[l, c] >= max(auroc[l, a],
+    auroc[l, b]) + margin``: it detects the conjunction better than either of its parts (a
+    plain "red" latent also ranks red circles high, but ranks red better).
+
+    ``values_auroc [n_latents, n_values]``, ``conjunctions_auroc [n_latents, n_conjunctions]``
+    from :func:`auroc`; NaN (unscorable) counts as no detection.
+    """
+    if not parts:
+        return torch.zeros(values_auroc.shape[0], 0, dtype=torch.bool)
+    index = torch.tensor(list(parts), dtype=torch.long)  # [C, 2]
+    part_best = torch.maximum(values_auroc[:, index[:, 0]], values_auroc[:, index[:, 1]])
+    conj = torch.nan_to_num(conjunctions_auroc, nan=-1.0)
+    return (conj >= threshold) & (conj >= torch.nan_to_num(part_best, nan=0.0) + margin)
+
+
+def carried_values(
+    values_auroc: Tensor,
+    detectors: Tensor,
+    parts: Sequence[tuple[int, int]],
+    threshold: float = DEFAULT_THRESHOLD,
+) -> Tensor:
+    """Bool ``[n_latents, n_values]``: the values each latent stands for: those it detects
+    (``auroc >= threshold``) and both parts of every conjunction it is a detector of
+    (``detectors`` from :func:`conjunction_detectors`)."""
+    carried = torch.nan_to_num(values_auroc, nan=-1.0) >= threshold
+    if parts:
+        index = torch.tensor(list(parts), dtype=torch.long)
+        hits = detectors.float()
+        for side in (0, 1):
+            via = torch.zeros_like(carried, dtype=torch.float32)
+            via.index_add_(1, index[:, side], hits)
+            carried |= via > 0
+    return carried

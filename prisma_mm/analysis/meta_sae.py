@@ -19,7 +19,7 @@ weight), the meta-SAE's FVU over the rows (about their mean, as in
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,14 @@ from torch import Tensor
 from prisma_mm.errors import PrismaError
 from prisma_mm.sae.base import Dictionary
 
-__all__ = ["MetaSAEResult", "decoder_rows", "meta_decompose", "train_meta_sae"]
+__all__ = [
+    "DecompositionScore",
+    "MetaSAEResult",
+    "decoder_rows",
+    "decomposition_score",
+    "meta_decompose",
+    "train_meta_sae",
+]
 
 
 def decoder_rows(dictionary: Dictionary) -> Tensor:
@@ -225,4 +232,162 @@ def train_meta_sae(
         fvu=fvu,
         source=meta.metadata["meta_sae_of"],
         history=history,
+    )
+
+
+# ----- decomposition against known parts -------------------------------------------------------
+@dataclass
+class DecompositionScore:
+    """Does the meta-SAE split each target latent into meta-latents that stand for its parts?
+
+    For a target latent ``j`` with parts ``P_j`` (e.g. ``colour=red`` and ``shape=circle`` for a
+    red-circle latent) and a meta-latent ``m`` of ``j``'s decomposition, ``share(m, p)`` is the
+    fraction of ``m``'s other members (latents with a non-zero weight on ``m``, ``j`` left out)
+    that carry value ``p``. ``part_share[j, p] = max_m share(m, p)`` (0 when ``j`` has no
+    meta-latent with another member); ``score_j`` is its mean over ``P_j``; ``decomposed_j``:
+    every part has ``part_share >= decomposed_at``. ``score`` / ``fraction_decomposed`` are
+    the means over targets; ``shuffled_*`` the same with the latents' carried values permuted
+    at random (``n_shuffles`` times; the meta-SAE and the targets' parts kept), ``p_value`` the
+    fraction of shuffles scoring at least ``score`` (with the add-one rule).
+    """
+
+    score: float
+    fraction_decomposed: float
+    shuffled_score: float
+    shuffled_score_std: float
+    shuffled_fraction_decomposed: float
+    p_value: float
+    n_targets: int
+    n_shuffles: int
+    decomposed_at: float
+    latents: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "score": self.score,
+            "fraction_decomposed": self.fraction_decomposed,
+            "shuffled_score": self.shuffled_score,
+            "shuffled_score_std": self.shuffled_score_std,
+            "shuffled_fraction_decomposed": self.shuffled_fraction_decomposed,
+            "p_value": self.p_value,
+            "n_targets": self.n_targets,
+            "n_shuffles": self.n_shuffles,
+            "decomposed_at": self.decomposed_at,
+            "latents": self.latents,
+        }
+
+
+def _part_shares(
+    members: Tensor, carried: Tensor, targets: list[tuple[int, list[int]]]
+) -> list[list[tuple[float, int]]]:
+    """``[(best share, its meta-latent)]`` per part of each target (``members [n, n_meta]``
+    bool, ``carried [n, n_values]`` bool)."""
+    counts = members.T.float() @ carried.float()  # [n_meta, n_values]
+    sizes = members.sum(0)  # [n_meta]
+    out = []
+    for j, parts in targets:
+        metas = members[j].nonzero().flatten()
+        others = sizes[metas] - 1  # j itself left out
+        row = []
+        for p in parts:
+            if metas.numel() == 0:
+                row.append((0.0, -1))
+                continue
+            same = counts[metas, p] - carried[j, p].float()
+            share = torch.where(others > 0, same / others.clamp_min(1), torch.zeros_like(same))
+            best = int(share.argmax())
+            row.append((float(share[best]), int(metas[best])))
+        out.append(row)
+    return out
+
+
+def decomposition_score(
+    codes: Tensor,
+    carried: Tensor,
+    targets: Sequence[tuple[int, Sequence[int]]],
+    *,
+    value_names: Sequence[str] | None = None,
+    decomposed_at: float = 0.5,
+    n_shuffles: int = 200,
+    seed: int = 0,
+) -> DecompositionScore:
+    """Score the meta-SAE decomposition of ``targets`` against their known parts
+    (:class:`DecompositionScore`).
+
+    ``codes [n_latents, n_meta]``: the meta-codes (:attr:`MetaSAEResult.codes`);
+    ``carried [n_latents, n_values]`` bool: the values each latent stands for (e.g.
+    :func:`prisma_mm.analysis.ground_truth.carried_values`); ``targets``: ``(latent, [part
+    value indices])``; ``value_names`` names the parts in the per-latent rows.
+    """
+    import numpy as np
+
+    codes = torch.as_tensor(codes)
+    carried = torch.as_tensor(carried).bool()
+    if codes.ndim != 2 or carried.ndim != 2 or codes.shape[0] != carried.shape[0]:
+        raise PrismaError(
+            f"codes {tuple(codes.shape)} and carried {tuple(carried.shape)} must be "
+            "[n_latents, n_meta] and [n_latents, n_values] over the same latents"
+        )
+    if n_shuffles < 1 or not 0.0 < decomposed_at <= 1.0:
+        raise PrismaError(
+            f"n_shuffles must be >= 1 and decomposed_at in (0, 1], got {n_shuffles}, "
+            f"{decomposed_at}"
+        )
+    target_list = [(int(j), [int(p) for p in parts]) for j, parts in targets]
+    for j, parts in target_list:
+        if not 0 <= j < codes.shape[0] or not parts:
+            raise PrismaError(
+                f"target latent {j} is outside 0..{codes.shape[0] - 1} or has no parts"
+            )
+        if any(not 0 <= p < carried.shape[1] for p in parts):
+            raise PrismaError(f"target latent {j}: a part is outside 0..{carried.shape[1] - 1}")
+    members = codes != 0
+
+    def summarise(shares: list[list[tuple[float, int]]]) -> tuple[float, float]:
+        if not shares:
+            return float("nan"), float("nan")
+        scores = [float(np.mean([s for s, _ in row])) for row in shares]
+        decomposed = [all(s >= decomposed_at for s, _ in row) for row in shares]
+        return float(np.mean(scores)), float(np.mean(decomposed))
+
+    shares = _part_shares(members, carried, target_list)
+    score, fraction = summarise(shares)
+    generator = torch.Generator().manual_seed(seed)
+    shuffled_scores, shuffled_fractions = [], []
+    for _ in range(n_shuffles):
+        permuted = carried[torch.randperm(carried.shape[0], generator=generator)]
+        s, f = summarise(_part_shares(members, permuted, target_list))
+        shuffled_scores.append(s)
+        shuffled_fractions.append(f)
+    rows = []
+    for (j, parts), row in zip(target_list, shares):
+        rows.append(
+            {
+                "latent": j,
+                "meta": [int(m) for m in members[j].nonzero().flatten().tolist()],
+                "parts": [
+                    {
+                        "value": value_names[p] if value_names is not None else p,
+                        "share": share,
+                        "meta_latent": meta,
+                    }
+                    for p, (share, meta) in zip(parts, row)
+                ],
+            }
+        )
+    valid = [s for s in shuffled_scores if s == s]
+    at_least = sum(s >= score for s in valid) if score == score else 0
+    return DecompositionScore(
+        score=score,
+        fraction_decomposed=fraction,
+        shuffled_score=float(np.mean(valid)) if valid else float("nan"),
+        shuffled_score_std=float(np.std(valid)) if valid else float("nan"),
+        shuffled_fraction_decomposed=float(np.nanmean(shuffled_fractions))
+        if target_list
+        else float("nan"),
+        p_value=(at_least + 1) / (len(valid) + 1) if target_list else float("nan"),
+        n_targets=len(target_list),
+        n_shuffles=n_shuffles,
+        decomposed_at=decomposed_at,
+        latents=rows,
     )
