@@ -10,14 +10,21 @@ activation ``x [batch, tokens, d]`` and applies it inside an optional token mask
 * :class:`EditFeatures`: through the SAE with its error term kept,
   ``x' = x + decode(edit(code)) - decode(code)`` with ``code = encode(x)``, computed as
   ``sum_i (edit(c)_i - c_i) W_dec[i]`` over the edited latents only, so an edit that changes
-  no code value changes nothing, bit for bit.
+  no code value changes nothing, bit for bit;
+* :class:`Reconstruct`: ``x' = decode(encode(x))`` (the SAE spliced in), or with the error
+  term kept ``x' = x + decode(c) - decode(c)``, the identity computed through the SAE.
 
 :func:`steer` attaches a list of interventions (several features, several hooks) for the
 duration of a ``with`` block and removes them in ``finally``. An intervention that does
 nothing (strength 0, scale factor 1) returns None from its hook, so the model's outputs are
 bit-identical to an unsteered run. Each intervention keeps explicit state (``calls``: how
 many activations it has edited) that :meth:`Intervention.reset` clears; :func:`steer`
-resets it on entry. The diffusion pipelines gate the same objects by denoising step.
+resets it on entry.
+
+On a diffusion pipeline the same objects gate themselves: ``steps=`` (denoising step
+indices) and ``half=`` (``"cond"``, ``"uncond"`` or ``"both"`` rows of a classifier-free
+guidance batch) are read from the hook's context (``ctx.step``, ``ctx.halves``), and a
+:class:`RegionMask` (an image or a box) is resized to each block's grid (``ctx.grid``).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -34,14 +42,19 @@ from prisma_mm.hooks import HookPoint, TokenLayout
 from prisma_mm.sae.base import Dictionary, SparseAutoencoder
 
 __all__ = [
+    "HALVES",
     "AddFeature",
     "EditFeatures",
     "Intervention",
+    "Reconstruct",
+    "RegionMask",
     "ablate",
     "feature_scale",
     "steer",
     "token_mask",
 ]
+
+HALVES = ("both", "cond", "uncond")
 
 
 def token_mask(layout: TokenLayout, patches: Tensor | None = None, prefix: bool = False) -> Tensor:
@@ -64,6 +77,57 @@ def token_mask(layout: TokenLayout, patches: Tensor | None = None, prefix: bool 
             )
         mask[layout.n_prefix :] = grid.reshape(-1)
     return mask
+
+
+class RegionMask:
+    """A spatial mask in image coordinates, resized to whatever grid a hook has: ``pixels
+    [H, W]`` in [0, 1] (an image: bool, float or uint8 / 255) or a box ``(left, top, right,
+    bottom)`` in pixels of an image of ``size (H, W)``.
+
+    :meth:`tokens` gives the ``[h * w]`` mask of a ``(h, w)`` grid (row-major, as feature
+    maps become tokens): each cell's coverage, the mean of the pixels it spans (area
+    resampling; cells need not divide the image), as a bool ``coverage >= 0.5`` or, with
+    ``soft=True``, the float coverage (a weighted edit).
+    """
+
+    def __init__(self, pixels: Any = None, *, box: Sequence[float] | None = None,
+                 size: tuple[int, int] | None = None, soft: bool = False) -> None:  # fmt: skip
+        if (pixels is None) == (box is None):
+            raise PrismaError("a region mask takes an image or a box (one of them)")
+        if box is not None:
+            if size is None:
+                raise PrismaError("a box mask needs the image size (H, W) its pixels refer to")
+            height, width = (int(v) for v in size)
+            left, top, right, bottom = (float(v) for v in box)
+            if not (0 <= left < right <= width and 0 <= top < bottom <= height):
+                raise PrismaError(
+                    f"box {tuple(box)} must satisfy 0 <= left < right <= {width} and "
+                    f"0 <= top < bottom <= {height} (pixels of a {width}x{height} image)"
+                )
+            rows = torch.arange(height, dtype=torch.float32) + 0.5
+            cols = torch.arange(width, dtype=torch.float32) + 0.5
+            inside_r = (rows > top) & (rows < bottom)
+            inside_c = (cols > left) & (cols < right)
+            grid = (inside_r[:, None] & inside_c[None, :]).float()
+        else:
+            array = pixels.convert("L") if hasattr(pixels, "convert") else pixels
+            grid = torch.as_tensor(np.array(array))  # a copy: PIL's buffer is read-only
+            if grid.dim() == 3:  # an RGB(A) array: any channel set marks the region
+                grid = grid.amax(-1)
+            if grid.dim() != 2:
+                raise PrismaError(f"a mask image is [H, W]; got shape {tuple(grid.shape)}")
+            grid = grid.float() / 255.0 if grid.dtype == torch.uint8 else grid.float()
+            if grid.numel() and not 0.0 <= float(grid.min()) <= float(grid.max()) <= 1.0:
+                raise PrismaError("a float mask image must hold values in [0, 1]")
+        self.pixels = grid  # [H, W] float in [0, 1]
+        self.soft = soft
+
+    def tokens(self, grid: Sequence[int]) -> Tensor:
+        """``[h * w]`` mask of a ``(h, w)`` (or ``(1, h, w)``) grid: bool, or float if soft."""
+        h, w = (int(v) for v in tuple(grid)[-2:])
+        coverage = torch.nn.functional.adaptive_avg_pool2d(self.pixels[None, None], (h, w))
+        coverage = coverage.reshape(h * w)
+        return coverage if self.soft else coverage >= 0.5
 
 
 def _steerable(dictionary: Dictionary) -> SparseAutoencoder:
@@ -152,18 +216,35 @@ def feature_scale(
 class Intervention:
     """An additive edit of the activation at one hook, inside an optional token mask.
 
-    ``mask``: None (every token), or ``[tokens]`` / ``[batch, tokens]``: bool (tokens outside
-    keep their exact values) or float weights (``x + w * delta``). Subclasses implement
-    :meth:`delta` and :meth:`is_noop`. State: ``calls``, the number of activations edited
-    since the last :meth:`reset`.
+    ``mask``: None (every token), ``[tokens]`` / ``[batch, tokens]``: bool (tokens outside
+    keep their exact values) or float weights (``x + w * delta``), or a :class:`RegionMask`
+    (resized to the hook's grid; diffusion blocks). ``steps``: denoising step indices to act
+    at (None: every step); ``half``: the CFG rows to edit, ``"cond"``, ``"uncond"`` or
+    ``"both"`` (without CFG every row is ``cond``); both only on a diffusion pipeline.
+    Subclasses implement :meth:`delta` and :meth:`is_noop`. State: ``calls``, the number of
+    activations edited since the last :meth:`reset`.
     """
 
     hook: str
 
-    def __init__(self, hook: str, mask: Tensor | None = None) -> None:
+    def __init__(self, hook: str, mask: Any = None, *, steps: Sequence[int] | None = None,
+                 half: str = "both") -> None:  # fmt: skip
         self.hook = hook
-        self.mask = None if mask is None else torch.as_tensor(mask)
+        self.mask = mask if mask is None or isinstance(mask, RegionMask) else torch.as_tensor(mask)
+        if half not in HALVES:
+            raise PrismaError(f"half={half!r}: use one of {', '.join(HALVES)}")
+        if steps is not None:
+            steps = [steps] if isinstance(steps, int) else [int(s) for s in steps]
+            if not steps or min(steps) < 0:
+                raise PrismaError(f"steps={steps}: give non-negative step indices (or None)")
+        self.steps = None if steps is None else frozenset(steps)
+        self.half = half
         self.calls = 0
+
+    @property
+    def gated(self) -> bool:
+        """Whether it acts at some denoising steps or CFG halves only (diffusion pipelines)."""
+        return self.steps is not None or self.half != "both" or isinstance(self.mask, RegionMask)
 
     def reset(self) -> None:
         """Clear the state kept between forwards."""
@@ -177,10 +258,44 @@ class Intervention:
         """The change of ``act [batch, tokens, d]``: ``[batch, tokens, d]`` or ``[d]``."""
         raise NotImplementedError
 
-    def _mask_for(self, act: Tensor) -> Tensor | None:
+    def _rows_for(self, act: Tensor, point: Any) -> Tensor | None | bool:
+        """The CFG rows to edit at this call: None (all), a bool ``[batch]``, or False (none:
+        another step, or the uncond half of a batch without CFG)."""
+        if self.steps is not None:
+            step = getattr(point, "step", None)
+            if step is None:
+                raise PrismaError(
+                    f"steering at {self.hook!r} with steps= needs a diffusion pipeline (its "
+                    "hooks know the denoising step)"
+                )
+            if int(step) not in self.steps:
+                return False
+        if self.half == "both":
+            return None
+        if not hasattr(point, "halves"):
+            raise PrismaError(
+                f"steering at {self.hook!r} with half={self.half!r} needs a diffusion pipeline"
+            )
+        halves = point.halves
+        if not halves:  # no classifier-free guidance: every row is conditional
+            return None if self.half == "cond" else False
+        rows = torch.zeros(act.shape[0], dtype=torch.bool, device=act.device)
+        rows[halves[self.half]] = True
+        return rows
+
+    def _mask_for(self, act: Tensor, point: Any = None) -> Tensor | None:
         mask = self.mask
         if mask is None:
             return None
+        if isinstance(mask, RegionMask):
+            grid = getattr(point, "grid", None)
+            if grid is None:
+                raise PrismaError(
+                    f"a RegionMask at {self.hook!r} needs the hook's grid (diffusion blocks); "
+                    "on a ViT pass token_mask(layout, patches=...) or RegionMask(...).tokens("
+                    "layout.grid) with the prefix tokens added"
+                )
+            mask = mask.tokens(grid)
         batch, tokens = act.shape[:2]
         if mask.shape not in (torch.Size([tokens]), torch.Size([batch, tokens])):
             raise PrismaError(
@@ -190,11 +305,21 @@ class Intervention:
         mask = mask.to(act.device)
         return mask.expand(batch, tokens)[..., None]
 
-    def __call__(self, act: Tensor, point: HookPoint | None = None) -> Tensor | None:
-        """The hook function: ``act [batch, tokens, d]`` -> the edited activation, or None."""
+    def __call__(self, act: Tensor, point: HookPoint | Any = None) -> Tensor | None:
+        """The hook function: ``act [batch, tokens, d]`` -> the edited activation, or None.
+        ``point``: the HookPoint, or a diffusion hook's context (step, CFG halves, grid)."""
         if self.is_noop():
             return None
-        mask = self._mask_for(act)
+        rows = self._rows_for(act, point)
+        if rows is False:
+            return None
+        mask = self._mask_for(act, point)
+        if isinstance(rows, Tensor):
+            rows = rows[:, None, None]
+            if mask is None:
+                mask = rows.expand(*act.shape[:2], 1)
+            else:
+                mask = mask & rows if mask.dtype == torch.bool else mask * rows.to(mask.dtype)
         change = self.delta(act).to(act.dtype)
         self.calls += 1
         if mask is None:
@@ -221,11 +346,13 @@ class AddFeature(Intervention):
         *,
         scale: Any,
         hook: str | None = None,
-        mask: Tensor | None = None,
+        mask: Any = None,
+        steps: Sequence[int] | None = None,
+        half: str = "both",
     ) -> None:
         sae = _steerable(dictionary)
         hook = _resolve_hook(sae, hook)
-        super().__init__(hook, mask)
+        super().__init__(hook, mask, steps=steps, half=half)
         self.latents = _latent_list(sae, latents)
         self.strength = _per_latent(strength, len(self.latents), "strength")
         self.scale = feature_scale(scale, self.latents, sae.cfg.n_latents, hook)
@@ -262,10 +389,12 @@ class EditFeatures(Intervention):
         edits: Mapping[int, float],
         *,
         hook: str | None = None,
-        mask: Tensor | None = None,
+        mask: Any = None,
+        steps: Sequence[int] | None = None,
+        half: str = "both",
     ) -> None:
         sae = _steerable(dictionary)
-        super().__init__(_resolve_hook(sae, hook), mask)
+        super().__init__(_resolve_hook(sae, hook), mask, steps=steps, half=half)
         self.dictionary = sae
         self.latents = _latent_list(sae, list(edits))
         self.factors = [float(edits[i]) for i in self.latents]
@@ -276,22 +405,62 @@ class EditFeatures(Intervention):
     @torch.no_grad()
     def delta(self, act: Tensor) -> Tensor:
         sae = self.dictionary
-        if act.shape[-1] != sae.cfg.d_in:
-            raise PrismaError(
-                f"activation at {self.hook!r} has d={act.shape[-1]}; the dictionary reads "
-                f"d_in={sae.cfg.d_in}"
-            )
         param = sae.W_dec
-        flat = act.reshape(-1, act.shape[-1]).to(param.device, param.dtype)
-        was_training = sae.training
-        sae.eval()  # the inference encoding (e.g. BatchTopK's learned threshold)
-        try:
-            code = sae.encode(flat)[:, self.latents]  # [n, edited]
-        finally:
-            sae.train(was_training)
+        code = _inference_code(sae, act, self.hook)[:, self.latents]  # [n, edited]
         factors = torch.tensor(self.factors, dtype=code.dtype, device=code.device)
         rows = param.detach().reshape(sae.cfg.n_latents, -1)[self.latents]
         change = (code * factors - code) @ rows  # exact zeros where no code value changes
+        return change.reshape(act.shape).to(act.device)
+
+
+def _inference_code(sae: SparseAutoencoder, act: Tensor, hook: str) -> Tensor:
+    """``encode`` of ``act [..., d]`` as rows ``[n, n_latents]``, in eval mode (the inference
+    encoding, e.g. BatchTopK's learned threshold), on the SAE's device and dtype."""
+    if act.shape[-1] != sae.cfg.d_in:
+        raise PrismaError(
+            f"activation at {hook!r} has d={act.shape[-1]}; the dictionary reads "
+            f"d_in={sae.cfg.d_in}"
+        )
+    param = sae.W_dec
+    flat = act.reshape(-1, act.shape[-1]).to(param.device, param.dtype)
+    was_training = sae.training
+    sae.eval()
+    try:
+        return sae.encode(flat)
+    finally:
+        sae.train(was_training)
+
+
+class Reconstruct(Intervention):
+    """Replace the activation by the SAE's reconstruction, ``x' = decode(encode(x))``, or with
+    ``keep_error=True`` add the error term back, ``x' = x + (decode(c) - decode(c))``: the
+    identity computed through the whole SAE path, so the output must stay bit-identical (a
+    check of the plumbing; an edit of the code is :class:`EditFeatures`)."""
+
+    def __init__(
+        self,
+        dictionary: Dictionary,
+        *,
+        keep_error: bool = False,
+        hook: str | None = None,
+        mask: Any = None,
+        steps: Sequence[int] | None = None,
+        half: str = "both",
+    ) -> None:
+        sae = _steerable(dictionary)
+        super().__init__(_resolve_hook(sae, hook), mask, steps=steps, half=half)
+        self.dictionary = sae
+        self.keep_error = keep_error
+
+    def is_noop(self) -> bool:
+        return False
+
+    @torch.no_grad()
+    def delta(self, act: Tensor) -> Tensor:
+        sae = self.dictionary
+        recon = sae.decode(_inference_code(sae, act, self.hook))  # [n, d]
+        flat = act.reshape(-1, act.shape[-1]).to(recon.device, recon.dtype)
+        change = recon - recon if self.keep_error else recon - flat
         return change.reshape(act.shape).to(act.device)
 
 
@@ -300,13 +469,16 @@ def ablate(
     latents: int | Sequence[int],
     *,
     hook: str | None = None,
-    mask: Tensor | None = None,
+    mask: Any = None,
+    steps: Sequence[int] | None = None,
+    half: str = "both",
 ) -> EditFeatures:
     """Zero-ablate latents through the SAE with the error term kept (``EditFeatures`` with
     factor 0)."""
     return EditFeatures(
-        dictionary, dict.fromkeys(_latent_list(dictionary, latents), 0.0), hook=hook, mask=mask
-    )
+        dictionary, dict.fromkeys(_latent_list(dictionary, latents), 0.0), hook=hook, mask=mask,
+        steps=steps, half=half,
+    )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -314,13 +486,27 @@ def steer(model: Any, interventions: Intervention | Sequence[Intervention]) -> I
     """Within the block, ``model`` runs with ``interventions`` attached; removed on exit, also
     on error. Interventions at the same hook apply in the order given, each to the output of
     the one before. Hook names are checked before anything is attached; each intervention's
-    state is reset on entry."""
+    state is reset on entry.
+
+    ``model``: a :class:`~prisma_mm.hooks.HookedModel`, a
+    :class:`~prisma_mm.zoo.diffusion.HookedPipeline`, or a bare diffusers pipeline (wrapped in
+    a HookedPipeline; calling the pipeline itself inside the block is steered too). Yields
+    the hooked model."""
     items = [interventions] if isinstance(interventions, Intervention) else list(interventions)
+    if not hasattr(model, "hook_point") and hasattr(model, "unet"):  # a bare diffusers pipeline
+        from prisma_mm.zoo.diffusion import HookedPipeline
+
+        model = HookedPipeline(model)
     by_hook: dict[str, list[Any]] = {}
     for item in items:
         if not isinstance(item, Intervention):
             raise PrismaError(f"steer takes Intervention objects, got {type(item).__name__}")
         model.hook_point(item.hook)  # unknown names fail here, before the forward
+        if item.gated and not hasattr(model, "pipe"):
+            raise PrismaError(
+                f"steering at {item.hook!r} with steps=, half= or a RegionMask needs a "
+                "diffusion pipeline (its hooks know the step, CFG half and grid)"
+            )
         by_hook.setdefault(item.hook, []).append(item)
         item.reset()
 

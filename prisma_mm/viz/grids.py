@@ -311,11 +311,72 @@ def image_feature_map(index: Any, dictionary: Any, sample: int, path: str | Path
                               path, title=title, **options)  # fmt: skip
 
 
+# ----- plain image grids (steered generations) ---------------------------------------------------
+@dataclass
+class ImageGrid:
+    """What :func:`image_grid` drew: the picture and each cell's pixel box
+    ``boxes[row][col] = (left, top, right, bottom)``, so a cell crops back to its image."""
+
+    image: Any
+    boxes: list[list[tuple[int, int, int, int]]]
+
+
+def image_grid(rows: Sequence[Sequence[Any]], row_labels: Sequence[str] | None = None,
+               col_labels: Sequence[str] | None = None, *, gap: int = 4, font_size: int = 11,
+               label_width: int = 96, header: int = 18) -> ImageGrid:  # fmt: skip
+    """Images (PIL or uint8 ``[H, W, 3]`` arrays, all one size) in a grid, pixels unscaled, with
+    a label left of each row and above each column (text drawn with PIL's own font)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    cells = [[Image.fromarray(np.asarray(c)) if not hasattr(c, "convert") else c.convert("RGB")
+              for c in row] for row in rows]  # fmt: skip
+    if not cells or not cells[0] or any(len(r) != len(cells[0]) for r in cells):
+        raise PrismaError("image_grid takes a non-empty rectangle of images (equal row lengths)")
+    width, height = cells[0][0].size
+    if any(c.size != (width, height) for r in cells for c in r):
+        raise PrismaError("image_grid: every image must have the same size")
+    for labels, n, what in ((row_labels, len(cells), "row"), (col_labels, len(cells[0]), "column")):
+        if labels is not None and len(labels) != n:
+            raise PrismaError(f"{len(labels)} {what} labels for {n} {what}s")
+    left = gap + (label_width if row_labels is not None else 0)
+    top = gap + (header if col_labels is not None else 0)
+    n_rows, n_cols = len(cells), len(cells[0])
+    canvas = Image.new("RGB", (left + n_cols * (width + gap), top + n_rows * (height + gap)),
+                       (255, 255, 255))  # fmt: skip
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(font_size)
+    boxes = []
+    for r, row in enumerate(cells):
+        y = top + r * (height + gap)
+        boxes.append([])
+        for c, cell in enumerate(row):
+            x = left + c * (width + gap)
+            canvas.paste(cell, (x, y))
+            boxes[-1].append((x, y, x + width, y + height))
+        if row_labels is not None:
+            text = _fit(draw, str(row_labels[r]), font, label_width - gap)
+            draw.text((gap, y + height // 2), text, fill=(0, 0, 0), font=font, anchor="lm")
+    for c, label in enumerate(col_labels or []):
+        x = left + c * (width + gap)
+        text = _fit(draw, str(label), font, width)
+        draw.text((x + width // 2, gap + header // 2), text, fill=(0, 0, 0), font=font, anchor="mm")
+    return ImageGrid(canvas, boxes)
+
+
+def _fit(draw: Any, text: str, font: Any, width: int) -> str:
+    """``text`` shortened with an ellipsis until it is at most ``width`` pixels wide."""
+    while len(text) > 1 and draw.textlength(text, font=font) > width:
+        text = text[:-2] + "…"
+    return text
+
+
 __all__ = [
     "FeatureMap",
     "GridEntry",
+    "ImageGrid",
     "combined_map",
     "image_feature_map",
+    "image_grid",
     "latent_grid",
     "render_feature_map",
     "render_latent_grid",
