@@ -129,12 +129,33 @@ def check_splicing_and_steering(out: Path, text: str) -> None:
     assert_png(out / "steering.png")
 
 
+def check_circuits(out: Path, text: str) -> None:
+    r = results(out)
+    assert r["n_pairs"] >= 8 and r["clean_metric"] > 5 > -5 > r["corrupt_metric"]
+    assert r["lens_red_minus_blue"][-1] == pytest.approx(r["clean_metric"], abs=1e-4)
+    assert r["lens_alignment"][-1] == pytest.approx(1.0) and r["dla_max_error"] < 1e-4
+    assert r["head_rank_correlation"] >= 0.8  # attribution patching ranks heads as patching does
+    drops = r["head_ablation_drop"]
+    assert drops["top"] > 1.0 and drops["top"] > 5 * abs(drops["bottom"])
+    nodes = r["circuit"]["nodes"]
+    assert len(nodes) == 8 and len(r["circuit"]["edges"]) == 16
+    drops = r["latent_ablation_drop"]
+    assert drops["circuit"] > 1.0 and drops["circuit"] > 5 * abs(drops["quiet"])
+    page = (out / "circuit.html").read_text()
+    assert page.count('href="browser/latent.html?id=') == 4  # the block-4 nodes link in
+    assert (out / "browser" / "latent.html").is_file()
+    for name in ("heads_patching", "heads_attribution", "stream_patching"):
+        assert_png(out / f"{name}.png")
+    assert "rank correlation over the 24 heads" in text
+
+
 CHECKS: dict[str, Callable[[Path, str], None]] = {
     "01_hooked_models": check_hooked_models,
     "02_cache_and_train": check_cache_and_train,
     "03_patch_features": check_patch_features,
     "04_stitching_and_meta_saes": check_stitching_and_meta_saes,
     "05_splicing_and_steering": check_splicing_and_steering,
+    "08_circuits": check_circuits,
 }
 
 

@@ -212,8 +212,9 @@ def circuit_graph(
         f"<title>{html.escape(title)}</title><style>body{{font:13px sans-serif;margin:16px}}"
         "text{font:11px sans-serif}.col{font-weight:bold}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><p>metric clean {circuit.clean:.4g}, corrupted "
-        f"{circuit.corrupt:.4g}; node area ~ |attribution| (red raises the metric, blue lowers "
-        "it); edges: attribution between latents of consecutive SAEs.</p>"
+        f"{circuit.corrupt:.4g}. Node area ~ |attribution|: red where setting the latent to its "
+        "clean value raises the metric, blue where it lowers it. Edges: the same estimate for "
+        "a latent's effect on a latent of the next SAE (red: raises its activation).</p>"
         + "".join(parts)
         + "</body></html>"
     )
