@@ -456,9 +456,16 @@ class TorchCodecDecoder(Decoder):
 def _torchcodec_unavailable() -> str | None:
     try:
         import torchcodec.decoders  # noqa: F401
+        from torchcodec._core import ops
     except (ImportError, OSError, RuntimeError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        return f"torchcodec cannot load its FFmpeg libraries here ({first[:160]})"
+        return f"torchcodec cannot be imported here ({first[:160]})"
+    # the import succeeds without FFmpeg; torchcodec records whether its core library loaded
+    if not getattr(ops, "_FFMPEG_AVAILABLE", True):
+        return (
+            "torchcodec cannot load its FFmpeg libraries here (libtorchcodec_core needs "
+            "FFmpeg's shared libraries installed, e.g. apt-get install ffmpeg)"
+        )
     return None
 
 
@@ -478,15 +485,20 @@ def decord_exact(index: VideoIndex) -> bool:
     )
 
 
+def check_backend(backend: str) -> str:
+    """``backend`` if it is a known backend that can run here (one line otherwise)."""
+    if backend not in BACKENDS:
+        raise PrismaError(f"unknown video backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    reason = None if backend == "auto" else DECODERS[backend].unavailable()
+    if reason is not None:
+        raise PrismaError(f"video backend {backend!r} is unavailable: {reason}")
+    return backend
+
+
 def choose_backend(index: VideoIndex, backend: str = "auto") -> str:
     """The backend that reads ``index``: the one named, or for ``auto`` decord where it is
     exact and installed, else PyAV."""
-    if backend not in BACKENDS:
-        raise PrismaError(f"unknown video backend {backend!r}: use one of {', '.join(BACKENDS)}")
-    if backend != "auto":
-        reason = DECODERS[backend].unavailable()
-        if reason is not None:
-            raise PrismaError(f"video backend {backend!r} is unavailable: {reason}")
+    if check_backend(backend) != "auto":
         return backend
     if decord_exact(index) and DecordDecoder.unavailable() is None:
         return "decord"
@@ -648,7 +660,7 @@ class _VideoFiles(Source):
         self.identities = list(identities)
         self.labels = list(labels) if labels is not None else [None] * len(self.paths)
         self.backend = backend
-        choose_backend_name(backend)
+        check_backend(backend)
         self.sampling: ClipSampling | None = None
         self.indices: list[VideoIndex | None] = []
         self.clips: list[_Clip] = []
@@ -661,7 +673,7 @@ class _VideoFiles(Source):
         ``card`` for ``card`` sampling); ``backend`` decodes them (see :func:`read_frames`)."""
         self.sampling = parse_sampling(clip, card)
         if backend is not None:
-            self.backend = choose_backend_name(backend)
+            self.backend = check_backend(backend)
         with ThreadPoolExecutor(max_workers=4) as pool:
             probed = list(pool.map(_probe_or_reason, self.paths))
         self.indices = [index for index, _ in probed]
@@ -710,13 +722,6 @@ class _VideoFiles(Source):
         self._check_sampled()
         return {**info, "n_videos": len(self.paths), "clip": self.sampling.spec(),
                 "count": self.count()}  # fmt: skip
-
-
-def choose_backend_name(backend: str) -> str:
-    """``backend`` checked against :data:`BACKENDS` (one line otherwise)."""
-    if backend not in BACKENDS:
-        raise PrismaError(f"unknown video backend {backend!r}: use one of {', '.join(BACKENDS)}")
-    return backend
 
 
 def _probe_or_reason(path: Path) -> tuple[VideoIndex | None, str | None]:
@@ -786,7 +791,7 @@ class VideoTarSource(TarSource):
     def __init__(self, urls: str | Sequence[str], clip: str | ClipSampling | None = None,
                  backend: str = "auto") -> None:  # fmt: skip
         super().__init__(urls)
-        self.backend = choose_backend_name(backend)
+        self.backend = check_backend(backend)
         self.sampling = None if clip is None else parse_sampling(clip)
 
     def sample(self, clip: str | ClipSampling, card: Any = None,
@@ -795,7 +800,7 @@ class VideoTarSource(TarSource):
         :meth:`VideoFolderSource.sample`)."""
         self.sampling = parse_sampling(clip, card)
         if backend is not None:
-            self.backend = choose_backend_name(backend)
+            self.backend = check_backend(backend)
         return self
 
     def describe(self) -> dict[str, Any]:

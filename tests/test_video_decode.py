@@ -1,0 +1,217 @@
+"""Every backend against tricky files the tests write themselves: each frame draws its own
+index, so a read says which frame it returned. PyAV (the default) must be exact on all of
+them; decord is routed only where it is measured exact, and the measured table is pinned."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import numpy as np
+import pytest
+from video_helpers import VFR_PTS, frame_index, pattern, tricky_files, write_video
+
+from prisma_mm.data import video as video_module
+from prisma_mm.data.video import (
+    DECODERS,
+    BadVideo,
+    choose_backend,
+    decord_exact,
+    probe_video,
+    read_frames,
+)
+from prisma_mm.errors import PrismaError
+
+# What each backend returned on each file (docs/video.md, "Decoding and sampling"):
+# exact = every frame right in any order, wrong = some frame silently wrong, error = refused.
+MEASURED = {
+    "pyav": dict.fromkeys(
+        [
+            "h264-mp4",
+            "open-gop-mp4",
+            "mpeg-ts",
+            "avi-bframes",
+            "ffv1-mkv",
+            "av1-mp4",
+            "vp9-webm-no-cues",
+            "vp8-webm-no-cues",
+            "vfr-mp4",
+            "truncated-mp4",
+        ],
+        "exact",
+    ),  # fmt: skip
+    "decord": {
+        "h264-mp4": "exact",
+        "open-gop-mp4": "wrong",
+        "mpeg-ts": "wrong",
+        "avi-bframes": "wrong",
+        "ffv1-mkv": "exact",
+        "av1-mp4": "error",
+        "vp9-webm-no-cues": "error",
+        "vp8-webm-no-cues": "error",
+        "vfr-mp4": "exact",
+        "truncated-mp4": "error",
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return tricky_files(tmp_path_factory.mktemp("tricky"))
+
+
+def _requests(n: int, seed: int) -> list[list[int]]:
+    """Single frames in a shuffled order, then clips with repeats and jumps backwards."""
+    rng = random.Random(seed)
+    order = list(range(n))
+    rng.shuffle(order)
+    clips = [sorted(rng.sample(range(n), 4)) for _ in range(3)]
+    return [[i] for i in order] + clips + [[n - 1, 0, n // 2, n // 2, 1]]
+
+
+def _verdict(backend: str, index, n: int) -> str:
+    try:
+        for frames in _requests(n, seed=n):
+            got = DECODERS[backend].read(index, frames)
+            if [frame_index(f) for f in got] != frames:
+                return "wrong"
+    except BadVideo:
+        return "error"
+    return "exact"
+
+
+def test_the_index_counts_the_frames_a_correct_reader_finds(files):
+    for name, (path, n_frames) in files.items():
+        index = probe_video(path)
+        assert index.n_frames == n_frames, name
+        assert list(index.pts) == sorted(index.pts), name
+        assert index.keyframes[0] == 0, name
+    # the structures the test set is meant to have
+    assert probe_video(files["open-gop-mp4"][0]).open_gop
+    assert probe_video(files["mpeg-ts"][0]).open_gop
+    assert not probe_video(files["h264-mp4"][0]).open_gop
+    assert probe_video(files["truncated-mp4"][0]).truncated
+    assert len(probe_video(files["open-gop-mp4"][0]).keyframes) == 4
+
+
+def test_each_backend_is_as_exact_as_the_documented_table(files):
+    measured = {
+        backend: {
+            name: _verdict(backend, probe_video(path), n) for name, (path, n) in files.items()
+        }
+        for backend in MEASURED
+    }
+    assert measured == MEASURED
+
+
+def test_auto_routes_decord_only_where_it_was_measured_exact(files):
+    for name, (path, _) in files.items():
+        index = probe_video(path)
+        chosen = choose_backend(index)
+        assert chosen == ("decord" if decord_exact(index) else "pyav"), name
+        if chosen == "decord":
+            assert MEASURED["decord"][name] == "exact", name
+    routed = {
+        name for name, (path, _) in files.items() if choose_backend(probe_video(path)) == "decord"
+    }
+    assert routed == {"h264-mp4", "ffv1-mkv", "vfr-mp4"}
+
+
+def test_auto_reads_every_file_exactly(files):
+    for name, (path, n) in files.items():
+        for frames in _requests(n, seed=1)[-4:]:
+            got = read_frames(path, frames)
+            assert [frame_index(f) for f in got] == frames, name
+
+
+def test_a_failing_decord_read_falls_back_to_pyav(files, monkeypatch):
+    calls = []
+
+    def broken(self, index, frames):
+        calls.append(list(frames))
+        raise BadVideo(f"{index.name}: decord failed (simulated)")
+
+    monkeypatch.setattr(video_module.DecordDecoder, "read", broken)
+    path, _ = files["h264-mp4"]
+    got = read_frames(path, [5, 17, 2])
+    assert calls == [[5, 17, 2]]
+    assert [frame_index(f) for f in got] == [5, 17, 2]
+
+
+def test_lossless_frames_come_back_bit_exact_from_pyav_and_decord(files):
+    path, n = files["ffv1-mkv"]
+    index = probe_video(path)
+    frames = [13, 0, 19, 12, 11]
+    expected = np.stack([pattern(i) for i in frames])
+    for backend in ("pyav", "decord"):
+        got = DECODERS[backend].read(index, frames)
+        assert got.dtype == np.uint8 and got.shape == (5, 32, 32, 3), backend
+        np.testing.assert_array_equal(got, expected, err_msg=backend)
+
+
+def test_variable_frame_rate_frames_are_located_by_timestamp(files):
+    index = probe_video(files["vfr-mp4"][0])
+    assert index.times(range(index.n_frames)) == pytest.approx([t / 1000 for t in VFR_PTS])
+    # frames 10 and 16 follow long gaps: frame-rate arithmetic would land elsewhere
+    got = read_frames(index, [10, 16, 3], backend="pyav")
+    assert [frame_index(f) for f in got] == [10, 16, 3]
+
+
+def test_a_seek_that_lands_after_its_keyframe_decodes_from_the_start(files):
+    index = probe_video(files["open-gop-mp4"][0])
+    # seek targets past the last keyframe: every seek lands too late and is detected
+    late = dataclasses.replace(index, key_seek=tuple([index.pts[-1] * 2] * len(index.keyframes)))
+    got = DECODERS["pyav"].read(late, [9, 3, 27])
+    assert [frame_index(f) for f in got] == [9, 3, 27]
+
+
+def test_frames_counted_in_decoder_order_when_timestamps_are_unusable(files):
+    index = probe_video(files["avi-bframes"][0])
+    counted = dataclasses.replace(index, sequential=True, pts=tuple(range(index.n_frames)))
+    got = DECODERS["pyav"].read(counted, [23, 4, 9])
+    assert [frame_index(f) for f in got] == [23, 4, 9]
+
+
+def test_rotation_metadata_is_applied_and_keeps_decord_away(tmp_path):
+    path = write_video(tmp_path / "rotated.mkv", 4, "ffv1", pix_fmt="bgr0", size=(32, 48),
+                       rotation=90)  # fmt: skip
+    index = probe_video(path)
+    assert (index.rotation, index.width, index.height) == (90, 32, 48)
+    assert choose_backend(index) == "pyav"
+    got = read_frames(index, [2, 0])
+    assert got.shape == (2, 48, 32, 3)
+    np.testing.assert_array_equal(got[0], np.rot90(pattern(2, 32, 48)))
+
+
+def test_odd_dimensions_and_odd_frame_rates_decode(tmp_path):
+    from fractions import Fraction
+
+    path = write_video(tmp_path / "odd.mkv", 6, "ffv1", pix_fmt="bgr0", size=(33, 35),
+                       rate=Fraction(30000, 1001))  # fmt: skip
+    index = probe_video(path)
+    assert (index.n_frames, index.height, index.width) == (6, 33, 35)
+    assert index.fps == pytest.approx(30000 / 1001, rel=1e-3)
+    np.testing.assert_array_equal(read_frames(index, [4])[0], pattern(4, 33, 35))
+
+
+def test_bytes_decode_like_the_file(files):
+    path, _ = files["mpeg-ts"]
+    index = probe_video(path.read_bytes(), name="open.ts")
+    assert index.n_frames == 30
+    assert [frame_index(f) for f in read_frames(index, [29, 7, 8])] == [29, 7, 8]
+
+
+def test_requests_outside_the_video_and_unknown_backends_are_one_line(files):
+    path, _ = files["h264-mp4"]
+    with pytest.raises(BadVideo, match="frame 24 is outside 0..23"):
+        read_frames(path, [3, 24])
+    with pytest.raises(PrismaError, match="unknown video backend 'ffmpeg'"):
+        read_frames(path, [0], backend="ffmpeg")
+
+
+def test_torchcodec_exact_mode_is_exact_on_every_file(files):
+    reason = video_module.TorchCodecDecoder.unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    for name, (path, n) in files.items():
+        assert _verdict("torchcodec", probe_video(path), n) == "exact", name
