@@ -7,7 +7,7 @@ from typing import Any
 from prisma_mm.errors import PrismaError
 
 __version__ = "0.1.0"
-__all__ = ["PrismaError", "list_models", "load_model", "model_card", "__version__"]
+__all__ = ["PrismaError", "list_models", "load_model", "load_sae", "model_card", "__version__"]
 
 
 def list_models(family: str | None = None) -> list[str]:
@@ -42,3 +42,11 @@ def load_model(
     from prisma_mm.zoo.registry import load_model as _load
 
     return _load(name, weights=weights, device=device, dtype=dtype, img_size=img_size, seed=seed)
+
+
+def load_sae(name: str, **kwargs: Any):
+    """A published SAE by name (``prisma-mm sae list``), offline from the Hugging Face cache or
+    ``path=`` a local folder; see :func:`prisma_mm.sae.published.load_sae` for the options."""
+    from prisma_mm.sae.published import load_sae as _load
+
+    return _load(name, **kwargs)

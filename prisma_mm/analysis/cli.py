@@ -111,10 +111,16 @@ def _check_device(args: argparse.Namespace) -> None:
 
 def _load_dictionary(path: str, device: str | None) -> Any:
     from prisma_mm.sae import load
+    from prisma_mm.sae.published import is_published, load_sae
 
     folder = Path(path)
+    if is_published(path):  # a published SAE's name: its card gives the hook and the model
+        return load_sae(path, device=device or "cpu")
     if not folder.exists():
-        raise PrismaError(f"dictionary {path!r} does not exist: check the path")
+        raise PrismaError(
+            f"dictionary {path!r} does not exist: check the path (or give a published SAE's "
+            "name, see `prisma-mm sae list`)"
+        )
     if not (folder / "cfg.json").is_file():
         raise PrismaError(
             f"{path!r} is not a saved dictionary (no cfg.json): pass the directory written by "
@@ -680,7 +686,10 @@ def add_analysis_parsers(subparsers: Any) -> None:
         "cache, written as JSON with a feature-density histogram. With --data (a labelled "
         "class-folder tree), also the spliced-in evaluation on the cache's model.",
     )
-    ev.add_argument("dictionary", help="saved dictionary directory (cfg.json + weights)")
+    ev.add_argument(
+        "dictionary",
+        help="saved dictionary directory (cfg.json + weights), or a published SAE name",
+    )
     _cache_args(ev, None, "evaluate the first N token rows of the split (default all)")
     ev.add_argument("--batch-size", type=_positive_int, default=4096, help="token rows per batch")
     ev.add_argument(

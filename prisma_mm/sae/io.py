@@ -413,6 +413,14 @@ def to_sparsify(d: Dictionary, path: str | Path) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
+def _prisma_k(cfg: dict[str, Any], cfg_path: Path) -> int:
+    """A ViT-Prisma TopK config's ``k`` (``activation_fn_kwargs.k``)."""
+    kwargs = cfg.get("activation_fn_kwargs") or {}
+    if "k" not in kwargs:
+        raise PrismaError(f"{cfg_path}: topk SAE without activation_fn_kwargs.k")
+    return int(kwargs["k"])
+
+
 def from_vit_prisma(
     path: str | Path,
     device: str | torch.device = "cpu",
@@ -422,12 +430,17 @@ def from_vit_prisma(
     """Read a ViT-Prisma SAE: ``config.json`` (VisionModelSAERunnerConfig fields: ``d_in``,
     ``d_sae`` or ``expansion_factor``, ``activation_fn_str`` ``relu``/``topk`` with
     ``activation_fn_kwargs.k``, ``architecture`` ``standard``/``jumprelu``,
-    ``hook_point_layer``, ``layer_subtype``, ``model_name``, ``normalize_activations``) and a
-    state dict ``weights.pt`` (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``, ``b_enc``,
-    ``b_dec``, ``threshold``), loaded with ``torch.load(weights_only=True)``.
+    ``hook_point_layer``, ``layer_subtype``, ``model_name``, ``normalize_activations``,
+    ``is_transcoder``) and a state dict ``weights.pt`` (``W_enc [d_in, d_sae]``, ``W_dec
+    [d_sae, d_in]``, ``b_enc``, ``b_dec``, ``threshold``; transcoders also ``b_dec_out
+    [d_out]`` and ``W_skip [d_out, d_in]``), read by :func:`load_torch_state`.
 
-    Per-token run-time normalization (``layer_norm``, ``constant_norm_rescale``) is not
-    representable: it raises unless ``ignore_normalization`` (then it is recorded in metadata).
+    Transcoders (``is_transcoder``: ``layer_subtype`` -> ``out_hook_point_layer`` /
+    ``layer_out_subtype``, ``transcoder_with_skip_connection``) load as a
+    :class:`~prisma_mm.sae.transcoder.Transcoder` with ``metadata["hook_out"]``.
+    Per-token run-time normalization (``layer_norm``, ``constant_norm_rescale``) is not part of
+    a plain dictionary: it raises unless ``ignore_normalization`` (then it is recorded in
+    metadata); :func:`prisma_mm.sae.published.from_vit_prisma_folder` applies ``layer_norm``.
     """
     path = Path(path)
     cfg_path, w_path = path / PRISMA_CONFIG, path / weights_file
@@ -443,19 +456,29 @@ def from_vit_prisma(
     if norm != "none" and not ignore_normalization:
         raise PrismaError(
             f"{cfg_path}: normalize_activations={norm!r} normalizes each token at run time, "
-            "which this library does not model; pass ignore_normalization=True to load the "
-            "weights anyway"
+            "which a plain dictionary does not model; load it with "
+            "prisma_mm.sae.published.from_vit_prisma_folder (or prisma_mm.load_sae by name), or "
+            "pass ignore_normalization=True to load the weights anyway"
         )
     act = cfg.get("activation_fn_str", "relu")
     arch = cfg.get("architecture", "standard")
+    transcoder = bool(cfg.get("is_transcoder", False))
+    skip = transcoder and bool(cfg.get("transcoder_with_skip_connection", True))
+    d_out = _int_field(cfg, "d_out", cfg_path, d_in) if transcoder else d_in
     common = {"d_in": d_in, "n_latents": n, "apply_b_dec_to_input": True}
-    if arch == "jumprelu":
+    if transcoder:
+        if act not in ("relu", "topk"):
+            raise PrismaError(
+                f"{cfg_path}: unsupported ViT-Prisma transcoder activation {act!r} (relu, topk)"
+            )
+        tc = {**common, "apply_b_dec_to_input": False, "d_out": d_out, "activation": act}
+        if act == "topk":
+            tc["k"] = _prisma_k(cfg, cfg_path)
+        d = Dictionary.from_config("transcoder", {**tc, "skip": skip}, cfg_path)
+    elif arch == "jumprelu":
         d = Dictionary.from_config("jumprelu", common, cfg_path)
     elif act == "topk":
-        kwargs = cfg.get("activation_fn_kwargs") or {}
-        if "k" not in kwargs:
-            raise PrismaError(f"{cfg_path}: topk SAE without activation_fn_kwargs.k")
-        d = Dictionary.from_config("topk", {**common, "k": int(kwargs["k"])}, cfg_path)
+        d = Dictionary.from_config("topk", {**common, "k": _prisma_k(cfg, cfg_path)}, cfg_path)
     elif act == "relu" and arch == "standard":
         d = Dictionary.from_config("relu", common, cfg_path)
     else:
@@ -463,36 +486,85 @@ def from_vit_prisma(
             f"{cfg_path}: unsupported ViT-Prisma SAE (architecture={arch!r}, "
             f"activation_fn_str={act!r}); supported: standard relu/topk, jumprelu"
         )
-    if not w_path.is_file():
-        raise PrismaError(f"{w_path}: file not found")
-    try:
-        obj = torch.load(str(w_path), map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle errors of many kinds: name the file, never unpickle more
-        raise PrismaError(
-            f"{w_path}: not a plain tensor state dict loadable with weights_only=True ({err})"
-        ) from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise PrismaError(f"{w_path}: expected a dict of tensors (a state dict)")
-    expected = {"W_enc": (d_in, n), "W_dec": (n, d_in), "b_enc": (n,), "b_dec": (d_in,)}
-    if arch == "jumprelu":
-        expected["threshold"] = (n,)
-    check_tensors(obj, expected, w_path)
-    state = {k: obj[k] for k in ("W_enc", "W_dec", "b_enc", "b_dec")}
-    if arch == "jumprelu":
-        state["activation.threshold"] = obj["threshold"]
+    obj = load_torch_state(w_path)
+    if transcoder:
+        expected = {
+            "W_enc": (d_in, n),
+            "b_enc": (n,),
+            "W_dec": (n, d_out),
+            "b_dec": (d_in,),
+            "b_dec_out": (d_out,),
+        }
+        if skip:
+            expected["W_skip"] = (d_out, d_in)
+        check_tensors(obj, expected, w_path)
+        # ViT-Prisma's transcoder centres its input on b_dec [d_in] and adds b_dec_out [d_out]:
+        # the centring folds into b_enc, b_dec_out is our b_dec, W_skip is stored [out, in]
+        state = {
+            "W_enc": obj["W_enc"],
+            "b_enc": obj["b_enc"] - obj["b_dec"] @ obj["W_enc"],
+            "W_dec": obj["W_dec"],
+            "b_dec": obj["b_dec_out"],
+        }
+        if skip:
+            state["W_skip"] = obj["W_skip"].T.contiguous()
+    else:
+        expected = {"W_enc": (d_in, n), "W_dec": (n, d_in), "b_enc": (n,), "b_dec": (d_in,)}
+        if arch == "jumprelu":
+            expected["threshold"] = (n,)
+        check_tensors(obj, expected, w_path)
+        state = {k: obj[k] for k in ("W_enc", "W_dec", "b_enc", "b_dec")}
+        if arch == "jumprelu":
+            state["activation.threshold"] = obj["threshold"]
     layer, subtype = cfg.get("hook_point_layer"), cfg.get("layer_subtype")
     d.metadata = {"source_format": "vit-prisma"}
     if cfg.get("hook_point"):
         d.metadata["hook"] = cfg["hook_point"]
     elif layer is not None and subtype:
         d.metadata["hook"] = f"blocks.{layer}.{subtype}"
+    if transcoder:
+        out_layer = cfg.get("out_hook_point_layer", layer)
+        out_subtype = cfg.get("layer_out_subtype", "hook_mlp_out")
+        d.metadata["hook_out"] = f"blocks.{out_layer}.{out_subtype}"
     if cfg.get("model_name"):
         d.metadata["model"] = cfg["model_name"]
     if norm != "none":
         d.metadata["unapplied_normalization"] = norm
     return load_state(d, state, w_path).to(device).eval()
+
+
+# The one class some ViT-Prisma checkpoints pickle beside their tensors (their training config).
+PRISMA_PICKLED_CONFIG = "vit_prisma.sae.config.VisionModelSAERunnerConfig"
+
+
+class PickledConfigStandIn:
+    """Receives the fields of a pickled ViT-Prisma config as plain data: the weights-only
+    unpickler builds it with ``__new__`` and a ``__dict__`` update, so no code of the original
+    class runs (the config.json beside the weights is what the loader reads)."""
+
+
+def load_torch_state(path: Path) -> dict[str, Tensor]:
+    """A tensor state dict from a torch checkpoint, read with ``weights_only=True``.
+
+    A dict holding ``state_dict`` (ViT-Prisma's ``{"cfg": ..., "state_dict": ...}``) gives that
+    entry. ViT-Prisma's pickled config class is read into :class:`PickledConfigStandIn`;
+    any other global (a class, a function, ``os.system`` in a reduce) is refused in one line."""
+    if not path.is_file():
+        raise PrismaError(f"{path}: file not found")
+    try:
+        with torch.serialization.safe_globals([(PickledConfigStandIn, PRISMA_PICKLED_CONFIG)]):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors of many kinds: name the file, never unpickle more
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PrismaError(
+            f"{path}: refused: not a plain tensor checkpoint loadable with weights_only=True "
+            f"({reason[:200]}); only tensors and ViT-Prisma's config are read, never code"
+        ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise PrismaError(f"{path}: expected a dict of tensors (a state dict)")
+    return dict(obj)
 
 
 # --------------------------------------------------------------------------------------------
