@@ -1,0 +1,71 @@
+"""Bad input to published SAEs, through the CLI: unknown names and families (one line with the
+nearest valid ones), weights missing from an offline Hugging Face cache (one line naming the
+repo and the files to fetch) and a GitHub-only release (one line saying what to clone). No
+report is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from bad_input import Case, RandomImages, check_case
+
+OUT = ("out",)
+
+
+def _eval(name: str) -> tuple[str, ...]:
+    return ("eval", name, "--cache", "{tmp}/cache", "--split", "all", "--out", "{tmp}/out/e.json")
+
+
+CASES = [
+    Case(
+        "sae-show-unknown-name",
+        ("sae", "show", "prisma-clip-b32-vanila-x64-l1-mlp-out"),
+        "did you mean 'prisma-clip-b32-vanilla-x64-l1-mlp-out'",
+    ),
+    Case(
+        "sae-list-unknown-family",
+        ("sae", "list", "--family", "vit-prisma"),
+        "unknown SAE family 'vit-prisma' (did you mean 'vit_prisma'",
+    ),
+    Case("sae-show-no-name", ("sae", "show"), "the following arguments are required: name"),
+    Case(
+        "eval-published-weights-not-in-offline-cache",
+        _eval("saev-clip-b16-in1k-24k"),
+        "huggingface-cli download osunlp/SAE_CLIP_24K_ViT-B-16_IN1K --include 'sae.pt'",
+        OUT,
+    ),
+    Case(
+        "eval-published-github-release",
+        _eval("unbox-sdxl-turbo-mid.0"),
+        "clone https://github.com/surkovv/sdxl-unbox",
+        OUT,
+    ),
+    Case(
+        "eval-misspelt-published-name",
+        _eval("saev-clip-b16-in1k-24"),
+        "does not exist: check the path (or give a published SAE's name",
+        OUT,
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """A tiny-vit cache at one hook (the rows eval would read) and no report folder."""
+    from prisma_mm.cache import write_cache
+
+    tmp = tmp_path_factory.mktemp("published")
+    write_cache("tiny-vit", RandomImages(2), tmp / "cache", ["blocks.0.hook_resid_post"],
+                weights=None, progress=False)  # fmt: skip
+    return tmp
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bad_input(case, inputs, capsys, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    check_case(case, inputs, capsys)
+    assert not (inputs / "out").exists()
