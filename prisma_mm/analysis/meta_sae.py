@@ -278,27 +278,21 @@ class DecompositionScore:
 
 
 def _part_shares(
-    members: Tensor, carried: Tensor, targets: list[tuple[int, list[int]]]
-) -> list[list[tuple[float, int]]]:
-    """``[(best share, its meta-latent)]`` per part of each target (``members [n, n_meta]``
-    bool, ``carried [n, n_values]`` bool)."""
+    members: Tensor, carried: Tensor, latents: Tensor, parts: Tensor, valid: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Best share and its meta-latent (-1: none) ``[n_targets, max_parts]`` for every part of
+    every target, all at once (``members [n, n_meta]`` bool, ``carried [n, n_values]`` bool;
+    target ``t`` is latent ``latents[t]`` with parts ``parts[t]`` where ``valid[t]``)."""
     counts = members.T.float() @ carried.float()  # [n_meta, n_values]
-    sizes = members.sum(0)  # [n_meta]
-    out = []
-    for j, parts in targets:
-        metas = members[j].nonzero().flatten()
-        others = sizes[metas] - 1  # j itself left out
-        row = []
-        for p in parts:
-            if metas.numel() == 0:
-                row.append((0.0, -1))
-                continue
-            same = counts[metas, p] - carried[j, p].float()
-            share = torch.where(others > 0, same / others.clamp_min(1), torch.zeros_like(same))
-            best = int(share.argmax())
-            row.append((float(share[best]), int(metas[best])))
-        out.append(row)
-    return out
+    others = members.sum(0).float() - 1  # each target is a member of its own meta-latents
+    same = counts.T[parts] - carried[latents[:, None], parts].float()[..., None]  # [t, P, m]
+    share = torch.where(others > 0, same / others.clamp_min(1), torch.zeros_like(same))
+    candidate = members[latents][:, None, :].expand_as(share)
+    share = torch.where(candidate, share, torch.full_like(share, -1.0))
+    best, meta = share.max(-1)
+    none = best < 0
+    best = torch.where(none | ~valid, torch.zeros_like(best), best)
+    return best, torch.where(none | ~valid, torch.full_like(meta, -1), meta)
 
 
 def decomposition_score(
@@ -342,25 +336,31 @@ def decomposition_score(
         if any(not 0 <= p < carried.shape[1] for p in parts):
             raise PrismaError(f"target latent {j}: a part is outside 0..{carried.shape[1] - 1}")
     members = codes != 0
+    if not target_list:
+        nan = float("nan")
+        return DecompositionScore(nan, nan, nan, nan, nan, nan, 0, n_shuffles, decomposed_at)
+    width = max(len(parts) for _, parts in target_list)
+    latents = torch.tensor([j for j, _ in target_list])
+    parts = torch.tensor([parts + [0] * (width - len(parts)) for _, parts in target_list])
+    valid = torch.tensor([[i < len(p) for i in range(width)] for _, p in target_list])
+    n_parts = valid.sum(1).float()
 
-    def summarise(shares: list[list[tuple[float, int]]]) -> tuple[float, float]:
-        if not shares:
-            return float("nan"), float("nan")
-        scores = [float(np.mean([s for s, _ in row])) for row in shares]
-        decomposed = [all(s >= decomposed_at for s, _ in row) for row in shares]
-        return float(np.mean(scores)), float(np.mean(decomposed))
+    def summarise(best: Tensor) -> tuple[float, float]:
+        scores = best.sum(1) / n_parts
+        decomposed = ((best >= decomposed_at) | ~valid).all(1)
+        return float(scores.mean()), float(decomposed.float().mean())
 
-    shares = _part_shares(members, carried, target_list)
-    score, fraction = summarise(shares)
+    best, meta = _part_shares(members, carried, latents, parts, valid)
+    score, fraction = summarise(best)
     generator = torch.Generator().manual_seed(seed)
     shuffled_scores, shuffled_fractions = [], []
     for _ in range(n_shuffles):
         permuted = carried[torch.randperm(carried.shape[0], generator=generator)]
-        s, f = summarise(_part_shares(members, permuted, target_list))
+        s, f = summarise(_part_shares(members, permuted, latents, parts, valid)[0])
         shuffled_scores.append(s)
         shuffled_fractions.append(f)
     rows = []
-    for (j, parts), row in zip(target_list, shares):
+    for t, (j, target_parts) in enumerate(target_list):
         rows.append(
             {
                 "latent": j,
@@ -368,24 +368,21 @@ def decomposition_score(
                 "parts": [
                     {
                         "value": value_names[p] if value_names is not None else p,
-                        "share": share,
-                        "meta_latent": meta,
+                        "share": float(best[t, i]),
+                        "meta_latent": int(meta[t, i]),
                     }
-                    for p, (share, meta) in zip(parts, row)
+                    for i, p in enumerate(target_parts)
                 ],
             }
         )
-    valid = [s for s in shuffled_scores if s == s]
-    at_least = sum(s >= score for s in valid) if score == score else 0
+    at_least = sum(s >= score for s in shuffled_scores)
     return DecompositionScore(
         score=score,
         fraction_decomposed=fraction,
-        shuffled_score=float(np.mean(valid)) if valid else float("nan"),
-        shuffled_score_std=float(np.std(valid)) if valid else float("nan"),
-        shuffled_fraction_decomposed=float(np.nanmean(shuffled_fractions))
-        if target_list
-        else float("nan"),
-        p_value=(at_least + 1) / (len(valid) + 1) if target_list else float("nan"),
+        shuffled_score=float(np.mean(shuffled_scores)),
+        shuffled_score_std=float(np.std(shuffled_scores)),
+        shuffled_fraction_decomposed=float(np.mean(shuffled_fractions)),
+        p_value=(at_least + 1) / (n_shuffles + 1),
         n_targets=len(target_list),
         n_shuffles=n_shuffles,
         decomposed_at=decomposed_at,
