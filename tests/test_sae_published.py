@@ -515,3 +515,10 @@ def test_eval_takes_a_published_name(small_cards, tiny_cache, tmp_path, monkeypa
         recon = sae(x).recon
     fvu = float((recon - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
     assert report["metrics"]["fvu"] == pytest.approx(fvu, rel=1e-4)
+
+
+def test_docs_table_is_the_cards():
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "published_saes.md").read_text()
+    table = doc.split("<!-- cards:start -->\n", 1)[1].split("<!-- cards:end -->", 1)[0]
+    assert table == published.markdown_table()
+    assert table.count("\n| `") == len(list_saes())

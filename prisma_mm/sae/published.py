@@ -80,8 +80,9 @@ class SAECard:
     ``repo``: a Hugging Face model repo id (``org/name``) or ``github:owner/name``;
     ``files``: paths inside ``subfolder`` of it, a ``*`` pattern matching the checkpoint (the
     one with the largest number in its name is the final one). ``tokens``: ``all``,
-    ``patches`` (no CLS / registers) or ``cls``. ``normalization``: ``none``, ``per-token``
-    (standardised per token at run time, read from the release's config) or
+    ``patches`` (no CLS / registers) or ``cls``. ``normalization``: ``none``, ``config`` (as
+    the release's config.json says; ViT-Prisma's ``layer_norm`` is applied at run time),
+    ``per-token`` (standardised per token at run time) or
     ``dataset-scale`` (trained on ``(x - mean) / scale`` with statistics not released:
     :func:`estimate_dataset_scaling`). ``img_size``: the input size the model ran at.
     """
@@ -793,6 +794,27 @@ def card_activation_shape(card: SAECard | str) -> tuple[int, int]:
     return tokens, int(cache[card.hook].shape[-1])
 
 
+def markdown_table() -> str:
+    """The cards as the Markdown table of docs/published_saes.md (one row per card)."""
+    rows = [
+        "| name | model | hook | tokens | latents | k | normalisation | source |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in list_saes():
+        c = get_sae_card(name)
+        hook = f"`{c.hook}` -> `{c.hook_out}`" if c.hook_out else f"`{c.hook}`"
+        if c.on_hub:
+            source = f"[{c.repo}](https://huggingface.co/{c.repo})"
+        else:
+            github = c.repo.removeprefix("github:")
+            source = f"[{github}](https://github.com/{github}/tree/main/{c.subfolder})"
+        rows.append(
+            f"| `{c.name}` | `{c.model}` | {hook} | {c.tokens} | {c.n_latents} | "
+            f"{c.k if c.k is not None else '-'} | {c.normalization} | {source} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
 # --------------------------------------------------------------------------------------------
 # CLI: prisma-mm sae list | show
 # --------------------------------------------------------------------------------------------
@@ -836,4 +858,4 @@ def add_sae_parser(subparsers) -> None:
     show.set_defaults(handler=_sae_show)
 
 
-__all__ += ["add_sae_parser", "is_published", "saes_dir"]
+__all__ += ["add_sae_parser", "is_published", "markdown_table", "saes_dir"]
