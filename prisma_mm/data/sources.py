@@ -469,6 +469,16 @@ register_source("list", ListSource)
 register_source("tar", TarSource)
 
 
+def _toy_clips(spec: str) -> Source:
+    """``toyclips:N[,seed=S,size=P,frames=T,start=K,objects=M]``: moving toy-world clips."""
+    from prisma_mm.data.toyworld import ToyClipSource
+
+    return ToyClipSource(spec)
+
+
+register_source("toyclips", _toy_clips)
+
+
 def open_source(data: Any) -> Source:
     """A :class:`Source` from what the user passed as ``--data`` / ``data=``.
 

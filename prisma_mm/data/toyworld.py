@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from prisma_mm.data.sources import InputRecord, Labeled, Source, stable_key
 from prisma_mm.errors import PrismaError
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "hexagon", "diamond")
@@ -1070,3 +1071,96 @@ class MovingToyWorld(torch.utils.data.Dataset):
         if self.patch_grid is not None:
             labels["patches"] = clip_patch_labels(clip, owner, self.patch_grid, self.tubelet)
         return frames, labels
+
+
+TOY_CLIPS_PREFIX = "toyclips:"
+
+
+@dataclass(frozen=True)
+class ToyClipSpec:
+    """Which clips a ``toyclips:`` source holds: ``n`` clips from ``start`` of the moving
+    world of ``seed`` at ``size`` pixels, ``frames`` long, with up to ``objects`` objects."""
+
+    n: int
+    seed: int = 0
+    size: int = CLIP_SIZE
+    frames: int = CLIP_FRAMES
+    start: int = 0
+    objects: int = CLIP_OBJECTS
+
+    @classmethod
+    def parse(cls, spec: str) -> ToyClipSpec:
+        """``N[,seed=S][,size=P][,frames=T][,start=K][,objects=M]`` (the part after
+        ``toyclips:``), checked before any clip is drawn."""
+        head, *options = [part.strip() for part in spec.removeprefix(TOY_CLIPS_PREFIX).split(",")]
+        names = ("seed", "size", "frames", "start", "objects")
+        pairs = [option.partition("=")[::2] for option in options]
+        unknown = [key for key, _ in pairs if key not in names]
+        if unknown:
+            raise PrismaError(
+                f"toyclips:{spec}: unknown option {unknown[0]!r} (use {', '.join(names)})"
+            )
+        try:
+            fields = {"n": int(head), **{key: int(value) for key, value in pairs}}
+        except ValueError:
+            raise PrismaError(
+                f"toyclips:{spec}: expected N[,seed=S,size=P,frames=T,start=K,objects=M] "
+                "with whole numbers"
+            ) from None
+        out = cls(**fields)
+        if out.n <= 0 or out.seed < 0 or out.start < 0:
+            raise PrismaError(f"toyclips:{spec}: give N >= 1, seed >= 0 and start >= 0")
+        check_clip(out.size, out.frames, out.objects)
+        return out
+
+    def clip_source(self, index: int) -> str:
+        """The provenance of clip ``index`` (of the world, not of the source): enough to draw
+        it again (:func:`render_clip_source`)."""
+        return (
+            f"{TOY_CLIPS_PREFIX}seed={self.seed},size={self.size},frames={self.frames},"
+            f"objects={self.objects}#{index}"
+        )
+
+
+def render_clip_source(source: str) -> np.ndarray:
+    """The frames uint8 ``[T, size, size, 3]`` of a ``toyclips:...#index`` provenance."""
+    head, _, index = source.removeprefix(TOY_CLIPS_PREFIX).rpartition("#")
+    try:
+        values = dict(part.split("=", 1) for part in head.split(","))
+        spec = ToyClipSpec(1, **{k: int(v) for k, v in values.items()})
+        clip_index = int(index)
+    except (ValueError, TypeError):
+        raise PrismaError(f"{source!r} is not a toy clip's provenance") from None
+    return render_clip_index(spec.seed, clip_index, spec.size, spec.frames, spec.objects)[0]
+
+
+def clip_label(clip: Clip) -> str:
+    """A clip's provenance label: its first object's direction, or ``still``."""
+    return clip.motions[0].direction or "still"
+
+
+class ToyClipSource(Source):
+    """The moving toy world as a cache source (``--data toyclips:N[,seed=S,...]``): input
+    ``i`` is world clip ``start + i`` as uint8 ``[T, size, size, 3]``, labelled by
+    :func:`clip_label`; its provenance (``toyclips:seed=..#index``) draws it again."""
+
+    kind = "video"
+    random_access = True
+
+    def __init__(self, spec: str | ToyClipSpec) -> None:
+        self.spec = spec if isinstance(spec, ToyClipSpec) else ToyClipSpec.parse(spec)
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "toyclips", **asdict(self.spec)}
+
+    def count(self) -> int:
+        return self.spec.n
+
+    def record(self, index: int) -> InputRecord:
+        source = self.spec.clip_source(self.spec.start + index)
+        return InputRecord(index, stable_key(source), source)
+
+    def load(self, index: int) -> Labeled:
+        s = self.spec
+        frames, _, clip = render_clip_index(s.seed, s.start + index, s.size, s.frames, s.objects)
+        return Labeled(frames, clip_label(clip))

@@ -343,13 +343,16 @@ def render_thumbnail(
 
     cmap = get_cmap(DEFAULT_CMAP)
     norm = Normalize(0.0, vmax if vmax > 0 else 1.0)
-    base = image.convert("RGB")
-    ratio = size / max(base.size)
-    width, height = max(1, round(base.width * ratio)), max(1, round(base.height * ratio))
-    base = np.asarray(base.resize((width, height), PILImage.BILINEAR), dtype=np.float32) / 255
+    frames = list(image) if isinstance(image, list | tuple) else [image]  # a clip: its frames
+    ratio = size / max(frames[0].size)
+    width = max(1, round(frames[0].width * ratio))
+    height = max(1, round(frames[0].height * ratio))
     tmap = token_map(token_values, layout, size=(height, width))
-    peak = np.nan_to_num(tmap.pixels, nan=0.0).reshape(len(tmap.pixels), -1).max(1)
-    rgba = overlay_rgba(tmap.pixels[int(peak.argmax())], norm, cmap, alpha=0.8)
+    peak = int(np.nan_to_num(tmap.pixels, nan=0.0).reshape(len(tmap.pixels), -1).max(1).argmax())
+    # the first input frame of the peak's tubelet
+    base = frames[min(peak * layout.tubelet, len(frames) - 1)].convert("RGB")
+    base = np.asarray(base.resize((width, height), PILImage.BILINEAR), dtype=np.float32) / 255
+    rgba = overlay_rgba(tmap.pixels[peak], norm, cmap, alpha=0.8)
     alpha = rgba[..., 3:]
     drawn = (base * (1 - alpha) + rgba[..., :3] * alpha) * 255
     picture = PILImage.fromarray(np.round(drawn).astype(np.uint8))

@@ -1026,10 +1026,27 @@ class SampleImages:
         self._transform = _display_transform(index.meta["cache"].get("model"))
 
     def raw(self, sample: int) -> Any:
-        """The input as stored by its source (a PIL image)."""
+        """The input as stored by its source (a PIL image; a clip: uint8 ``[T, H, W, 3]``)."""
         from prisma_mm.data.images import decode_image_bytes, load_image, to_pil_rgb
+        from prisma_mm.data.toyworld import TOY_CLIPS_PREFIX, render_clip_source
 
         source = self.index.sample_sources[sample]
+        generated = self.generated(sample)
+        if generated is not None:
+            if not generated.get("image"):
+                raise PrismaError(
+                    f"sample {self.index.keys[sample]} was generated from a prompt without "
+                    "keeping its image: re-cache with --keep-images to draw it"
+                )
+            cache_dir = Path(self.index.meta["cache"]["path"])
+            source = f"{cache_dir / self.index.sample_shards[sample]}#{generated['image']}"
+        if source.startswith(TOY_CLIPS_PREFIX):  # a moving toy-world clip: drawn again
+            return render_clip_source(source)
+        video, _, frames = source.rpartition("#f=")
+        if video and Path(video).is_file():  # a clip of a video file: its frames decoded
+            from prisma_mm.data.video import parse_clip_source, read_frames
+
+            return read_frames(*parse_clip_source(source))
         if "#" in source and not Path(source).exists():
             url, _, member = source.rpartition("#")
             with tarfile.open(url) as tar:
@@ -1047,18 +1064,45 @@ class SampleImages:
                 )
             item = self.dataset[int(source.rsplit("[", 1)[1][:-1])]
             image = item[0] if isinstance(item, tuple | list) else item
+            if np.asarray(image).ndim == 4:  # a clip [T, H, W, 3]
+                return np.asarray(image)
             return to_pil_rgb(image)
         return load_image(source)
 
+    def generated(self, sample: int) -> dict[str, Any] | None:
+        """A prompt cache's provenance of ``sample`` (prompt, seed, step, image key), or None."""
+        table = self.index.sample_generated
+        return table[sample] if sample < len(table) else None
+
     def __call__(self, sample: int) -> Any:
-        """The image of ``sample`` (position in ``index.keys``) at the model's input size."""
+        """The image of ``sample`` (position in ``index.keys``) at the model's input size; a
+        clip as a list of its frames (PIL), each at the input size."""
         from PIL import Image
 
         image = self.raw(sample)
+        if isinstance(image, np.ndarray) and image.ndim == 4:
+            return self._clip(image)
         if self._transform is not None:
             return self._transform(image)
         height, width = self.layout.input_size
         return image.resize((width, height), Image.BICUBIC)
+
+    def _clip(self, clip: np.ndarray) -> list[Any]:
+        """The frames of a clip ``[T, H, W, 3]`` as the model saw them: through the card's
+        clip transform (resize, crop) with its normalisation undone, else resized."""
+        from PIL import Image
+
+        transform = getattr(self._transform, "clip_transform", None)
+        if transform is not None:
+            x = transform(clip)  # [3, T, H, W], normalised
+            mean = torch.as_tensor(transform.mean).view(3, 1, 1, 1)
+            std = torch.as_tensor(transform.std).view(3, 1, 1, 1)
+            pixels = ((x * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 3, 0)
+            return [Image.fromarray(np.ascontiguousarray(f)) for f in pixels.numpy()]
+        height, width = self.layout.input_size
+        frames = [Image.fromarray(np.ascontiguousarray(f)).convert("RGB") for f in clip]
+        return [f if f.size == (width, height) else f.resize((width, height), Image.BICUBIC)
+                for f in frames]  # fmt: skip
 
 
 def _display_transform(card_name: str | None) -> Callable[[Any], Any] | None:
@@ -1071,6 +1115,8 @@ def _display_transform(card_name: str | None) -> Callable[[Any], Any] | None:
         transform = build_on_meta(card_name).spec.transform
     except (PrismaError, KeyError, AttributeError):
         return None
+    if hasattr(transform, "frames") and hasattr(transform, "mean"):  # a video card's clips
+        return _ClipDisplay(transform)
     steps = list(getattr(transform, "transforms", []))
     normalize = next((s for s in steps if type(s).__name__ == "Normalize"), None)
 
@@ -1088,6 +1134,16 @@ def _display_transform(card_name: str | None) -> Callable[[Any], Any] | None:
         return Image.fromarray(np.ascontiguousarray(pixels))
 
     return display
+
+
+class _ClipDisplay:
+    """The display transform of a video card: clips go through ``clip_transform``."""
+
+    def __init__(self, clip_transform: Any) -> None:
+        self.clip_transform = clip_transform
+
+    def __call__(self, image: Any) -> Any:
+        raise PrismaError("this index's model takes clips: its samples are drawn as frames")
 
 
 __all__ = [
