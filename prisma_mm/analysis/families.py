@@ -956,6 +956,7 @@ def run_family(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         plateau_window=args.plateau_window,
         plateau_rel_eps=args.plateau_eps,
+        eval_fraction=args.eval_fraction,
         seed=args.seed,
         accelerator=args.accelerator,
         progress=not args.quiet,
@@ -1022,6 +1023,8 @@ def add_family_parser(subparsers: Any) -> None:
     p.add_argument("--plateau-eps", type=_float_in(0.0, 1.0, low_open=True, high_open=True),
                    default=d.plateau_rel_eps, help="relative FVU improvement below which "
                    "the window counts as a plateau")  # fmt: skip
+    p.add_argument("--eval-fraction", type=_float_in(0.0, 1.0, low_open=True, high_open=True),
+                   default=d.eval_fraction, help="cache inputs held out for the plateau's FVU")  # fmt: skip
     p.add_argument("--held-out", choices=("toyworld", "cache"), default="toyworld",
                    help="toyworld: render held-out toy-world images (ground truth, spliced "
                    "accuracy); cache: the cache's held-out rows (no ground truth)")  # fmt: skip
