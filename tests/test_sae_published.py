@@ -85,7 +85,7 @@ def test_cards_cover_the_releases_and_name_zoo_models():
         get_card(card.model)  # an existing zoo card, or PrismaError
         assert card.hook.split(".")[0] in ("blocks", "unet")
         assert card.tokens in ("all", "patches", "cls")
-    assert families == {"clip_scope": 8, "saev": 2, "sdxl_unbox": 4, "vit_prisma": 65}
+    assert families == {"clip_scope": 8, "saev": 2, "sdxl_unbox": 4, "vit_prisma": 73}
     tc = get_sae_card("prisma-clip-b32-transcoder-topk1024-l10")
     assert (tc.hook, tc.hook_out, tc.k) == (
         "blocks.10.ln2.hook_normalized",
@@ -94,7 +94,7 @@ def test_cards_cover_the_releases_and_name_zoo_models():
     )
     assert tc.repo == "Prisma-Multimodal/CLIP-transcoder-topk-1024-x64-all_patches_10-mlp-97"
     assert get_sae_card("saev-dinov2-b14-reg-in1k-24k").normalization == "dataset-scale"
-    assert len(list_saes("vit_prisma")) == 65
+    assert len(list_saes("vit_prisma")) == 73
     with pytest.raises(PrismaError, match="did you mean 'prisma-clip-b32-vanilla-x64-l1-mlp-out'"):
         get_sae_card("prisma-clip-b32-vanila-x64-l1-mlp-out")
 
@@ -478,7 +478,7 @@ def test_missing_offline_weights_name_what_to_fetch(small_cards, offline_cache):
         load_sae("unbox-sdxl-turbo-mid.0")
 
 
-def test_sae_list_and_show(capsys):
+def test_sae_list_and_show(capsys, offline_cache):
     assert main(["sae", "list", "--family", "saev"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split()[:3] == ["name", "model", "hook"]
@@ -491,6 +491,7 @@ def test_sae_list_and_show(capsys):
     shown = json.loads(capsys.readouterr().out)
     assert shown["repo"] == "osunlp/SAE_CLIP_24K_ViT-B-16_IN1K"
     assert shown["activations"] == {"tokens": 196, "d": 768}
+    assert shown["in_hf_cache"] is None
 
 
 def test_eval_takes_a_published_name(small_cards, tiny_cache, tmp_path, monkeypatch):
@@ -522,3 +523,22 @@ def test_docs_table_is_the_cards():
     table = doc.split("<!-- cards:start -->\n", 1)[1].split("<!-- cards:end -->", 1)[0]
     assert table == published.markdown_table()
     assert table.count("\n| `") == len(list_saes())
+
+
+def test_constant_norm_rescale_matches_vit_prisma():
+    from prisma_mm.sae import ReLUSAE
+    from prisma_mm.sae.published import standardize_tokens
+
+    sae = ReLUSAE(d_in=8, n_latents=32)
+    with torch.no_grad():
+        for name, seed in (("W_enc", 60), ("W_dec", 61), ("b_enc", 62), ("b_dec", 63)):
+            getattr(sae, name).copy_(_rand(*getattr(sae, name).shape, seed=seed) * 0.5)
+    standardize_tokens(sae, "constant_norm_rescale")
+    x = _rand(4, 8, seed=64) * 5
+    coeff = math.sqrt(8) / x.norm(dim=-1, keepdim=True)  # ViT-Prisma's x_norm_coeff
+    code = torch.relu((x * coeff - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    recon = (code @ sae.W_dec + sae.b_dec) / coeff
+    with torch.no_grad():
+        assert torch.allclose(sae.encode(x), code, atol=1e-5)
+        assert torch.allclose(sae(x).recon, recon, atol=1e-4)
+    assert sae.metadata["normalization"]["per_token"] == "constant_norm_rescale"

@@ -204,7 +204,9 @@ def _checkpoint_rank(name: str) -> tuple[int, str]:
 
 
 def _pick(pattern: str, names: list[str]) -> str | None:
-    matches = [n for n in names if fnmatch.fnmatch(n, pattern)]
+    """The final checkpoint among ``names`` matching ``pattern`` at the same folder depth."""
+    depth = pattern.count("/")
+    matches = [n for n in names if n.count("/") == depth and fnmatch.fnmatch(n, pattern)]
     return max(matches, key=_checkpoint_rank) if matches else None
 
 
@@ -841,6 +843,11 @@ def _sae_show(args: argparse.Namespace) -> int:
     info = card.to_dict()
     tokens, d = card_activation_shape(card)
     info["activations"] = {"tokens": tokens, "d": d}
+    try:  # where load_sae would read it from without the network
+        found = resolve_files(card, local_files_only=True) if card.on_hub else None
+    except PrismaError:
+        found = None
+    info["in_hf_cache"] = {f: str(p) for f, p in found.items()} if found else None
     print(json.dumps(info, indent=2))
     return 0
 
