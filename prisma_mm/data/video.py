@@ -425,7 +425,7 @@ class DecordDecoder(Decoder):
                     f"{index.name}: decord counts {len(reader)} frames, the index {index.n_frames}"
                 )
             batch = reader.get_batch([int(i) for i in frames]).asnumpy()
-        except decord.DECORDError as error:
+        except (decord.DECORDError, RuntimeError, ValueError, IndexError) as error:
             raise BadVideo(f"{index.name}: decord failed ({str(error)[-120:]})") from error
         return _display(batch[..., :3], index.rotation) if batch.ndim == 4 else batch
 
