@@ -94,7 +94,9 @@ def test_heads_add_up_to_the_attention_branch(toy):
 def test_patching_clean_into_clean_changes_nothing(toy):
     model, clean, _, _ = toy
     metric = C.logit_diff(RED, BLUE)
-    for kind, by in (("resid_pre", "position"), ("z", "head"), ("mlp_out", "position")):
+    kinds = (("resid_pre", "position"), ("z", "head"), ("mlp_out", "position"),
+             ("mlp.hook_post", "all"))  # fmt: skip
+    for kind, by in kinds:
         result = C.activation_patching(
             model, clean[:2], clean[:2], metric, kind=kind, by=by, layers=[0, 5], chunk=65
         )
@@ -199,6 +201,8 @@ def test_bad_inputs_are_one_line_errors(toy, tiny_models):
         C.activation_patching(model, clean, corrupt, metric, kind="resid_pre", by="head")
     with pytest.raises(PrismaError, match="patching kind"):
         C.activation_patching(model, clean, corrupt, metric, kind="nope")
+    with pytest.raises(PrismaError, match="outside 0..5"):
+        C.activation_patching(model, clean, corrupt, metric, layers=[6])
     with pytest.raises(PrismaError, match="class_prompts"):
         C.readout(tiny_models["tiny-clip"])
     with pytest.raises(PrismaError, match="no classifier head"):

@@ -501,10 +501,17 @@ class PatchingResult:
         return (self.values - self.corrupt) / (gap if abs(gap) > 1e-12 else 1e-12)
 
 
-def _hook_name(kind: str, layer: int) -> str:
-    if kind not in PATCH_KINDS:
-        raise PrismaError(f"patching kind {kind!r}: choose one of {', '.join(PATCH_KINDS)}")
-    return f"blocks.{layer}.{_SUFFIX[kind]}"
+def _hook_name(kind: str, layer: int, model: HookedModel | None = None) -> str:
+    """The hook of ``kind`` at ``layer``: a short kind, or any per-block hook suffix the model
+    offers (``ln2.hook_normalized``, ``mlp.hook_post``, ...) for generic patching."""
+    if kind in PATCH_KINDS:
+        return f"blocks.{layer}.{_SUFFIX[kind]}"
+    if model is not None and f"blocks.{layer}.{kind}" in model.hook_names:
+        return f"blocks.{layer}.{kind}"
+    raise PrismaError(
+        f"patching kind {kind!r}: choose one of {', '.join(PATCH_KINDS)} or a per-block hook "
+        "suffix of model.hook_names (e.g. mlp.hook_post)"
+    )
 
 
 def _metric_value(model: HookedModel, head: Readout, metric: Metric, x: Tensor) -> Tensor:
@@ -534,7 +541,8 @@ def activation_patching(
     """Patch the clean run's activations into the corrupted run, one unit at a time, at every
     block (or ``layers``), and record the metric.
 
-    ``kind``: ``resid_pre``, ``attn_out``, ``mlp_out``, ``resid_post`` or ``z`` (heads).
+    ``kind``: ``resid_pre``, ``attn_out``, ``mlp_out``, ``resid_post``, ``z`` (heads), or
+    any per-block hook suffix the model offers (``mlp.hook_post``, ``ln2.hook_normalized``).
     ``by``: ``position`` (one token, every channel; for ``z`` all heads at that token),
     ``head`` (``z`` only: one head at every token), ``all`` (the whole activation).
     Patches run ``chunk`` at a time as one batch of copies of the corrupted input.
@@ -542,11 +550,14 @@ def activation_patching(
     _check_pair(clean, corrupt)
     if by not in ("position", "head", "all"):
         raise PrismaError(f"by={by!r}: use position, head or all")
-    if by == "head" and kind != "z":
+    if by == "head" and kind not in ("z", "attn.hook_z"):
         raise PrismaError("patching by head needs kind='z' (the heads' outputs before mixing)")
     head = head or readout(model)
     layers = list(range(model.n_layers)) if layers is None else list(layers)
-    names = [_hook_name(kind, layer) for layer in layers]
+    bad = [layer for layer in layers if not 0 <= layer < model.n_layers]
+    if bad:
+        raise PrismaError(f"layers {bad} are outside 0..{model.n_layers - 1}")
+    names = [_hook_name(kind, layer, model) for layer in layers]
     with torch.no_grad():
         _, cache = model.run_with_cache(clean, names)
         clean_value = float(_metric_value(model, head, metric, clean).mean())
