@@ -447,20 +447,27 @@ def _samples(
     images: Sequence[str | None],
 ) -> list[dict[str, Any]]:
     out = []
+    table = index.sample_generated
+
+    def generated_of(sample: int) -> dict[str, Any] | None:
+        return table[sample] if sample < len(table) else None
+
     rows = zip(values.tolist(), samples.tolist(), tokens.tolist())  # plain floats: fast
     for j, (value, sample, token) in enumerate(rows):
         if sample < 0:
             continue
         label = index.sample_labels[sample] if index.sample_labels else None
-        out.append(
-            {
-                "v": value,
-                "key": index.keys[sample],
-                "label": label,
-                "tok": token,
-                "img": images[j] if j < len(images) else None,
-            }
-        )
+        entry = {
+            "v": value,
+            "key": index.keys[sample],
+            "label": label,
+            "tok": token,
+            "img": images[j] if j < len(images) else None,
+        }
+        generated = generated_of(sample)
+        if generated is not None:  # a prompt cache: the page shows prompt, seed and step
+            entry.update({k: generated.get(k) for k in ("prompt", "seed", "step")})
+        out.append(entry)
     return out
 
 

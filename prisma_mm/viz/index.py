@@ -149,9 +149,10 @@ _TABLES = (
 class FeatureIndex:
     """Per-latent statistics of a dictionary over a cache (see the module docstring).
 
-    Tables index ``keys`` (one per referenced sample; ``sample_labels``, ``sample_sources``
-    and ``sample_shards`` align with it). ``top_* [L, N]`` descending by score (NaN / -1
-    where fewer than N samples fired); ``interval_* [L, B, M]`` with ``interval_edges
+    Tables index ``keys`` (one per referenced sample; ``sample_labels``, ``sample_sources``,
+    ``sample_shards`` and, over a prompt cache, ``sample_generated`` (prompt, seed, step,
+    timestep, image key; see :data:`GENERATED_FIELDS`) align with it). ``top_* [L, N]``
+    descending by score (NaN / -1 where fewer than N samples fired); ``interval_* [L, B, M]`` with ``interval_edges
     [L, B + 1]``; ``hist_counts [L, H]`` with ``hist_edges [L, H + 1]``; ``freq_token``,
     ``freq_input``, ``mean_active`` ``[L]`` float64; ``max_value [L]``; ``neighbours`` /
     ``neighbour_cos [L, K]``; ``label_mix [L, C]`` over ``label_names`` when labelled.
@@ -180,6 +181,7 @@ class FeatureIndex:
     label_mix: Tensor | None = None
     sample_sources: list[str] = field(default_factory=list)
     sample_shards: list[str] = field(default_factory=list)
+    sample_generated: list[dict[str, Any] | None] = field(default_factory=list)
 
     @property
     def n_latents(self) -> int:
@@ -222,6 +224,7 @@ class FeatureIndex:
             "sample_labels": self.sample_labels,
             "sample_sources": self.sample_sources,
             "sample_shards": self.sample_shards,
+            "sample_generated": self.sample_generated,
             "label_names": self.label_names,
         }
         _atomic_bytes(path / INDEX_JSON, (json.dumps(document, indent=1) + "\n").encode())
@@ -253,6 +256,7 @@ class FeatureIndex:
             label_mix=tensors.get("label_mix"),
             sample_sources=list(document.get("sample_sources", [])),
             sample_shards=list(document.get("sample_shards", [])),
+            sample_generated=list(document.get("sample_generated", [])),
             **{name: tensors[name] for name in _TABLES},
         )
 
@@ -279,12 +283,18 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
 # ----- reading a cache sample by sample ----------------------------------------------------------
 @dataclass
 class CacheSample:
-    """One cached input: its key, provenance and the activations of one hook ``[T, d]``."""
+    """One cached input: its key, provenance and the activations of one hook ``[T, d]``;
+    ``generated``: a prompt cache's provenance (prompt, seed, step, timestep and the key of
+    the sample holding the generated image), else None."""
 
     key: str
     label: str | None
     source: str
     acts: Tensor
+    generated: dict[str, Any] | None = None
+
+
+GENERATED_FIELDS = ("prompt", "seed", "step", "timestep", "image")  # a prompt cache's meta.json
 
 
 def iter_shard(cache_dir: Path, manifest: dict[str, Any], shard: str, hook: str,
@@ -306,7 +316,8 @@ def iter_shard(cache_dir: Path, manifest: dict[str, Any], shard: str, hook: str,
         array = fmt.decode_npy(arrays[member])
         acts = fmt.to_torch(np.array(array), manifest["dtype"]).float()
         label = None if meta.get("label") is None else str(meta["label"])
-        return CacheSample(str(current), label, str(meta.get("source")), acts)
+        generated = {k: meta[k] for k in GENERATED_FIELDS if k in meta} or None
+        return CacheSample(str(current), label, str(meta.get("source")), acts, generated)
 
     try:
         with tarfile.open(path, mode="r|") as tar:
@@ -406,7 +417,7 @@ class IndexState:
             "sum_active": torch.zeros(n_latents, dtype=torch.float64),
             "max_value": torch.zeros(n_latents),
         }
-        self.samples: dict[int, tuple[str, str | None, str, str]] = {}
+        self.samples: dict[int, tuple[Any, ...]] = {}  # key, label, source, shard, generated
         self.n_inputs = 0
         self.n_tokens = 0
         self.shards_done = 0
@@ -420,7 +431,7 @@ class IndexState:
     def nbytes(self) -> int:
         """Bytes the state holds (tensors plus the referenced samples' strings)."""
         total = sum(t.numel() * t.element_size() for t in self.tensors.values())
-        return total + sum(sum(len(s or "") for s in v) + 8 for v in self.samples.values())
+        return total + sum(sum(len(str(s or "")) for s in v) + 8 for v in self.samples.values())
 
     # ---- updates ---------------------------------------------------------------------------
     def add_batch(self, ids: Tensor, hashes: Tensor, rows: Tensor, latents: Tensor,
@@ -580,7 +591,7 @@ class IndexState:
         state.n_inputs = int(record["n_inputs"])
         state.n_tokens = int(record["n_tokens"])
         state.shards_done = int(record["shards_done"])
-        state.samples = {int(r[0]): (r[1], r[2], r[3], r[4]) for r in record["samples"]}
+        state.samples = {int(r[0]): tuple(r[1:]) for r in record["samples"]}
         return state
 
 
@@ -816,7 +827,7 @@ def _index_shard(dictionary: Any, cache_dir: Path, manifest: dict[str, Any], sha
             first = state.n_inputs
             ids = torch.arange(first, first + len(batch))
             for i, item in zip(ids.tolist(), batch, strict=True):
-                state.samples[i] = (item.key, item.label, item.source, shard)
+                state.samples[i] = (item.key, item.label, item.source, shard, item.generated)
             hashes = torch.tensor([key_hash(s.key) for s in batch], dtype=torch.long)
             device = dictionary.W_dec.device
             x = torch.cat([s.acts for s in batch]).to(device)
@@ -928,6 +939,7 @@ def _finish(state: IndexState, dictionary: Any, info: dict[str, Any], manifest: 
         sample_labels=labels,
         sample_sources=[r[2] for r in records],
         sample_shards=[r[3] for r in records],
+        sample_generated=[r[4] if len(r) > 4 else None for r in records],
         top_value=top_value,
         top_sample=compact(state.top_sample),
         top_token=state.top_token.clone(),

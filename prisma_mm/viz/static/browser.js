@@ -378,6 +378,13 @@
     return frames > 1 ? "frame " + f + " patch " + r + "," + c : "patch " + r + "," + c;
   }
 
+  // A generated sample's prompt, seed and step (prompt caches), as text: never parsed as HTML.
+  function generation(sample) {
+    if (sample.prompt === undefined || sample.prompt === null) return null;
+    return el("div", { class: "prompt", title: sample.prompt }, sample.prompt,
+      el("span", { class: "muted" }, " · seed " + sample.seed + " · step " + sample.step));
+  }
+
   function sampleCard(meta, sample, extraClass) {
     const picture = sample.img
       ? el("img", { src: sample.img, alt: "", loading: "lazy", class: "thumb" })
@@ -387,6 +394,7 @@
       el("figcaption", {},
         el("div", { class: "value" }, fmt(sample.v)),
         sample.label !== null && sample.label !== undefined ? el("div", { class: "label" }, sample.label) : null,
+        generation(sample),
         el("div", { class: "key mono", title: sample.key }, sample.key),
         el("div", { class: "muted" }, tokenName(meta, sample.tok))));
   }
@@ -399,7 +407,7 @@
     const cards = list.filter((s) => s.img);
     const rest = list.filter((s) => !s.img);
     const table = (rows) => el("table", { class: "samples" }, el("tbody", {}, rows.map((s) => el("tr", {},
-      el("td", { class: "num value" }, fmt(s.v)), el("td", { class: "label" }, s.label ?? ""),
+      el("td", { class: "num value" }, fmt(s.v)), el("td", { class: "label" }, s.label ?? "", generation(s)),
       el("td", { class: "mono key" }, s.key), el("td", { class: "muted" }, tokenName(meta, s.tok))))));
     if (!cards.length) return table(rest);
     return [
