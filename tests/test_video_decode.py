@@ -215,3 +215,50 @@ def test_torchcodec_exact_mode_is_exact_on_every_file(files):
         pytest.skip(reason)
     for name, (path, n) in files.items():
         assert _verdict("torchcodec", probe_video(path), n) == "exact", name
+
+
+def test_an_audio_stream_before_the_video_changes_nothing(tmp_path):
+    import av
+
+    path = tmp_path / "with-audio.mp4"
+    with av.open(str(path), "w") as out:
+        audio = out.add_stream("aac", rate=16000)  # stream 0: audio
+        video = out.add_stream("libx264", rate=25, options={"bf": "2", "g": "8"})
+        video.width = video.height = 32
+        video.pix_fmt = "yuv420p"
+        for i in range(20):
+            for packet in video.encode(av.VideoFrame.from_ndarray(pattern(i), format="rgb24")):
+                out.mux(packet)
+            sound = av.AudioFrame.from_ndarray(np.zeros((1, 640), np.float32), format="fltp",
+                                               layout="mono")  # fmt: skip
+            sound.sample_rate, sound.pts = 16000, 640 * i
+            for packet in audio.encode(sound):
+                out.mux(packet)
+        for stream in (video, audio):
+            for packet in stream.encode():
+                out.mux(packet)
+    index = probe_video(path)
+    assert index.n_frames == 20
+    for backend in ("pyav", "auto"):
+        got = read_frames(index, [19, 3, 11], backend)
+        assert [frame_index(f) for f in got] == [19, 3, 11], backend
+
+
+def test_data_strings_open_video_sources_only_for_videos(tmp_path):
+    from PIL import Image
+
+    from prisma_mm.data.sources import FolderSource, open_source
+    from prisma_mm.data.video import VideoFolderSource, VideoListSource
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (8, 8)).save(images / "a.png")
+    Image.new("RGB", (8, 8)).save(images / "b.gif")  # a GIF is an image here
+    assert type(open_source(str(images))) is FolderSource
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "v.mp4", 4)
+    assert type(open_source(str(videos))) is VideoFolderSource
+    listing = tmp_path / "list.txt"
+    listing.write_text("videos/v.mp4\n")
+    assert type(open_source(str(listing))) is VideoListSource

@@ -63,7 +63,7 @@ from prisma_mm.errors import PrismaError
 
 VIDEO_EXTENSIONS = (
     ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".mts", ".m2ts", ".mpg", ".mpeg",
-    ".flv", ".ogv", ".3gp", ".wmv", ".gif",
+    ".flv", ".ogv", ".3gp", ".wmv",
 )  # fmt: skip
 BACKENDS = ("auto", "pyav", "decord", "torchcodec")
 # (container, codec) pairs where decord 0.6 returned the right frame for every request on the
