@@ -63,6 +63,7 @@ __all__ = [
 #: the decoder directions, at k = 4).
 PAPER_META_FVU = 0.45
 RUN_FILE = "family_run.json"
+_NOT_SAE = ("transcoder", "crosscoder")
 MEMBER_FILE = "training.json"
 _LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero")
 
@@ -290,10 +291,15 @@ def check_family_config(config: FamilyConfig) -> tuple[str, dict[str, Any]]:
             f"a family needs at least 2 distinct positive sizes, got {sizes}: use --n-sizes >= 2"
         )
     cls = ARCHITECTURES.get(config.architecture)
-    if cls is None or not issubclass(cls, SparseAutoencoder):
-        names = sorted(n for n, c in ARCHITECTURES.items() if issubclass(c, SparseAutoencoder))
+    # a family is stitched and meta-decomposed: SAEs of one hook, not transcoders/crosscoders
+    families = sorted(
+        n
+        for n, c in ARCHITECTURES.items()
+        if issubclass(c, SparseAutoencoder) and n not in _NOT_SAE
+    )
+    if config.architecture not in families:
         raise PrismaError(
-            f"architecture {config.architecture!r} is not an SAE family: use one of {names}"
+            f"architecture {config.architecture!r} is not an SAE family: use one of {families}"
         )
     if config.k > sizes[0] and "k" in _config_fields(cls):
         raise PrismaError(
@@ -323,6 +329,7 @@ def check_family_config(config: FamilyConfig) -> tuple[str, dict[str, Any]]:
         raise PrismaError(f"lr must be positive, got {config.lr}")
     if config.seed < 0:
         raise PrismaError(f"seed must be >= 0, got {config.seed}")
+    _check_accelerator(config.accelerator)
     config.criterion  # noqa: B018  (its own checks of window and rel_eps)
     d_in = int(manifest["shapes"][hook][-1])
     for n in sizes:  # the family's own checks (k, fields), without allocating weights
@@ -344,6 +351,19 @@ def check_family_config(config: FamilyConfig) -> tuple[str, dict[str, Any]]:
                 f"{earlier.get(key)!r} there, {now[key]!r} now): use another --out or delete it"
             )
     return hook, manifest
+
+
+def _check_accelerator(accelerator: str) -> None:
+    """A Lightning accelerator this machine has (one line, before any training)."""
+    known = ("auto", "cpu", "gpu", "cuda", "mps")
+    if accelerator not in known:
+        raise PrismaError(f"unknown accelerator {accelerator!r}: use one of {', '.join(known)}")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise PrismaError(
+            f"accelerator {accelerator!r} but torch sees no CUDA GPU on this machine: use cpu"
+        )
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise PrismaError("accelerator 'mps' but this machine has no MPS device: use cpu")
 
 
 def _config_fields(cls: Any) -> set[str]:
