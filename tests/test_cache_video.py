@@ -165,3 +165,26 @@ def test_a_killed_video_cache_resumes_to_the_uninterrupted_one(model, tmp_path):
     assert final["complete"] and final["n_samples"] == reference["n_samples"] == 68
     assert [s["sha256"] for s in final["shards"]] == [s["sha256"] for s in reference["shards"]]
     assert read_manifest(out)["inputs_done"] == 68
+
+
+def test_clips_in_memory_are_cached_as_given(model, tmp_path):
+    from video_helpers import pattern
+
+    from prisma_mm.data.video import ClipArraySource
+
+    raw = [np.stack([pattern(10 * k + t) for t in range(4)]) for k in range(3)]
+    prepared = [model.preprocess([clip])[0] for clip in raw]  # float [3, T, H, W]
+    items = [(raw[0], 5), {"clip": raw[1], "label": 6}, (prepared[2], 7)]
+    manifest = write_cache(model, ClipArraySource(items, name="clips"), tmp_path / "mem", HOOK,
+                           workers=0, order_seed=None, **OPTIONS)  # fmt: skip
+    assert manifest["n_samples"] == 3 and manifest["n_skipped"] == 0
+    samples = sorted(read_samples(tmp_path / "mem").values(), key=lambda s: s["meta"]["index"])
+    assert [s["meta"]["label"] for s in samples] == [5, 6, 7]
+    assert [s["meta"]["source"] for s in samples] == ["clips[0]", "clips[1]", "clips[2]"]
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(torch.stack(prepared), [HOOK])
+    for k, sample in enumerate(samples):
+        np.testing.assert_allclose(sample[HOOK], cache[HOOK][k].numpy(), atol=1e-5)
+    with pytest.raises(PrismaError, match="holds clips already; drop --clip"):
+        write_cache(model, ClipArraySource(items), tmp_path / "c", HOOK, clip="uniform:4",
+                    **OPTIONS)  # fmt: skip
