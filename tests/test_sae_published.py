@@ -59,6 +59,7 @@ def hf_cache(root: Path, repo: str, files: dict[str, object]) -> Path:
     entry = root / ("models--" + repo.replace("/", "--"))
     (entry / "refs").mkdir(parents=True, exist_ok=True)
     (entry / "refs" / "main").write_text(commit)
+    (entry / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
     for rel, content in files.items():
         target = entry / "snapshots" / commit / rel
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -413,6 +414,14 @@ def small_cards(monkeypatch):
         "unbox-sdxl-turbo-mid.0": dataclasses.replace(
             get_sae_card("unbox-sdxl-turbo-mid.0"), d_in=8, n_latents=32
         ),
+        "tiny-saev": dataclasses.replace(
+            get_sae_card("saev-clip-b16-in1k-24k"),
+            name="tiny-saev",
+            model="tiny-vit",
+            hook=HOOK,
+            d_in=32,
+            n_latents=64,
+        ),  # fmt: skip
         "tiny-sdxl-unbox": dataclasses.replace(
             get_sae_card("unbox-sdxl-turbo-mid.0"),
             name="tiny-sdxl-unbox",
@@ -542,3 +551,18 @@ def test_constant_norm_rescale_matches_vit_prisma():
         assert torch.allclose(sae.encode(x), code, atol=1e-5)
         assert torch.allclose(sae(x).recon, recon, atol=1e-4)
     assert sae.metadata["normalization"]["per_token"] == "constant_norm_rescale"
+
+
+def test_load_by_name_estimates_saev_scaling_from_a_cache(small_cards, offline_cache, tiny_cache):
+    state = _saev_state(32, 64)
+    snapshot = hf_cache(offline_cache, small_cards["tiny-saev"].repo, {})
+    _saev_file(snapshot / "sae.pt", {"d_vit": 32, "exp_factor": 2}, state)
+    raw = load_sae("tiny-saev")
+    scaled = load_sae("tiny-saev", scaling_cache=tiny_cache)
+    mean, scale = estimate_dataset_scaling(tiny_cache, HOOK, "patches")
+    x = _rand(3, 32, seed=70)
+    with torch.no_grad():
+        assert torch.allclose(scaled.encode(x), raw.encode((x - mean) / scale) * scale, atol=1e-4)
+    assert scaled.metadata["normalization"]["estimated_from"] == str(tiny_cache.resolve())
+    with pytest.raises(PrismaError, match="dataset-scale cards only"):
+        load_sae("tiny-sdxl-unbox", scaling_cache=tiny_cache)

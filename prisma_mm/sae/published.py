@@ -388,6 +388,13 @@ class _TokenStandardized:
         return Output(recon=recon, code=code, loss=losses["fvu"], losses=losses)
 
 
+@functools.cache
+def _token_normalized(base: type) -> type:
+    """``base`` with per-token normalisation in front (one class per family; not registered
+    as an architecture: it saves as ``base``, with the normalisation in its metadata)."""
+    return type(f"TokenNormalized{base.__name__}", (_TokenStandardized, base), {})
+
+
 def standardize_tokens(d: Dictionary, mode: str = "layer_norm", eps: float = 1e-5) -> Dictionary:
     """Make ``d`` (an SAE family) normalise each input token at run time, in place
     (``mode``: ViT-Prisma's ``layer_norm`` or ``constant_norm_rescale``); recorded in
@@ -397,9 +404,8 @@ def standardize_tokens(d: Dictionary, mode: str = "layer_norm", eps: float = 1e-
                           "constant_norm_rescale")  # fmt: skip
     if not isinstance(d, SparseAutoencoder):
         raise PrismaError(f"per-token normalisation wraps an SAE family, not {type(d).__name__}")
-    base = type(d)
     if not isinstance(d, _TokenStandardized):
-        d.__class__ = type(f"TokenNormalized{base.__name__}", (_TokenStandardized, base), {})
+        d.__class__ = _token_normalized(type(d))
     d._norm_mode, d._norm_eps = mode, float(eps)  # type: ignore[attr-defined]
     d.metadata["normalization"] = {"per_token": mode, "eps": float(eps), "folded": False}
     return d
