@@ -31,6 +31,8 @@ MEASURED = {
             "open-gop-mp4",
             "mpeg-ts",
             "avi-bframes",
+            "avi-h264-bframes",
+            "avi-h264-open-gop",
             "ffv1-mkv",
             "av1-mp4",
             "vp9-webm-no-cues",
@@ -45,6 +47,8 @@ MEASURED = {
         "open-gop-mp4": "wrong",
         "mpeg-ts": "wrong",
         "avi-bframes": "wrong",
+        "avi-h264-bframes": "wrong",
+        "avi-h264-open-gop": "wrong",
         "ffv1-mkv": "exact",
         "av1-mp4": "error",
         "vp9-webm-no-cues": "error",
@@ -92,6 +96,13 @@ def test_the_index_counts_the_frames_a_correct_reader_finds(files):
     assert not probe_video(files["h264-mp4"][0]).open_gop
     assert probe_video(files["truncated-mp4"][0]).truncated
     assert len(probe_video(files["open-gop-mp4"][0]).keyframes) == 4
+    # H.264 in AVI: timestamps in decode order, frames counted from IDR keyframes only
+    closed = probe_video(files["avi-h264-bframes"][0])
+    opened = probe_video(files["avi-h264-open-gop"][0])
+    assert (closed.mode, closed.keyframes, closed.open_gop) == ("counted", (0, 8, 16), False)
+    assert (opened.mode, opened.keyframes, opened.open_gop) == ("counted", (0,), True)
+    # MPEG-4 Part 2 in AVI: FFmpeg restores presentation timestamps from the frame types
+    assert probe_video(files["avi-bframes"][0]).mode == "pts"
 
 
 def test_each_backend_is_as_exact_as_the_documented_table(files):
@@ -167,7 +178,7 @@ def test_a_seek_that_lands_after_its_keyframe_decodes_from_the_start(files):
 
 def test_frames_counted_in_decoder_order_when_timestamps_are_unusable(files):
     index = probe_video(files["avi-bframes"][0])
-    counted = dataclasses.replace(index, sequential=True, pts=tuple(range(index.n_frames)))
+    counted = dataclasses.replace(index, mode="sequential", pts=tuple(range(index.n_frames)))
     got = DECODERS["pyav"].read(counted, [23, 4, 9])
     assert [frame_index(f) for f in got] == [23, 4, 9]
 
@@ -262,3 +273,15 @@ def test_data_strings_open_video_sources_only_for_videos(tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text("videos/v.mp4\n")
     assert type(open_source(str(listing))) is VideoListSource
+
+
+def test_counted_avi_frames_seek_to_idr_keyframes_without_decoding_from_the_start(
+    files, monkeypatch
+):
+    def from_the_start(*args):
+        raise AssertionError("decoded from the start")
+
+    monkeypatch.setattr(video_module.PyAVDecoder, "_sequential", staticmethod(from_the_start))
+    index = probe_video(files["avi-h264-bframes"][0])
+    got = DECODERS["pyav"].read(index, [20, 9, 17, 16])
+    assert [frame_index(f) for f in got] == [20, 9, 17, 16]

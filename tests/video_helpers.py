@@ -99,6 +99,14 @@ def tricky_files(folder: Path) -> dict[str, tuple[Path, int]]:
             write_video(folder / "bf.avi", 24, "mpeg4", options={"bf": "2", "g": "8"}),
             24,
         ),  # fmt: skip
+        "avi-h264-bframes": (
+            write_video(folder / "h264.avi", 24, options={"bf": "2", "g": "8"}),
+            24,
+        ),  # fmt: skip
+        "avi-h264-open-gop": (
+            write_video(folder / "open.avi", 30, options={"x264-params": OPEN_GOP}),
+            30,
+        ),  # fmt: skip
         "ffv1-mkv": (
             write_video(folder / "lossless.mkv", 20, "ffv1", pix_fmt="bgr0", options={"g": "12"}),
             20,

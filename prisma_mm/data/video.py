@@ -81,8 +81,11 @@ class VideoIndex:
     """Where every frame of one video is. ``pts[i]``: frame ``i``'s timestamp (in
     ``time_base``) in presentation order; ``keyframes``: frame indices decoding can start from
     (sorted), with ``key_seek`` (the timestamp to seek to) and ``key_dts`` (to recognise the
-    keyframe after a seek). ``sequential``: timestamps are missing or repeated, so frames are
-    counted in decoder output order from the start (no seeking)."""
+    keyframe after a seek). ``mode``: ``"pts"`` (frames found by timestamp), ``"counted"``
+    (an AVI whose timestamps are in decode order though its codec reorders frames: frames are
+    the decoder's outputs counted from a closed-GOP keyframe, whose presentation index is its
+    decode position; ``pts`` holds the packets' timestamps in decode order) or
+    ``"sequential"`` (timestamps missing or repeated: outputs counted from the start)."""
 
     name: str  # the path, or a label for in-memory bytes
     container: str  # FFmpeg's demuxer name (first of its list: "mov", "matroska", "avi", ...)
@@ -97,7 +100,7 @@ class VideoIndex:
     key_dts: tuple[int, ...]
     open_gop: bool  # a frame presented before a keyframe is decoded after it
     truncated: bool  # the file ends before its own index says (frames after the cut dropped)
-    sequential: bool = False
+    mode: str = "pts"
     data: bytes | None = field(default=None, repr=False)  # the file's bytes (tar members)
 
     @property
@@ -112,7 +115,7 @@ class VideoIndex:
     @property
     def fps(self) -> float:
         """Mean frame rate from the timestamps (informational; nothing is located by it)."""
-        if self.n_frames < 2 or self.sequential:
+        if self.n_frames < 2 or self.mode == "sequential":
             return 0.0
         span = float((self.pts[-1] - self.pts[0]) * self.time_base)
         return (self.n_frames - 1) / span if span > 0 else 0.0
@@ -161,6 +164,8 @@ def _build_index(video: str | Path | bytes, name: str) -> VideoIndex:
         stream = container.streams.video[0]
         codec = stream.codec_context.name
         packets: list[tuple[int | None, int | None, bool]] = []
+        closed: list[bool] = []  # per keyframe packet (AVI): an IDR, so no frame leads it
+        avi = container.format.name.split(",")[0] == "avi"
         truncated = False
         try:
             for packet in container.demux(stream):
@@ -172,6 +177,8 @@ def _build_index(video: str | Path | bytes, name: str) -> VideoIndex:
                 if packet.is_discard:
                     continue
                 packets.append((packet.pts, packet.dts, packet.is_keyframe))
+                if avi and packet.is_keyframe:
+                    closed.append(_is_idr(codec, bytes(packet)))
         except (av.FFmpegError, OSError, EOFError):
             truncated = True
         entries = stream.index_entries
@@ -186,11 +193,49 @@ def _build_index(video: str | Path | bytes, name: str) -> VideoIndex:
             width, height = height, width
         time_base = stream.time_base or Fraction(1, 1)
         container_name = container.format.name.split(",")[0]
+        reorders = bool(stream.codec_context.has_b_frames)
     finally:
         container.close()
+    data = video if isinstance(video, bytes) else None
+    decode_ordered = all(a[0] is not None and b[0] is not None and a[0] < b[0]
+                         for a, b in zip(packets, packets[1:]))  # fmt: skip
+    if avi and reorders and decode_ordered:
+        return _counted_index(packets, closed, name, container_name, codec, width, height,
+                              rotation, time_base, truncated, data)  # fmt: skip
     return _index_from_packets(
-        packets, name, container_name, codec, width, height, rotation, time_base, truncated,
-        video if isinstance(video, bytes) else None,
+        packets, name, container_name, codec, width, height, rotation, time_base, truncated, data
+    )
+
+
+def _is_idr(codec: str, data: bytes) -> bool:
+    """Whether an Annex B H.264 / HEVC packet holds an IDR picture (a closed GOP starts)."""
+    for start in (m.end() for m in re.finditer(b"\x00\x00\x01", data)):
+        if start >= len(data):
+            break
+        header = data[start]
+        if codec.startswith("h264") and header & 0x1F == 5:
+            return True
+        if codec.startswith("hevc") and (header >> 1) & 0x3F in (19, 20):
+            return True
+    return False
+
+
+def _counted_index(packets, closed, name, container, codec, width, height, rotation, time_base,
+                   truncated, data) -> VideoIndex:  # fmt: skip
+    """An AVI whose timestamps follow decode order while its decoder reorders frames: the
+    presentation index of a closed-GOP keyframe is its decode position; decoding starts only
+    at those (and the first packet), frames are counted in output order from there."""
+    pts = [p for p, _, _ in packets]
+    keys = [0]
+    flags = iter(closed)
+    for position, (_, _, key) in enumerate(packets):
+        if key and next(flags) and position:
+            keys.append(position)
+    dts = [d if d is not None else p for p, d, _ in packets]
+    return VideoIndex(
+        name, container, codec, width, height, rotation, tuple(pts), Fraction(time_base),
+        tuple(keys), tuple(min(pts[k], dts[k]) for k in keys), tuple(dts[k] for k in keys),
+        not all(closed), truncated, "counted", data,
     )  # fmt: skip
 
 
@@ -198,12 +243,12 @@ def _index_from_packets(packets, name, container, codec, width, height, rotation
                         truncated, data) -> VideoIndex:  # fmt: skip
     """The index of one video from its packets in decode order ``(pts, dts, keyframe)``."""
     pts = [p if p is not None else d for p, d, _ in packets]
-    sequential = any(t is None for t in pts) or len(set(pts)) != len(pts)
-    if sequential:
+    if any(t is None for t in pts) or len(set(pts)) != len(pts):
         # no usable timestamps: frames are the decoder's outputs counted from the start
         n = len(packets)
         return VideoIndex(name, container, codec, width, height, rotation, tuple(range(n)),
-                          Fraction(1, 1), (0,), (0,), (0,), False, truncated, True, data)  # fmt: skip
+                          Fraction(1, 1), (0,), (0,), (0,), False, truncated, "sequential",
+                          data)  # fmt: skip
     if truncated:
         # frames after the cut have pts >= their dts > the last complete packet's dts, so every
         # frame presented no later than that dts is complete; later ones may have lost a sibling
@@ -235,7 +280,7 @@ def _index_from_packets(packets, name, container, codec, width, height, rotation
     return VideoIndex(
         name, container, codec, width, height, rotation, tuple(order), Fraction(time_base),
         tuple(k[0] for k in keys), tuple(k[1] for k in keys), tuple(k[2] for k in keys),
-        open_gop, truncated, False, data,
+        open_gop, truncated, "pts", data,
     )  # fmt: skip
 
 
@@ -318,8 +363,10 @@ class PyAVDecoder(Decoder):
         wanted = sorted(set(int(i) for i in frames))
         got: dict[int, np.ndarray] = {}
         try:
-            if index.sequential:
+            if index.mode == "sequential":
                 self._sequential(index, wanted, got)
+            elif index.mode == "counted":
+                self._counted(index, wanted, got)
             else:
                 self._by_pts(index, wanted, got)
         except (av.FFmpegError, OSError, EOFError) as error:
@@ -339,6 +386,40 @@ class PyAVDecoder(Decoder):
                     got[count] = _display(frame.to_ndarray(format="rgb24"), index.rotation)
                 if count >= wanted[-1]:
                     return
+        finally:
+            container.close()
+
+    def _counted(self, index: VideoIndex, wanted: list[int], got: dict[int, np.ndarray]) -> None:
+        """Outputs counted from a closed-GOP keyframe; if the first output after a seek is not
+        that keyframe's picture, everything is decoded from the start instead."""
+        want = set(wanted)
+        container = index.open()
+        try:
+            stream = container.streams.video[0]
+            frames: Iterator[tuple[int | None, Any]] | None = None
+            position = None  # presentation index of the next output
+            for i in wanted:
+                if i in got:
+                    continue
+                slot = bisect.bisect_right(index.keyframes, i) - 1
+                key = index.keyframes[slot]
+                if frames is None or position is None or position < key:
+                    frames = self._from_keyframe(container, stream, index, slot)
+                    position = None
+                for pts, frame in frames:
+                    if position is None:
+                        if pts != index.pts[key]:
+                            raise _SeekMissed  # leading pictures, or not the keyframe
+                        position = key
+                    if position in want:
+                        got[position] = _display(frame.to_ndarray(format="rgb24"),
+                                                 index.rotation)  # fmt: skip
+                    position += 1
+                    if position > i:
+                        break
+        except _SeekMissed:
+            got.clear()
+            self._sequential(index, wanted, got)
         finally:
             container.close()
 
@@ -381,7 +462,8 @@ class PyAVDecoder(Decoder):
     @staticmethod
     def _from_keyframe(container: Any, stream: Any, index: VideoIndex, slot: int,
                        seek: bool = True) -> Iterator[tuple[int | None, Any]]:  # fmt: skip
-        """Decoded ``(pts, frame)`` from keyframe ``slot`` (or an earlier one) to the end."""
+        """Decoded ``(pts, frame)`` from keyframe ``slot`` to the end; raises _SeekMissed when
+        the seek lands after it."""
         if seek and slot > 0:
             container.seek(index.key_seek[slot], stream=stream, backward=True, any_frame=False)
         elif seek:
@@ -391,8 +473,8 @@ class PyAVDecoder(Decoder):
             if not started and packet.size:
                 if packet.dts is None:
                     continue
-                if packet.is_keyframe and packet.dts <= index.key_dts[slot]:
-                    started = True
+                if packet.is_keyframe and packet.dts == index.key_dts[slot]:
+                    started = True  # the keyframe itself (a seek may land before it)
                 elif packet.dts > index.key_dts[slot]:
                     raise _SeekMissed
                 else:
@@ -480,7 +562,7 @@ def decord_exact(index: VideoIndex) -> bool:
         (index.container, index.codec) in DECORD_EXACT
         and not index.open_gop
         and not index.truncated
-        and not index.sequential
+        and index.mode == "pts"
         and index.rotation == 0
     )
 
