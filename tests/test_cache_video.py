@@ -99,21 +99,25 @@ def test_a_list_file_and_tar_shards_of_videos(model, videos, tmp_path):
     assert listed["n_samples"] == 1 and listed["n_skipped"] == 1
     assert "file not found" in listed["skipped"][0]["reason"]
 
-    shard = tmp_path / "videos-000.tar"
-    with tarfile.open(shard, "w") as tar:
-        for key, name, label in (("clip-a", "a.mp4", 3), ("clip-b", "b.mkv", 7)):
-            for ext, data in ((name.rsplit(".", 1)[1], (videos / name).read_bytes()),
+    for shard, (key, name, label) in enumerate((("clip-a", "a.mp4", 3), ("clip-b", "b.mkv", 7))):
+        with tarfile.open(tmp_path / f"videos-{shard:03d}.tar", "w") as tar:
+            # a json member first: a video shard is recognised by any of its first members
+            for ext, data in (("json", b"{}"), (name.rsplit(".", 1)[1], (videos / name).read_bytes()),
                               ("cls", str(label).encode())):  # fmt: skip
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    manifest = write_cache(model, str(shard), tmp_path / "tar", HOOK, clip=CLIP, workers=2,
+    pattern = str(tmp_path / "videos-{000..001}.tar")
+    manifest = write_cache(model, pattern, tmp_path / "tar", HOOK, clip=CLIP, workers=2,
                            order_seed=None, **OPTIONS)  # fmt: skip
     assert manifest["source"]["type"] == "video-tar"
     metas = [s["meta"] for s in read_samples(tmp_path / "tar").values()]
     got = sorted((m["label"], parse_clip_source(m["source"])[1]) for m in metas)
     assert got == sorted([(3, w) for w in _windows(16)] + [(7, w) for w in _windows(10)])
-    assert all(m["source"].startswith(f"{shard}#clip-") for m in metas)
+    assert {m["source"].split("#f=")[0] for m in metas} == {
+        f"{tmp_path}/videos-000.tar#clip-a",
+        f"{tmp_path}/videos-001.tar#clip-b",
+    }
 
 
 def test_clips_of_another_length_than_the_model_takes_are_refused_before_work(model, videos,

@@ -978,17 +978,29 @@ def _looks_like_video_list(spec: str) -> bool:
 
 
 def _looks_like_video_tar(spec: str) -> bool:
+    """A tar pattern whose first local shard holds a video among its first members."""
     import tarfile
 
-    path = Path(spec.removeprefix("file:")).expanduser()
-    if not path.is_file() or not path.name.lower().endswith(".tar"):
+    from webdataset.shardlists import expand_urls
+
+    from prisma_mm.data.sources import _is_local, _is_tar_spec, _local_path
+
+    if not _is_tar_spec(spec):
+        return False
+    first = next(iter(expand_urls(spec)), None)
+    if first is None or not _is_local(first) or not _local_path(first).is_file():
         return False
     try:
-        with tarfile.open(path) as tar:
-            first = tar.next()
+        with tarfile.open(_local_path(first)) as tar:
+            for _ in range(16):
+                member = tar.next()
+                if member is None:
+                    return False
+                if _is_video_name(member.name):
+                    return True
     except (tarfile.TarError, OSError):
         return False
-    return first is not None and _is_video_name(first.name)
+    return False
 
 
 def _open_videos(spec: str) -> Source:
