@@ -237,6 +237,18 @@ def test_vit_prisma_transcoder_with_skip_matches_vit_prisma(tmp_path, monkeypatc
     assert sae.metadata["hook_out"] == "blocks.1.hook_mlp_out"
 
 
+class _System:
+    """Unpickles as ``os.system(command)``: the classic malicious checkpoint."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (self.command,))
+
+
 def test_a_pickle_carrying_code_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "ran"
     folder = tmp_path / "evil"
@@ -246,6 +258,10 @@ def test_a_pickle_carrying_code_is_refused_and_never_runs(tmp_path):
     with pytest.raises(PrismaError, match="refused") as err:
         from_vit_prisma_folder(folder)
     assert "\n" not in str(err.value) and not marker.exists()
+    torch.save({"state_dict": {"W_enc": _System(f"touch {marker}")}}, folder / "weights.pt")
+    with pytest.raises(PrismaError, match="refused"):
+        from_vit_prisma_folder(folder)
+    assert not marker.exists()
     torch.save({"state_dict": {"pre_bias": Payload(str(marker))}}, folder / "state_dict.pth")
     (folder / "config.json").write_text(json.dumps({"n_dirs_local": 4, "d_model": 2, "k": 1}))
     with pytest.raises(PrismaError, match="refused"):
