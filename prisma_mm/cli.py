@@ -43,9 +43,10 @@ def _zoo_list(args: argparse.Namespace) -> int:
         return 0
     rows = [(n, get_card(n)) for n in names]
     width = max(len(n) for n, _ in rows)
-    print(f"{'name':<{width}}  {'family':<9}  {'task':<10}  source")
+    family = max(len("family"), *(len(card.family) for _, card in rows))
+    print(f"{'name':<{width}}  {'family':<{family}}  {'task':<10}  source")
     for name, card in rows:
-        print(f"{name:<{width}}  {card.family:<9}  {card.task:<10}  {card.source}")
+        print(f"{name:<{width}}  {card.family:<{family}}  {card.task:<10}  {card.source}")
     print(f"{len(rows)} models")
     return 0
 
@@ -59,6 +60,8 @@ def _zoo_show(args: argparse.Namespace) -> int:
     info["layout"] = model.layout.to_dict()
     info["d_model"] = model.d_model
     info["n_layers"] = model.n_layers
+    if model.spec.block_layouts is not None:  # grids that shrink between stages (video)
+        info["grid_after_each_block"] = [list(a.grid) for _, a in model.spec.block_layouts]
     info["hooks"] = {
         "per block": sorted(
             {n.split(".", 2)[2] for n in model.hook_names if n.startswith("blocks.")}
@@ -85,7 +88,11 @@ def _add_zoo_parser(subparsers) -> None:
     zoo = subparsers.add_parser("zoo", help="list and inspect carded models")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
     listing = zoo_sub.add_parser("list", help="list the model cards")
-    listing.add_argument("--family", default=None, help="only this family (timm, open_clip)")
+    listing.add_argument(
+        "--family",
+        default=None,
+        help="only this family (timm, open_clip, transformers_video, torchvision_video)",
+    )
     listing.add_argument("--json", action="store_true", help="print the cards as JSON")
     listing.set_defaults(handler=_zoo_list)
     show = zoo_sub.add_parser("show", help="show one card with its layout and hook names")

@@ -11,6 +11,7 @@ silent misuse (TimeSformer's clip length, V-JEPA 2's size) raise one line.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +25,14 @@ from prisma_mm.zoo import registry
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["tiny-videomae", "tiny-timesformer", "tiny-vivit", "tiny-vjepa2"]
+TINY = [
+    "tiny-videomae",
+    "tiny-timesformer",
+    "tiny-vivit",
+    "tiny-vjepa2",
+    "tiny-mvit",
+    "tiny-swin3d",
+]
 VIDEO_FAMILIES = ("transformers_video", "torchvision_video")
 
 
@@ -49,6 +57,18 @@ def _native(model, x: torch.Tensor) -> torch.Tensor:
     kwargs = {"skip_predictor": True} if type(module).__name__ == "VJEPA2Model" else {}
     out = module(**{name: x.transpose(1, 2)}, **kwargs)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def _torchvision_class(card) -> torch.nn.Module:
+    """A tiny torchvision card's architecture built with torchvision's own classes."""
+    from torchvision.models.video import mvit, swin_transformer
+
+    kwargs = dict(card.kwargs)
+    if card.arch == "MViT":
+        kwargs["block_setting"] = [mvit.MSBlockConfig(**b) for b in kwargs["block_setting"]]
+        kwargs["spatial_size"] = tuple(kwargs["spatial_size"])
+        return mvit.MViT(**kwargs)
+    return swin_transformer.SwinTransformer3d(**kwargs)
 
 
 def test_every_video_card_is_in_a_video_family_with_a_tiny_card() -> None:
@@ -79,7 +99,8 @@ def test_every_hook_fires_with_the_shape_its_layout_gives(name: str) -> None:
         else:
             assert value.shape[:2] == (2, layout.n_tokens), hook
     if model.card.task == "classifier":
-        assert out.shape == (2, model.card.kwargs["num_labels"])
+        kwargs = model.card.kwargs
+        assert out.shape == (2, kwargs.get("num_labels", kwargs.get("num_classes")))
     # zoo show's meta build agrees with the real one
     meta = registry.build_on_meta(name)
     assert meta.layout == model.layout and meta.hook_names == model.hook_names
@@ -104,9 +125,7 @@ def test_hooked_forward_is_bit_identical_to_the_library_and_init_is_the_librarys
             cls = getattr(transformers, card.arch)
             library = cls(cls.config_class(**card.kwargs)).eval()
         else:
-            import torchvision
-
-            library = torchvision.models.get_model(card.arch, **card.kwargs).eval()
+            library = _torchvision_class(card).eval()
     own, theirs = model.module.state_dict(), library.state_dict()
     assert own.keys() == theirs.keys() and all(torch.equal(own[k], theirs[k]) for k in own)
 
@@ -116,10 +135,12 @@ def test_one_perturbed_patch_maps_back_to_exactly_its_frame_and_patch(name: str)
     model = _model(name)
     layout = model.layout
     x = _clip(model, batch=1, seed=2)
-    frame, row, col = 3, 1, 2  # input frame 3: grid frame 3 // tubelet
+    # one pixel: the first of grid frame 1, the top-left of patch (1, 2) (MViT's patches
+    # overlap: its 7 px kernels at stride 4 reach that pixel from that patch only)
+    frame, row, col = layout.tubelet, 1, 2
     (ph, pw) = layout.patch_size
     bumped = x.clone()
-    bumped[:, :, frame, row * ph : (row + 1) * ph, col * pw : (col + 1) * pw] += 1.0
+    bumped[:, :, frame, row * ph, col * pw] += 1.0
     _, before = model.run_with_cache(x, "hook_embed")
     _, after = model.run_with_cache(bumped, "hook_embed")
     changed = ((after["hook_embed"] - before["hook_embed"]).abs().amax(-1) > 1e-6)[0]
@@ -297,8 +318,10 @@ def test_hf_cache_folder_offline(offline_hub, tmp_path) -> None:
 
 
 def test_missing_pretrained_weights_offline_name_what_to_fetch(offline_hub) -> None:
-    real = [
-        n for n in registry.list_models("transformers_video") if not registry.get_card(n).is_tiny
+    real = [  # cards of the libraries' checkpoints (toyvideo's weights ship in assets/)
+        n
+        for n in registry.list_models("transformers_video")
+        if not registry.get_card(n).is_tiny and not registry.get_card(n).weights
     ]
     name = real[0] if real else None
     target = name or "tiny-videomae"
@@ -309,3 +332,139 @@ def test_missing_pretrained_weights_offline_name_what_to_fetch(offline_hub) -> N
     message = str(error.value)
     assert repo in message and "config.json" in message and "huggingface-cli download" in message
     assert "\n" not in message
+
+
+def test_torchvision_hub_cache_checkpoint_and_state_dict_files(tmp_path, monkeypatch) -> None:
+    import dataclasses
+
+    source = prisma_mm.load_model("tiny-swin3d", weights=None, seed=8)
+    url = "https://download.pytorch.org/models/tiny-swin3d-0123abcd.pth"
+    card = dataclasses.replace(registry.get_card("tiny-swin3d"), name="hub-swin3d", source=url)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def offline(url, dst, *args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(PrismaError, match="could not be loaded") as error:
+        prisma_mm.load_model(card, weights="pretrained")
+    assert url in str(error.value) and str(tmp_path / "hub" / "checkpoints") in str(error.value)
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    torch.save(source.module.state_dict(), tmp_path / "hub" / "checkpoints" / Path(url).name)
+    assert _same(prisma_mm.load_model(card, weights="pretrained").module, source.module)
+    torch.save(source.module.state_dict(), tmp_path / "swin.pth")
+    assert _same(
+        prisma_mm.load_model("tiny-swin3d", weights=tmp_path / "swin.pth").module, source.module
+    )
+    with pytest.raises(PrismaError, match="do not fit this model"):
+        prisma_mm.load_model("tiny-mvit", weights=tmp_path / "swin.pth")
+
+
+def test_mvit_and_swin3d_layouts_shrink_per_hook() -> None:
+    mvit = _model("tiny-mvit")
+    assert mvit.layout_for("blocks.0.hook_resid_pre").grid == (2, 8, 8)
+    assert mvit.layout_for("blocks.0.ln1.hook_normalized").grid == (2, 8, 8)
+    assert mvit.layout_for("blocks.0.hook_attn_out").grid == (2, 4, 4)  # pooled queries
+    assert mvit.layout_for("blocks.0.hook_resid_post").grid == (2, 4, 4)
+    assert mvit.layout_for("ln_final.hook_normalized").grid == (2, 4, 4)
+    assert mvit.layout_for("hook_embed") == mvit.layout and mvit.layout.n_prefix == 1
+    swin = _model("tiny-swin3d")
+    assert swin.layout_for("blocks.0.hook_resid_post").grid == (2, 8, 8)
+    assert swin.layout_for("blocks.1.hook_resid_pre").grid == (2, 4, 4)  # after patch merging
+    assert swin.layout_for("blocks.1.hook_resid_pre").patch_size == (8, 8)
+    # a perturbed input patch moves the merged stage's stream most at its own place
+    x = _clip(swin, batch=1, seed=9)
+    bumped = x.clone()
+    bumped[:, :, 2:4, 24:32, 8:16] += 3.0  # grid frame 1, merged patch (3, 1)
+    hook = "blocks.1.hook_resid_pre"
+    _, before = swin.run_with_cache(x, hook, stop_at_layer="auto")
+    _, after = swin.run_with_cache(bumped, hook, stop_at_layer="auto")
+    moved = (after[hook] - before[hook]).norm(dim=-1)[0]
+    layout = swin.layout_for(hook)
+    assert layout.token_to_patch(int(moved.argmax())) == (1, 3, 1)
+    assert layout.patch_map(moved)[1, 3, 1] == moved.max()
+
+
+def test_torchvision_frames_and_size_are_checked_against_the_card() -> None:
+    model = _model("tiny-mvit")
+    with pytest.raises(PrismaError, match="takes 4 frames at"):
+        model(torch.zeros(1, 3, 8, 32, 32))
+
+
+# ----- the real cards: data checked against the libraries, one meta build per class ----------
+
+SIZES = {"small": 384, "base": 768, "hr": 768, "large": 1024, "vitl": 1024, "vith": 1280}
+SIZES |= {"vitg": 1408, "b": 768}
+LABELS = {"kinetics": 400, "k400": 400, "kinetics400": 400, "k600": 600, "ssv2": 174}
+LABELS |= {"diving48": 48}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        n
+        for n in registry.list_models("transformers_video")
+        if not registry.get_card(n).is_tiny and not registry.get_card(n).weights  # not toyvideo
+    ],
+)
+def test_transformers_video_card_config_matches_its_name(name: str) -> None:
+    import transformers
+
+    card = registry.get_card(name)
+    cls = getattr(transformers, card.arch)
+    config = cls.config_class(**card.kwargs)
+    parts = name.split("-")
+    width = next(SIZES[p] for p in parts if p in SIZES)
+    if name.startswith("timesformer-"):  # TimeSformer-HR and -L are ViT-B over more pixels
+        width = 768
+    assert config.hidden_size == width
+    frames = getattr(config, "num_frames", None) or config.frames_per_clip
+    assert card.preprocess["frames"] == frames
+    labels = [LABELS[p] for p in parts if p in LABELS]
+    if card.task == "classifier":
+        assert "ForVideoClassification" in card.arch and config.num_labels == labels[-1]
+    else:
+        assert card.arch.endswith("Model")
+    assert card.source.split("/")[1] == name or card.source.endswith(name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [n for n in registry.list_models("torchvision_video") if not registry.get_card(n).is_tiny],
+)
+def test_torchvision_video_card_matches_torchvisions_weights(name: str) -> None:
+    from prisma_mm.zoo.video_torchvision import weights_entry
+
+    card = registry.get_card(name)
+    entry = weights_entry(card)
+    assert entry.url == card.source
+    assert len(entry.meta["categories"]) == 400
+    clip_len = int(entry.meta["_docs"].split("clip_len=")[1].split("`")[0])
+    assert card.preprocess["frames"] == clip_len
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "timesformer-base-finetuned-k400",
+        "vivit-b-16x2-kinetics400",
+        "vjepa2-vitl-fpc16-256-ssv2",
+        "mvit-v2-s-kinetics400",
+        "swin3d-t-kinetics400",
+    ],
+)
+def test_real_cards_build_on_meta_with_the_papers_token_counts(name: str) -> None:
+    model = registry.build_on_meta(name)
+    assert all(p.device.type == "meta" for p in model.module.parameters())
+    expected = {
+        "timesformer-base-finetuned-k400": (1 + 8 * 14 * 14, 12),
+        "vivit-b-16x2-kinetics400": (1 + 16 * 14 * 14, 12),
+        "vjepa2-vitl-fpc16-256-ssv2": (8 * 16 * 16, 24),
+        "mvit-v2-s-kinetics400": (1 + 8 * 56 * 56, 16),
+        "swin3d-t-kinetics400": (16 * 56 * 56, 12),
+    }[name]
+    assert (model.layout.n_tokens, model.n_layers) == expected
+    last = model.layout_for(f"blocks.{model.n_layers - 1}.hook_resid_post")
+    assert last.grid[1:] == {"mvit-v2-s-kinetics400": (7, 7), "swin3d-t-kinetics400": (7, 7)}.get(
+        name, model.layout.grid[1:]
+    )

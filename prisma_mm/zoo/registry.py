@@ -33,6 +33,7 @@ ADAPTERS = {
     "timm": "prisma_mm.zoo.timm_vit",
     "open_clip": "prisma_mm.zoo.open_clip",
     "transformers_video": "prisma_mm.zoo.video",
+    "torchvision_video": "prisma_mm.zoo.video_torchvision",
     "diffusers": "prisma_mm.zoo.diffusion",
 }
 TASKS = ("classifier", "embedding", "clip", "text-to-image")

@@ -435,6 +435,8 @@ def build(
     architecture)."""
     del img_size  # refused for video cards by registry.check_img_size
     cls = _model_class(card)
+    if weights == "pretrained" and card.weights and card.weights.startswith("asset:"):
+        weights = str(registry.assets_dir() / card.weights.removeprefix("asset:"))  # toyvideo
     if weights == "pretrained":
         module = _from_pretrained(cls, card, card.source)
     elif weights is not None and weights.startswith("hf-hub:"):
