@@ -18,6 +18,7 @@ from prisma_mm.analysis.families import (
     PAPER_META_FVU,
     FamilyConfig,
     PlateauCriterion,
+    family_markdown,
     toy_held_out,
     train_member,
 )
@@ -159,6 +160,9 @@ def test_report_matches_the_saved_members(family_run, toy_cache):
     increases = sum((b - a) / a > 1e-4 for a, b in zip(mse, mse[1:]))
     assert pair["n_increases"] == increases and pair["monotone"] == (increases == 0)
     assert Path(pair["plot"]).is_file()
+    from prisma_mm.viz.browser import read_stitching
+
+    read_stitching(pair["stitch_json"], 64)  # per-latent classes in the browser's format
     novel = pair["novel_ground_truth"]
     assert novel["n_novel"] == pair["n_novel_test"] == len(novel["latents"])
     # each novel latent's best value, recomputed from the patch codes and labels
@@ -200,3 +204,23 @@ def test_markdown_shows_the_json_numbers(family_run):
     assert f"monotone: {pair['monotone']}" in markdown
     assert f"FVU {report['meta_sae']['fvu']:.3f} (paper: about 0.45)" in markdown
     assert math.isfinite(report["seconds"])
+
+
+def test_report_without_ground_truth(family_run, toy_cache):
+    """On held-out rows alone (`--held-out cache`): the same metrics and stitching, no ground
+    truth, no spliced accuracy, no meta-SAE."""
+    from prisma_mm.analysis.families import FamilyMember, family_report
+
+    model, _ = toy_cache
+    out, with_truth = family_run
+    members = [FamilyMember.from_dict(json.loads((out / "members" / m["name"] / "training.json")
+               .read_text())) for m in with_truth["members"]]  # fmt: skip
+    held = toy_held_out(model, HOOK, N_EVAL, seed=0, start=N_TRAIN)
+    report = family_report(members, rows=held.rows, stitch_points=4)
+    assert [m["fvu"] for m in report["members"]] == [m["fvu"] for m in with_truth["members"]]
+    assert "spliced_accuracy" not in report["members"][0] and "meta_sae" not in report
+    assert "novel_ground_truth" not in report["pairs"][0]
+    assert report["pairs"][0]["n_novel_test"] == with_truth["pairs"][0]["n_novel_test"]
+    assert "conj. w/ latent" not in family_markdown(report)
+    with pytest.raises(PrismaError, match="at least 2 members"):
+        family_report(members[:1], rows=held.rows)

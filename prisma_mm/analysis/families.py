@@ -26,11 +26,13 @@ a shuffled control). Definitions: docs/families.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from prisma_mm.analysis.cli import _jsonable
 from prisma_mm.errors import PrismaError
 
 __all__ = [
@@ -388,6 +391,23 @@ def _member_config(config: FamilyConfig, cls: Any, n_latents: int, d_in: int) ->
     return args
 
 
+@contextlib.contextmanager
+def _quiet_lightning(quiet: bool) -> Iterator[None]:
+    """Lightning's device and tips banner and its deprecation noise, silenced when quiet."""
+    loggers = [logging.getLogger(n) for n in _LIGHTNING_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.filterwarnings("ignore", module="lightning")
+            for lg in loggers:
+                lg.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
 def train_member(config: FamilyConfig, n_latents: int, hook: str) -> FamilyMember:
     """Train one member of ``n_latents`` latents until it plateaus (or ``max_tokens``) and save
     it in ``out/members/<name>``; a member already trained there with the same settings is
@@ -424,31 +444,23 @@ def train_member(config: FamilyConfig, n_latents: int, hook: str) -> FamilyMembe
         init_sample_rows=config.init_sample_rows,
     )
     stop = plateau_stop(config.criterion)
-    trainer = pl.Trainer(
-        accelerator=config.accelerator,
-        devices=1,
-        max_steps=steps,
-        max_epochs=-1,
-        val_check_interval=max(1, config.eval_every_tokens // config.batch_size),
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=config.progress,
-        default_root_dir=str(folder),
-        callbacks=[stop, SaveDictionary(dirpath=str(folder / "dictionary"))],
-    )
-    loggers = [logging.getLogger(n) for n in _LIGHTNING_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    if not config.progress:  # no device / tips banner per member either
-        for lg in loggers:
-            lg.setLevel(logging.WARNING)
-    try:
+    with _quiet_lightning(not config.progress):  # no banner per member
+        trainer = pl.Trainer(
+            accelerator=config.accelerator,
+            devices=1,
+            max_steps=steps,
+            max_epochs=-1,
+            val_check_interval=max(1, config.eval_every_tokens // config.batch_size),
+            check_val_every_n_epoch=None,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=config.progress,
+            default_root_dir=str(folder),
+            callbacks=[stop, SaveDictionary(dirpath=str(folder / "dictionary"))],
+        )
         trainer.fit(module, datamodule=data)
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
     member = FamilyMember(
         name=name,
         n_latents=n_latents,
@@ -780,6 +792,9 @@ def family_report(
     from prisma_mm.analysis.spliced import spliced_eval
     from prisma_mm.analysis.stitching import plot_stitching, stitch
 
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+
     if held_out is None and rows is None:
         raise PrismaError("family_report needs held_out toy-world data or held-out rows")
     if len(members) < 2:
@@ -852,9 +867,11 @@ def family_report(
             "curve": [{"n_latents": r["n_latents"], "mse": r["mse"]} for r in result.curve],
         }
         if out is not None:
-            pair["plot"] = str(plot_stitching(
-                result, Path(out) / f"stitch_{members[i].name}_{members[i + 1].name}.png"
-            ))  # fmt: skip
+            stem = Path(out) / f"stitch_{members[i].name}_{members[i + 1].name}"
+            pair["plot"] = str(plot_stitching(result, stem.with_suffix(".png")))
+            # per-latent classes, in the format the browser's read_stitching takes
+            stem.with_suffix(".json").write_text(json.dumps(_jsonable(result.to_dict())))
+            pair["stitch_json"] = str(stem.with_suffix(".json"))
         if held_out is not None:
             pair["novel_ground_truth"] = _novel_ground_truth(
                 classes.novel_test, scores[i], scores[i + 1], held_out, threshold
@@ -944,8 +961,6 @@ def family_markdown(report: dict[str, Any]) -> str:
 
 def write_family_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
     """Write ``out/family_report.json`` and ``out/family_report.md``."""
-    from prisma_mm.analysis.cli import _jsonable
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "family_report.json", out / "family_report.md"
@@ -958,7 +973,7 @@ def write_family_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
 def run_family(args: argparse.Namespace) -> int:
     """``prisma-mm family --cache CACHE --out DIR``: train the family, write its report."""
     import prisma_mm
-    from prisma_mm.analysis.cli import load_cache_rows
+    from prisma_mm.analysis.cli import DEFAULT_STITCH_TOKENS, load_cache_rows
 
     started = time.perf_counter()
     config = FamilyConfig(
@@ -994,7 +1009,7 @@ def run_family(args: argparse.Namespace) -> int:
         start = args.eval_start if args.eval_start is not None else int(manifest["inputs_done"])
         held = toy_held_out(model, hook, args.n_eval, seed=args.toyworld_seed, start=start)
     else:
-        rows = load_cache_rows(str(config.cache_dir), [hook], args.n_eval * 1000, "eval",
+        rows = load_cache_rows(str(config.cache_dir), [hook], DEFAULT_STITCH_TOKENS, "eval",
                                config.eval_fraction, config.seed)  # fmt: skip
     report = family_report(
         members, held_out=held, rows=rows, model=model, hook=hook, criterion=config.criterion,
@@ -1047,9 +1062,10 @@ def add_family_parser(subparsers: Any) -> None:
                    default=d.eval_fraction, help="cache inputs held out for the plateau's FVU")  # fmt: skip
     p.add_argument("--held-out", choices=("toyworld", "cache"), default="toyworld",
                    help="toyworld: render held-out toy-world images (ground truth, spliced "
-                   "accuracy); cache: the cache's held-out rows (no ground truth)")  # fmt: skip
+                   "accuracy); cache: up to 65536 rows of the cache's held-out split (no "
+                   "ground truth)")  # fmt: skip
     p.add_argument("--n-eval", type=_int_at_least(2), default=400,
-                   help="held-out toy-world images (cache: thousands of rows)")  # fmt: skip
+                   help="held-out toy-world images")  # fmt: skip
     p.add_argument(
         "--eval-start",
         type=_int_at_least(0),
