@@ -75,7 +75,7 @@ def read_samples(cache_dir: Path) -> dict[str, dict]:
                 entry = out.setdefault(key, {})
                 if ext == "meta.json":
                     entry["meta"] = json.loads(data)
-                else:
+                elif ext.endswith(".npy"):  # other members (a generated image) are not hooks
                     hook = manifest["key_hooks"][ext.removesuffix(".npy")]
                     array = decode_npy(data)
                     entry[hook] = to_torch(array.copy(), manifest["dtype"]).float().numpy()

@@ -211,8 +211,8 @@ def test_open_source_errors_and_registry(tmp_path):
     register_source("prompts", Prompts, detect=lambda spec: spec.startswith("say|"))
     assert open_source("prompts:a|b").count() == 2
     assert open_source("say|x|y").count() == 3
-    # the writer refuses kinds it cannot prepare yet, with one line
-    with pytest.raises(PrismaError, match="cannot prepare 'prompt' inputs"):
+    # prompts are generated from by a diffusion card: an image model refuses them in one line
+    with pytest.raises(PrismaError, match="caching from prompts needs a diffusion card"):
         write_cache("tiny-vit", "prompts:a|b", tmp_path / "out", "blocks.0.hook_resid_post")
 
 

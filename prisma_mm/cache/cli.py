@@ -44,6 +44,13 @@ def _write(args: argparse.Namespace) -> int:
         part=args.part,
         clip=args.clip,
         video_backend=args.video_backend,
+        generation={
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "seeds": args.seeds,
+            "prompt_column": args.prompt_column,
+            "keep_images": args.keep_images,
+        },
     )
     _summary(args.out, manifest)
     return 0
@@ -104,7 +111,7 @@ def add_cache_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--data",
         help="image or video folder, class-folder tree, list file, tar shards "
         "(train-{000..099}.tar or a URL); prefix folder:/classes:/list:/tar:/videos: to choose "
-        "explicitly",
+        "explicitly; for a diffusion card, prompts (.txt, .csv, .jsonl) or caption tar shards",
     )
     parser.add_argument("--out", help="output directory (created; resumed if it holds this cache)")
     parser.add_argument(
@@ -138,7 +145,8 @@ def add_cache_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--img-size",
         type=int,
         default=None,
-        help="run the model at this input size in pixels (default: the card's), e.g. 224",
+        help="run the model at this input size in pixels (default: the card's), e.g. 224; "
+        "for a diffusion card, the size of the generated images",
     )
     parser.add_argument(
         "--order-seed",
@@ -159,6 +167,26 @@ def add_cache_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="video decoder: auto (default: PyAV, decord where measured exact), pyav, decord, "
         "torchcodec",
     )
+    prompts = parser.add_argument_group(
+        "diffusion cards (--data: a prompts .txt / .csv / .jsonl file or caption tar shards)"
+    )
+    prompts.add_argument(
+        "--steps", type=int, default=None, help="denoising steps (default: the card's)"
+    )
+    prompts.add_argument(
+        "--guidance", type=float, default=None, help="guidance scale (default: the card's)"
+    )
+    prompts.add_argument(
+        "--seeds", default=None, help="generate each prompt with each seed: 0,1,2 or 0-3 (0)"
+    )
+    prompts.add_argument(
+        "--prompt-column", default=None, help="CSV / JSONL column or tar json key of the prompt "
+        "(default: prompt, caption or text)",
+    )  # fmt: skip
+    prompts.add_argument(
+        "--keep-images", action="store_true",
+        help="store each generated image as a png member of its step-0 sample",
+    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_write, cache_parser=parser)
     actions = parser.add_subparsers(dest="cache_command", required=False, metavar="{verify,merge}")

@@ -73,6 +73,20 @@ def _video_preparer(model: Any) -> Callable[[Any], Tensor]:
 PREPARERS["video"] = _video_preparer
 
 
+def _prompt_preparer(model: Any) -> Callable[[Any], dict[str, Any]]:
+    """A prompt input ``{"prompt", "seed"}`` is generated from as it is (by the pipeline)."""
+
+    def prepare(raw: Any) -> dict[str, Any]:
+        if not isinstance(raw, dict) or not isinstance(raw.get("prompt"), str):
+            raise PrismaError(f"a prompt input must be {{'prompt': str, 'seed': int}}, not {raw!r}")
+        return {"prompt": raw["prompt"], "seed": int(raw.get("seed", 0))}
+
+    return prepare
+
+
+PREPARERS["prompt"] = _prompt_preparer
+
+
 def probe_input(model: Any) -> Tensor:
     """A zero input of the model's shape (``[1, 3, H, W]``, or ``[1, 3, frames, H, W]`` for a
     video model) to find the hooks' shapes with."""
@@ -251,5 +265,7 @@ class InputBatches(IterableDataset):
             except (BadImage, PrismaError, OSError, ValueError) as error:
                 reasons.append(str(error) or error.__class__.__name__)
             records.append(entry)
-        pixels = torch.stack(tensors) if tensors else None
+        pixels = None
+        if tensors:  # tensors are stacked; prompts stay a list of {prompt, seed}
+            pixels = torch.stack(tensors) if isinstance(tensors[0], Tensor) else tensors
         return {"records": records, "reasons": reasons, "pixels": pixels}

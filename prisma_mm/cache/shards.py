@@ -148,7 +148,9 @@ class CacheSink:
         moments: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         """One sample: ``record`` = {position, index, key, source, label} (``position``: its
-        place in the visiting order; ``index``: in the source's own order); ``arrays[hook]`` is its
+        place in the visiting order; ``index``: in the source's own order; optional ``meta``:
+        more provenance, ``members``: more tar members ``{ext: bytes}``, ``more``: more
+        samples of this input follow); ``arrays[hook]`` is its
         ``[tokens, d]`` storage array (see :func:`~prisma_mm.cache.manifest.to_storage`);
         ``moments[hook]`` its :func:`~prisma_mm.cache.stats.sample_moments` (computed
         here when None)."""
@@ -162,8 +164,10 @@ class CacheSink:
             "index": record["index"],
             "position": record["position"],
             "tokens": record.get("tokens", self.meta_tokens),
+            **record.get("meta", {}),  # e.g. a generated sample's prompt, seed, step
         }
         sample: dict[str, Any] = {"__key__": key, "meta.json": json.dumps(meta).encode()}
+        sample.update(record.get("members", {}))  # extra members, e.g. a generated image
         for hook in self.hooks:
             sample[f"{self.keys[hook]}.npy"] = fmt.encode_npy(arrays[hook])
         if self.shard is None:
@@ -188,7 +192,8 @@ class CacheSink:
             )
         self.last_position = record["position"]
         self._note_tar_shard(record)
-        if self.shard.samples >= self.shard_size:
+        # an input with several samples (a prompt's steps) is never split over two shards
+        if self.shard.samples >= self.shard_size and not record.get("more"):
             self.publish()
 
     # -- commits

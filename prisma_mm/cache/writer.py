@@ -52,6 +52,7 @@ from prisma_mm.cache.shards import BackgroundSink, CacheSink, Job, ShardFile
 from prisma_mm.cache.stats import sample_moments
 from prisma_mm.data.sources import Source, open_source
 from prisma_mm.errors import PrismaError
+from prisma_mm.hooks import TokenLayout
 
 # Names other modules import from here (the writer before it was split by concern).
 __all__ = [
@@ -290,7 +291,7 @@ def _clean_leftovers(out: Path, manifest: Mapping[str, Any] | None) -> None:
             path.unlink()
 
 
-_IDENTITY = ("model", "fingerprint", "hooks", "dtype", "tokens", "source", "order")
+_IDENTITY = ("model", "fingerprint", "hooks", "dtype", "tokens", "source", "order", "generation")
 # Fields of a manifest that a part only has alone (its share), not in the merged manifest.
 _PART_ONLY = ("part", "tar_shards_done")
 # Caches written before the visiting order was recorded were written in the source's order.
@@ -307,6 +308,7 @@ def _identity(manifest: Mapping[str, Any]) -> dict[str, Any]:
         "tokens": manifest.get("tokens"),
         "source": manifest.get("source"),
         "order": manifest.get("order", _SOURCE_ORDER),
+        "generation": manifest.get("generation"),  # prompt caches: steps, guidance, size
     }
 
 
@@ -447,6 +449,7 @@ def write_cache(
     part: str | tuple[int, int] | None = None,
     clip: str | None = None,
     video_backend: str = "auto",
+    generation: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Stream ``data`` through ``model`` and cache the activations at ``hooks`` in ``out``.
 
@@ -472,6 +475,14 @@ def write_cache(
     (``uniform:T``, ``stride:T:S``, ``windows:T:S[:HOP]``, ``card``; None: the card's own),
     decoded in the DataLoader workers by ``video_backend`` (``auto``, ``pyav``, ``decord``,
     ``torchcodec``).
+
+    Diffusion cards (see :mod:`prisma_mm.zoo.diffusion`) generate from prompts (``data``: a
+    prompts file or caption tar shards, see :mod:`prisma_mm.data.prompts`): one input per
+    (prompt, seed), one sample per denoising step (key ``<input key>-sNNN``, provenance
+    prompt, seed, step and timestep); ``generation``: ``steps``, ``guidance`` (None: the
+    card's), ``seeds`` (each prompt with each seed; default 0), ``prompt_column`` (CSV /
+    JSONL / json member), ``keep_images`` (the generated image as a ``png`` member of the
+    step-0 sample). ``img_size``: the generation size.
     """
     _check_counts(batch_size, workers, shard_size, limit)
     part_index, n_parts, local_rank = resolve_part(part)
@@ -494,7 +505,23 @@ def write_cache(
         raise PrismaError(
             "img_size applies to a model card name: build the HookedModel at that size instead"
         )
-    source = _clip_source(open_source(data), clip, video_backend, model)
+    generation = _check_generation(model, generation)
+    if generation is not None:
+        from prisma_mm.data.prompts import open_prompts
+
+        source = open_prompts(data, generation.pop("prompt_column"), generation.pop("seeds"))
+        if clip is not None:
+            raise PrismaError(f"--clip {clip!r} applies to video data, not prompts")
+    else:
+        import prisma_mm.data.prompts  # noqa: F401 - registers the prompts: prefix
+
+        source = _clip_source(open_source(data), clip, video_backend, model)
+        if source.kind == "prompt":
+            raise PrismaError(
+                f"{_describe_short(source)} holds prompts: caching from prompts needs a "
+                "diffusion card (e.g. --model sdxl-turbo; see `prisma-mm zoo list --family "
+                "diffusers`)"
+            )
     if source.kind not in PREPARERS:
         raise PrismaError(
             f"the cache writer cannot prepare {source.kind!r} inputs yet (known: "
@@ -506,8 +533,9 @@ def write_cache(
         )
     span = _span(source, limit, part_index, n_parts)
     model, new = _prepare_model(
-        model, weights, device, hooks, token_spec, dtype_name, source, shard_size, limit, img_size
-    )
+        model, weights, device, hooks, token_spec, dtype_name, source, shard_size, limit, img_size,
+        generation,
+    )  # fmt: skip
     new["order"] = describe_order(source, order_seed)
     if n_parts > 1:
         new["part"] = span["part"]
@@ -615,6 +643,7 @@ def _prepare_model(
     shard_size: int,
     limit: int | None,
     img_size: int | None = None,
+    generation: Mapping[str, Any] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Load the model, check the hooks, find their shapes; returns (model, new manifest)."""
     if isinstance(model, str):
@@ -624,6 +653,19 @@ def _prepare_model(
         weights_label = weights
     else:
         weights_label = "object"
+    if generation is not None:
+        # a pipeline: shapes from its blocks (no probe), settings checked before any work
+        layout, hook_shapes = model.describe_hooks(hooks)
+        settings = {**model.settings(generation["steps"], generation["guidance"]),
+                    "keep_images": bool(generation["keep_images"])}  # fmt: skip
+        index = {h: token_index(token_spec, h, hook_shapes[h][0], layout, True) for h in hooks}
+        shapes = {h: [len(index[h]), hook_shapes[h][1]] for h in hooks}
+        new = new_manifest(
+            _model_info(model, weights_label), hooks, shapes, dtype_name, token_spec, index,
+            layout.to_dict(), source.describe(), shard_size, limit,
+        )  # fmt: skip
+        new["generation"] = settings
+        return model, new
     for hook in hooks:
         if hook.startswith(("text.", "text2.")):
             raise PrismaError(
@@ -645,18 +687,66 @@ def _prepare_model(
         for h in hooks
     }
     shapes = {h: [len(index[h]), int(probe_cache[h].shape[2])] for h in hooks}
+    new = new_manifest(
+        _model_info(model, weights_label), hooks, shapes, dtype_name, token_spec, index,
+        model.layout.to_dict(), source.describe(), shard_size, limit,
+    )  # fmt: skip
+    return model, new
+
+
+def _model_info(model: Any, weights_label: str | None) -> dict[str, Any]:
     name, card = _model_card(model)
-    model_info = {
+    return {
         "name": name,
         "card": card,
         "weights": weights_label,
         "fingerprint": weights_fingerprint(model.module),
     }
-    new = new_manifest(
-        model_info, hooks, shapes, dtype_name, token_spec, index, model.layout.to_dict(),
-        source.describe(), shard_size, limit,
-    )  # fmt: skip
-    return model, new
+
+
+def _is_pipeline(model: Any) -> bool:
+    """A diffusion card name or a :class:`~prisma_mm.zoo.diffusion.HookedPipeline`."""
+    if isinstance(model, str):
+        from prisma_mm.zoo.registry import get_card
+
+        return get_card(model).family == "diffusers"
+    return hasattr(model, "describe_hooks") and hasattr(model, "pipe")
+
+
+GENERATION_FLAGS = {
+    "steps": "--steps",
+    "guidance": "--guidance",
+    "seeds": "--seeds",
+    "prompt_column": "--prompt-column",
+    "keep_images": "--keep-images",
+}
+
+
+def _check_generation(model: Any, generation: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The generation settings of a diffusion model (defaults filled in), else None; a
+    setting given for another model is refused in one line."""
+    given = {k: v for k, v in (generation or {}).items() if v is not None and v is not False}
+    unknown_keys = sorted(set(given) - set(GENERATION_FLAGS))
+    if unknown_keys:
+        raise PrismaError(f"generation: unknown setting {unknown_keys[0]!r} (known: "
+                          f"{', '.join(GENERATION_FLAGS)})")  # fmt: skip
+    if not _is_pipeline(model):
+        if given:
+            flag = GENERATION_FLAGS[sorted(given)[0]]
+            raise PrismaError(
+                f"{flag} applies to diffusion cards (prompts -> images); this model reads its "
+                "inputs from --data as they are"
+            )
+        return None
+    from prisma_mm.data.prompts import parse_seeds
+
+    return {
+        "steps": given.get("steps"),
+        "guidance": given.get("guidance"),
+        "seeds": parse_seeds(given.get("seeds")),
+        "prompt_column": given.get("prompt_column"),
+        "keep_images": bool(given.get("keep_images")),
+    }
 
 
 def _check_clip_length(model: Any, source: Source) -> None:
@@ -732,7 +822,8 @@ def _write(
     inputs = InputBatches(source, prepare, start, stop, batch_size, new["order"]["seed"],
                           part["index"], part["count"], done)  # fmt: skip
     random_k = random_count(new["tokens"])
-    layout = model.layout
+    layout = TokenLayout.from_dict(new["layout"])  # a pipeline's: its hooks' grid
+    generation = new.get("generation")
     loader = DataLoader(
         inputs,
         batch_size=None,
@@ -758,13 +849,16 @@ def _write(
             for batch in loader:
                 background.raise_error()
                 records, reasons, pixels = batch["records"], batch["reasons"], batch["pixels"]
+                n_inputs = len(records)
                 arrays: dict[str, Tensor] = {}
                 moments = None
                 ready = None
+                n_ok = 0
                 if pixels is not None:
-                    _, cache = model.run_with_cache(
-                        pixels.to(device, non_blocking=True), hooks, stop_at_layer="auto"
+                    records, reasons, cache = _run_batch(
+                        model, records, reasons, pixels, hooks, generation
                     )
+                    n_ok = len(cache[hooks[0]])
                     picks = None
                     if random_k is not None:
                         kept = [r for r, why in zip(records, reasons) if why is None]
@@ -787,9 +881,8 @@ def _write(
                         ready.record()
                 background.put(Job(records, reasons, arrays, moments, ready))
                 seen_end = records[-1]["position"] + 1
-                n_ok = 0 if pixels is None else len(pixels)
                 written += n_ok
-                bar.update(len(records))
+                bar.update(n_inputs)
                 skipped += sum(reason is not None for reason in reasons)
                 elapsed = max(time.perf_counter() - began, 1e-9)
                 bar.set_postfix_str(
@@ -816,6 +909,22 @@ def _write(
             f"inputs were skipped (first: {first}); nothing was written"
         )
     return sink.manifest
+
+
+def _run_batch(model: Any, records: list[dict[str, Any]], reasons: list[str | None],
+               inputs: Any, hooks: list[str], generation: Mapping[str, Any] | None
+               ) -> tuple[list[dict[str, Any]], list[str | None], dict[str, Tensor]]:  # fmt: skip
+    """The hooks' activations ``[n_samples, tokens, d]`` for one batch of prepared inputs,
+    one sample per readable record; a pipeline generates from the prompts and expands each
+    record into one per denoising step (see :func:`~prisma_mm.zoo.diffusion.cache_prompts`)."""
+    if generation is not None:
+        from prisma_mm.zoo.diffusion import cache_prompts
+
+        return cache_prompts(model, records, reasons, inputs, hooks, generation)
+    _, cache = model.run_with_cache(
+        inputs.to(model.device, non_blocking=True), hooks, stop_at_layer="auto"
+    )
+    return records, reasons, cache
 
 
 def _describe_short(source: Source) -> str:

@@ -620,6 +620,67 @@ class HookedPipeline:
         return images, acts
 
 
+def cache_prompts(
+    hp: HookedPipeline,
+    records: list[dict[str, Any]],
+    reasons: list[str | None],
+    items: Sequence[Mapping[str, Any]],
+    hooks: Sequence[str],
+    generation: Mapping[str, Any],
+) -> tuple[list[dict[str, Any]], list[str | None], dict[str, Tensor]]:
+    """The cache writer's step for a batch of prompt inputs: generate (cond rows) and return
+    ``(records, reasons, acts)`` with each readable record expanded into one per denoising
+    step (key ``<key>-sNNN``; ``meta`` = prompt, seed, step, timestep; the generated image as
+    a ``png`` member of step 0 when ``generation["keep_images"]``) and ``acts[hook]``
+    ``[n_readable * n_steps, tokens, d]`` in that order. ``items``: ``{prompt, seed}`` of each
+    readable record, in order."""
+    steps, guidance = generation["steps"], generation["guidance"]
+    images, acts = hp.run_with_cache(
+        [item["prompt"] for item in items], list(hooks), seeds=[int(i["seed"]) for i in items],
+        steps=steps, guidance=guidance, size=generation["size"],
+    )  # fmt: skip
+    timesteps = [float(t) for t in hp.pipe.scheduler.timesteps]
+    expanded: list[dict[str, Any]] = []
+    expanded_reasons: list[str | None] = []
+    readable = iter(zip(items, images))
+    for record, reason in zip(records, reasons):
+        if reason is not None:
+            expanded.append(record)
+            expanded_reasons.append(reason)
+            continue
+        item, image = next(readable)
+        first_key = f"{record['key']}-s000"
+        for step in range(steps):
+            sample = {**record, "key": f"{record['key']}-s{step:03d}", "more": step < steps - 1}
+            sample["meta"] = {
+                "prompt": item["prompt"],
+                "seed": int(item["seed"]),
+                "step": step,
+                "timestep": timesteps[step],
+                "image": first_key if generation.get("keep_images") else None,
+            }
+            if step < steps - 1:
+                sample.pop("tar_shard", None)  # a tar shard ends with its input's last sample
+            if step == 0 and generation.get("keep_images"):
+                sample["members"] = {"png": _png_bytes(image)}
+            expanded.append(sample)
+            expanded_reasons.append(None)
+    flat = {name: act.flatten(0, 1) for name, act in acts.items()}
+    return expanded, expanded_reasons, flat
+
+
+def _png_bytes(image: Tensor) -> bytes:
+    """A ``[3, H, W]`` image in [0, 1] as PNG bytes (deterministic: no metadata)."""
+    import io
+
+    from PIL import Image
+
+    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _check_steps(steps: int | Sequence[int] | None) -> frozenset[int] | None:
     if steps is None:
         return None
@@ -891,6 +952,7 @@ __all__ = [
     "build_on_meta",
     "HookedPipeline",
     "build_tiny_pipeline",
+    "cache_prompts",
     "load_pipeline",
     "save_hf_cache",
 ]
