@@ -226,3 +226,34 @@ def test_score_motion_recovers_planted_motion_latents():
     assert report.ground_truth.image is not None  # clip level from the max over tokens
     with pytest.raises(PrismaError, match="token grid"):
         score_motion(codes[:, :32], arrays["patches"])
+
+
+class _Identity(torch.nn.Module):
+    """A 'dictionary' whose code is the activation itself (one latent per dimension)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.W_dec = torch.nn.Parameter(torch.zeros(d, d))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@pytest.mark.parametrize("card", ["tiny-videomae", "tiny-timesformer"])
+def test_clip_codes_are_frame_major_whatever_the_token_order(card):
+    """Row (t, h, w) of clip_codes is the activation of the token the layout maps to (t, h, w):
+    for TimeSformer (CLS + time fastest) as for VideoMAE (tubelets, frame-major)."""
+    import prisma_mm
+    from prisma_mm.analysis.motion import clip_codes
+
+    model = prisma_mm.load_model(card)
+    hook = "blocks.1.hook_resid_post"
+    clips = render_clip_arrays(2, seed=0, n_frames=4, progress=False)["clips"]
+    codes = clip_codes(model, _Identity(model.d_model), hook, clips)
+    layout = model.layout
+    frames, height, width = layout.grid
+    assert codes.shape == (2, frames * height * width, model.d_model)
+    _, cache = model.run_with_cache(model.preprocess(list(clips)), names_filter=[hook])
+    for token in range(layout.n_prefix, layout.n_tokens):
+        t, r, c = layout.token_to_patch(token)
+        torch.testing.assert_close(codes[:, (t * height + r) * width + c], cache[hook][:, token])

@@ -24,8 +24,10 @@ frames, no coherent motion: :func:`~prisma_mm.data.toyworld.shuffle_frames`). Th
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -84,6 +86,23 @@ class TemporalScores:
     def score(self) -> Tensor:
         """The temporal score ``clamp(1 - (r + s) / (2 m), 0, 1)`` per latent (NaN where m = 0)."""
         return self._share_gone((self.repeated + self.shuffled) / 2).clamp(0.0, 1.0)
+
+    def to_dict(self) -> dict[str, list[float | None]]:
+        """JSON lists per latent: ``score``, ``frozen``, ``order`` (None where NaN) and the
+        activation totals ``moving``, ``repeated``, ``shuffled``."""
+
+        def plain(t: Tensor) -> list[float | None]:
+            return [None if v != v else float(v) for v in t.tolist()]
+
+        names = ("score", "frozen", "order", "moving", "repeated", "shuffled")
+        return {name: plain(getattr(self, name)) for name in names}
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`to_dict` as JSON (``prisma-mm browse --temporal PATH`` reads it)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict()))
+        return path
 
 
 def temporal_scores(moving: Any, repeated: Any, shuffled: Any) -> TemporalScores:
@@ -224,3 +243,50 @@ def score_motion(
     if repeated_codes is not None:
         temporal = temporal_scores(codes, repeated_codes, shuffled_codes)
     return MotionReport(report, temporal)
+
+
+def clip_codes(model: Any, dictionary: Any, hook: str, clips: Any, batch_size: int = 64) -> Tensor:
+    """A dictionary's codes on the patch tokens of clips: float32 ``[n_clips, frames * h * w,
+    n_latents]`` in frame-major order (``(frames, h, w)`` of ``model.layout``, whatever the
+    family's own token order), prefix tokens dropped, so rows line up with
+    :func:`~prisma_mm.data.toyworld.clip_patch_labels` on the model's grid and tubelet.
+
+    ``clips``: uint8 ``[n, T, H, W, 3]`` (decoded frames, the card's clip length)."""
+    layout = model.layout
+    out = []
+    with torch.inference_mode():
+        for lo in range(0, len(clips), batch_size):
+            batch = model.preprocess(list(clips[lo : lo + batch_size]))
+            _, cache = model.run_with_cache(batch, names_filter=[hook])
+            acts = cache[hook].to(dictionary.W_dec.device, dictionary.W_dec.dtype)
+            code = dictionary.encode(acts.flatten(0, 1)).view(*acts.shape[:2], -1).float().cpu()
+            grid = layout.patch_map(code.transpose(1, 2))  # [b, L, frames, h, w]
+            out.append(grid.flatten(2).transpose(1, 2).contiguous())
+    return torch.cat(out)
+
+
+def score_dictionary_on_clips(
+    model: Any,
+    dictionary: Any,
+    hook: str,
+    clips: Any,
+    token_labels: Any,
+    clip_labels: Any = None,
+    shuffle_seed: int = 0,
+    batch_size: int = 64,
+) -> MotionReport:
+    """:func:`score_motion` of a dictionary at ``hook`` on clips of the moving toy world, with
+    both controls run through the model (:func:`~prisma_mm.data.toyworld.repeat_frame` of the
+    middle frame, :func:`~prisma_mm.data.toyworld.shuffle_frames` with ``shuffle_seed``), so
+    the report carries every latent's temporal score.
+
+    ``clips`` uint8 ``[n, T, H, W, 3]``; ``token_labels [n, frames, h, w, n_values]`` on the
+    model's grid and tubelet; ``clip_labels [n, n_values]``."""
+    from prisma_mm.data.toyworld import repeat_frame, shuffle_frames
+
+    clips = np.asarray(clips)
+    moving = clip_codes(model, dictionary, hook, clips, batch_size)
+    repeated = clip_codes(model, dictionary, hook, repeat_frame(clips), batch_size)
+    shuffled = clip_codes(model, dictionary, hook, shuffle_frames(clips, shuffle_seed)[0],
+                          batch_size)  # fmt: skip
+    return score_motion(moving, token_labels, clip_labels, None, repeated, shuffled)
