@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
+import multiprocessing
 import tarfile
 from pathlib import Path
 
@@ -28,13 +27,24 @@ HOOKS = ["unet.down.2.1.hook_update", "unet.up.0.0.hook_update"]
 TWO_STEPS = {"steps": 2, "guidance": 0.0}
 OPTIONS = {"dtype": "float32", "shard_size": 3, "progress": False, "workers": 0}
 
-SCRIPT = """
-import sys, torch
-torch.set_num_threads(1)
-from prisma_mm.cache import write_cache
-write_cache("tiny-sdxl", {prompts!r}, {out!r}, {hooks!r}, batch_size=1,
-            generation={generation!r}, **{options!r})
-"""
+
+class Forked:
+    """``target()`` in a forked child, which inherits the loaded pipeline (no second import of
+    diffusers), with the part of ``subprocess.Popen`` that :func:`kill_when` uses."""
+
+    def __init__(self, target) -> None:
+        self.process = multiprocessing.get_context("fork").Process(target=target, daemon=True)
+        self.process.start()
+        self.pid = self.process.pid
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    def wait(self) -> None:
+        self.process.join()
 
 
 @pytest.fixture(scope="module")
@@ -178,10 +188,10 @@ def test_killed_prompt_cache_resumes_to_the_uninterrupted_result(hp, prompts_fil
                             generation=TWO_STEPS, **OPTIONS)  # fmt: skip
     assert reference["n_shards"] == 3  # 3 samples per shard, closed after each input's 2 steps
     out = tmp_path / "killed"
-    script = SCRIPT.format(prompts=str(prompts_file), out=str(out), hooks=HOOKS,
-                           generation=TWO_STEPS, options=OPTIONS)  # fmt: skip
-    process = subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    process = Forked(
+        lambda: write_cache(
+            hp, prompts_file, out, HOOKS, batch_size=1, generation=TWO_STEPS, **OPTIONS
+        )  # fmt: skip
     )
     kill_when(process, lambda: _n_shards(out) >= 1 and _partial_shard(out), "the prompt cache")
     assert list(out.glob("*.tmp")) and verify_cache(out).ok
