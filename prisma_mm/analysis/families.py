@@ -62,8 +62,8 @@ __all__ = [
     "write_family_report",
 ]
 
-#: Meta-SAE FVU reported by Leask et al. (meta-latents explain about 55% of the variance of
-#: the decoder directions, at k = 4).
+#: Meta-SAE FVU reported by Leask et al. (meta-latents explain 55.47% of the variance of the
+#: decoder directions, at k = 4), rounded.
 PAPER_META_FVU = 0.45
 RUN_FILE = "family_run.json"
 _NOT_SAE = ("transcoder", "crosscoder")
