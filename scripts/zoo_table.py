@@ -68,7 +68,9 @@ def render() -> str:
         "it through the library's own loader, also offline from a populated HF cache).",
         "- **task**: `classifier` (has an ImageNet head), `embedding` (image embedding only), "
         "`clip` (image and text towers; `model.encode_text` for zero-shot, `model.text` for "
-        "the text tower's hooks, see [hooks.md](hooks.md)).",
+        "the text tower's hooks, see [hooks.md](hooks.md)); `text-to-image`: a diffusers "
+        "pipeline (`load_model` returns a `HookedPipeline` with U-Net block and text-encoder "
+        "hooks, generation defaults in the card's `generate`, see [diffusion.md](diffusion.md)).",
         "- **random init** (`weights=None`, `--weights none`, every tiny card) is seeded: "
         "`load_model(name, weights=None, seed=0)` builds the same weights every time (the "
         "global RNG state is left as it was), so caches of random baselines resume.",
