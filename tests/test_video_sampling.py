@@ -62,6 +62,7 @@ def test_specs_round_trip_and_bad_specs_are_one_line():
         ("stride:4", "use uniform:T"),
         ("windows:4:0", "positive integers"),
         ("uniform:-2", "positive integers"),
+        ("card:3", "use uniform:T"),
     ):
         with pytest.raises(PrismaError, match=fragment):
             parse_sampling(bad)

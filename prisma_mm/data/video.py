@@ -54,7 +54,11 @@ from prisma_mm.data.sources import (
     TarSource,
     TorchDatasetSource,
     _existing_dir,
+    _is_local,
+    _is_tar_spec,
+    _local_path,
     _raise,
+    _tar_label,
     register_source,
     stable_key,
     tar_samples,
@@ -610,7 +614,6 @@ def read_frames(video: VideoIndex | str | Path | bytes, frames: Sequence[int],
 
 
 # ----- clip sampling -----------------------------------------------------------------------------
-SAMPLING_MODES = ("uniform", "stride", "windows", "card")
 SAMPLING_HELP = "uniform:T, stride:T:S, windows:T:S[:HOP] or card, optionally +pad"
 
 
@@ -678,7 +681,7 @@ def parse_sampling(spec: str | ClipSampling, card: Any = None) -> ClipSampling:
     pad = text.endswith("+pad")
     text = text.removesuffix("+pad")
     mode, _, rest = text.partition(":")
-    if mode == "card":
+    if mode == "card" and not rest:
         return _card_sampling(card, pad, spec)
     numbers = rest.split(":") if rest else []
     arity = {"uniform": (1, 1), "stride": (2, 2), "windows": (2, 3)}.get(mode)
@@ -905,7 +908,7 @@ class VideoTarSource(TarSource):
                 continue
             key = sample["__key__"]
             name = f"{url}#{key}"
-            label = _tar_label_of(sample)
+            label = _tar_label(sample)
             member = next((k for k in sample if f".{k}" in VIDEO_EXTENSIONS), None)
             try:
                 if member is None:
@@ -924,12 +927,6 @@ class VideoTarSource(TarSource):
                 record = InputRecord(index, stable_key(identity), clip_source(name, frames), label)
                 index += 1
                 yield record, functools.partial(read_frames, video, frames, self.backend)
-
-
-def _tar_label_of(sample: dict[str, Any]) -> int | str | None:
-    from prisma_mm.data.sources import _tar_label
-
-    return _tar_label(sample)
 
 
 class ClipArraySource(TorchDatasetSource):
@@ -983,8 +980,6 @@ def _looks_like_video_tar(spec: str) -> bool:
 
     from webdataset.shardlists import expand_urls
 
-    from prisma_mm.data.sources import _is_local, _is_tar_spec, _local_path
-
     if not _is_tar_spec(spec):
         return False
     first = next(iter(expand_urls(spec)), None)
@@ -1004,7 +999,7 @@ def _looks_like_video_tar(spec: str) -> bool:
 
 
 def _open_videos(spec: str) -> Source:
-    if _is_tar_like(spec):
+    if _is_tar_spec(spec):
         return VideoTarSource(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -1012,12 +1007,6 @@ def _open_videos(spec: str) -> Source:
     if path.is_file():
         return VideoListSource(path)
     raise PrismaError(f"video data {spec!r} does not exist: check the --data path")
-
-
-def _is_tar_like(spec: str) -> bool:
-    from prisma_mm.data.sources import _is_tar_spec
-
-    return _is_tar_spec(spec)
 
 
 register_source("videos", _open_videos)
