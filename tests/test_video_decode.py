@@ -273,6 +273,15 @@ def test_data_strings_open_video_sources_only_for_videos(tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text("videos/v.mp4\n")
     assert type(open_source(str(listing))) is VideoListSource
+    assert open_source(str(videos)).sample("uniform:2").record(0).label is None
+    # a class tree root/<class>/<video> labels clips with their class folder
+    tree = tmp_path / "kinetics"
+    for name in ("dancing", "archery"):
+        (tree / name).mkdir(parents=True)
+        write_video(tree / name / "x.mp4", 4)
+    source = open_source(str(tree)).sample("uniform:2")
+    assert source.describe()["classes"] == ["archery", "dancing"]
+    assert [source.record(i).label for i in range(2)] == ["archery", "dancing"]
 
 
 def test_counted_avi_frames_seek_to_idr_keyframes_without_decoding_from_the_start(

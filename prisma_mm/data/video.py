@@ -826,7 +826,8 @@ def _walk_videos(root: Path) -> list[Path]:
 
 class VideoFolderSource(_VideoFiles):
     """Every video file under a folder (recursive, sorted by relative path); keys are the
-    sha1 of ``<relative path>#f=<frames>``."""
+    sha1 of ``<relative path>#f=<frames>``. A class tree ``root/<class>/<video>`` (every video
+    exactly one folder down, as Kinetics ships) labels each clip with its class folder."""
 
     def __init__(self, root: str | Path, clip: str | ClipSampling | None = None,
                  backend: str = "auto") -> None:  # fmt: skip
@@ -837,10 +838,17 @@ class VideoFolderSource(_VideoFiles):
                 f"video folder {str(root)!r} holds no video files ({', '.join(VIDEO_EXTENSIONS[:6])}"
                 " …): check the --data path"
             )
-        super().__init__(paths, [p.relative_to(self.root).as_posix() for p in paths], clip, backend)
+        relative = [p.relative_to(self.root) for p in paths]
+        tree = all(len(r.parts) == 2 for r in relative)
+        self.classes = sorted({r.parts[0] for r in relative}) if tree else None
+        labels = [r.parts[0] for r in relative] if tree else None
+        super().__init__(paths, [r.as_posix() for r in relative], clip, backend, labels)
 
     def describe(self) -> dict[str, Any]:
-        return self._described({"type": "video-folder", "root": str(self.root)})
+        info = {"type": "video-folder", "root": str(self.root)}
+        if self.classes is not None:
+            info["classes"] = self.classes
+        return self._described(info)
 
 
 class VideoListSource(_VideoFiles):
