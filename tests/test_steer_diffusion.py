@@ -208,3 +208,41 @@ def test_cli_writes_the_grid_beside_the_unsteered_images(tiny, tmp_path, capsys)
     from prisma_mm.steer.diffusion import to_pil
 
     assert all(np.array_equal(cells[2][c], np.asarray(to_pil(direct[c]))) for c in range(3))
+
+
+def test_browser_shows_a_latents_top_generations_with_heatmaps_and_escaped_prompts(tiny, tmp_path):
+    from prisma_mm.cache import write_cache
+    from prisma_mm.viz.browser import CacheSamples, build_browser
+    from prisma_mm.viz.index import FeatureIndex, SampleImages, build_index
+
+    hp, down, _, _ = tiny
+    hostile = 'a cat <img src=x onerror="alert(1)"> & "dog"'
+    (tmp_path / "prompts.txt").write_text(f"{PROMPTS[0]}\n{hostile}\n")
+    generation = {"steps": 2, "guidance": 3.0, "keep_images": True}
+    write_cache(hp, str(tmp_path / "prompts.txt"), tmp_path / "cache", [DOWN], progress=False,
+                generation=generation, device="cpu")  # fmt: skip
+    down.save(tmp_path / "sae")
+    build_index(tmp_path / "sae", tmp_path / "cache", tmp_path / "index", progress=False)
+    index = FeatureIndex.load(tmp_path / "index")
+    # the index carries each generated sample's prompt, seed and step as provenance
+    assert {(g["prompt"], g["step"]) for g in index.sample_generated} == {
+        (p, s) for p in (PROMPTS[0], hostile) for s in (0, 1)
+    }
+    images = SampleImages(index)
+    first = index.sample_generated.index(next(g for g in index.sample_generated if g["step"] == 1))
+    clean = hp.generate([index.sample_generated[first]["prompt"]], seeds=[0], **CFG)
+    from prisma_mm.steer.diffusion import to_pil
+
+    drawn = np.asarray(images(first)).astype(int) - np.asarray(to_pil(clean[0])).astype(int)
+    assert np.abs(drawn).max() <= 1  # its own image (another batch: float rounding may differ)
+    site = tmp_path / "browser"
+    build_browser(index, site, source=CacheSamples(index, down), top_images=4, interval_images=0,
+                  progress=False)  # fmt: skip
+    latent = int(index.top_value[:, 0].nan_to_num(-1).argmax())
+    text = (site / f"data/latents/000/{latent:06d}.js").read_text()
+    assert "<img" not in text and "onerror" in text  # the prompt is data: no markup survives
+    data = json.loads(text[text.index(",") + 1 : text.rindex(")")])
+    top = data["top"]
+    assert top and all(s["prompt"] in (PROMPTS[0], hostile) and s["step"] in (0, 1) for s in top)
+    assert all((site / s["img"]).is_file() for s in top if s["img"])  # heatmap thumbnails
+    assert sum(1 for s in top if s["img"]) == min(4, len(top))

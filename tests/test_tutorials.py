@@ -149,12 +149,42 @@ def check_circuits(out: Path, text: str) -> None:
     assert "rank correlation over the 24 heads" in text
 
 
+def check_diffusion(out: Path, text: str) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from prisma_mm.viz.index import FeatureIndex
+
+    r = results(out)
+    assert r["n_samples"] == 64 and r["shape"] == [64, 32]  # 32 prompts x 2 steps; 8 x 8 tokens
+    assert r["fvu_last"] < min(0.2, 0.5 * r["fvu_first"])  # the SAE learned the update
+    index = FeatureIndex.load(out / "sae" / "index")
+    assert r["mean_active"] == pytest.approx(float(index.mean_active[r["latent"]]))
+    assert r["mean_active"] > 0
+    prompts = set((out / "prompts.txt").read_text().splitlines())
+    assert set(r["top_prompts"]) <= prompts and set(r["top_steps"]) <= {0, 1}
+    change = r["change"]
+    assert change[0] == 0.0 and all(b > a for a, b in zip(change, change[1:]))  # stronger, more
+    assert r["box_inside"] > 1.2 * r["box_outside"] > 0  # a box steers most where it is
+    assert r["ablation_change"] > 0
+    grid, settings = r["grid"], json.loads((out / "grid" / "settings.json").read_text())
+    assert (grid["rows"], grid["cols"], grid["cell"]) == (4, 4, [64, 64])
+    picture = Image.open(out / "grid" / "grid.png")
+    for c, name in enumerate(settings["unsteered"]):  # the strength-0 row is the unsteered one
+        cell = np.asarray(picture.crop(tuple(grid["boxes"][0][c])))
+        assert np.array_equal(cell, np.asarray(Image.open(out / "grid" / name)))
+    for name in r["heatmaps"]:
+        assert_png(out / name, min_bytes=10_000)
+    assert (out / "top_generation.png").is_file()
+
+
 CHECKS: dict[str, Callable[[Path, str], None]] = {
     "01_hooked_models": check_hooked_models,
     "02_cache_and_train": check_cache_and_train,
     "03_patch_features": check_patch_features,
     "04_stitching_and_meta_saes": check_stitching_and_meta_saes,
     "05_splicing_and_steering": check_splicing_and_steering,
+    "06_diffusion": check_diffusion,
     "08_circuits": check_circuits,
 }
 
