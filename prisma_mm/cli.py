@@ -44,9 +44,10 @@ def _zoo_list(args: argparse.Namespace) -> int:
     rows = [(n, get_card(n)) for n in names]
     width = max(len(n) for n, _ in rows)
     family = max(len("family"), *(len(card.family) for _, card in rows))
-    print(f"{'name':<{width}}  {'family':<{family}}  {'task':<10}  source")
+    task = max(len("task"), *(len(card.task) for _, card in rows))
+    print(f"{'name':<{width}}  {'family':<{family}}  {'task':<{task}}  source")
     for name, card in rows:
-        print(f"{name:<{width}}  {card.family:<{family}}  {card.task:<10}  {card.source}")
+        print(f"{name:<{width}}  {card.family:<{family}}  {card.task:<{task}}  {card.source}")
     print(f"{len(rows)} models")
     return 0
 
@@ -60,8 +61,9 @@ def _zoo_show(args: argparse.Namespace) -> int:
     info["layout"] = model.layout.to_dict()
     info["d_model"] = model.d_model
     info["n_layers"] = model.n_layers
-    if model.spec.block_layouts is not None:  # grids that shrink between stages (video)
-        info["grid_after_each_block"] = [list(a.grid) for _, a in model.spec.block_layouts]
+    spec = getattr(model, "spec", None)  # a diffusion pipeline has blocks, not one spec
+    if spec is not None and spec.block_layouts is not None:  # grids that shrink (video)
+        info["grid_after_each_block"] = [list(a.grid) for _, a in spec.block_layouts]
     info["hooks"] = {
         "per block": sorted(
             {n.split(".", 2)[2] for n in model.hook_names if n.startswith("blocks.")}
@@ -91,7 +93,7 @@ def _add_zoo_parser(subparsers) -> None:
     listing.add_argument(
         "--family",
         default=None,
-        help="only this family (timm, open_clip, transformers_video, torchvision_video)",
+        help="only this family (timm, open_clip, transformers_video, torchvision_video, diffusers)",
     )
     listing.add_argument("--json", action="store_true", help="print the cards as JSON")
     listing.set_defaults(handler=_zoo_list)

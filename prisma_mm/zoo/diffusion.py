@@ -508,7 +508,12 @@ class HookedPipeline:
 
         def post(_module, _args, output):
             resid = output[0] if isinstance(output, tuple) else output
-            base = replace(self._context(name, resid.shape[0], None), step=None, timestep=None)
+            batch = resid.shape[0]
+            base = DiffusionContext(  # the prompts alone: no step, no CFG batch
+                name=name, step=None, timestep=None, n_steps=None, cfg=False,
+                halves={"cond": slice(0, batch)}, half=None, rows=slice(0, batch),
+                prompt_index=list(range(batch)), grid=None,
+            )  # fmt: skip
             text_half = "cond" if calls["n"] <= 1 else "uncond"
             new = self._apply(entries[TEXT_SUFFIX], resid, base, text_half)
             if new is None:
