@@ -192,6 +192,7 @@ class ModelSpec:
     # video: input [batch, 3, frames, H, W]; check(x) raises a family's own misuse guard
     frames: int | None = None
     check: Callable[[Tensor], None] | None = None
+    frames_in_batch: bool = False  # blocks see [batch*frames, 1 + patches, d] (X-CLIP)
     # per block (layout of its input, layout after it): grids that shrink between stages
     block_layouts: Sequence[tuple[TokenLayout, TokenLayout]] | None = None
     # per-block hooks the adapter cannot offer / can only read, with the reason in words
@@ -203,19 +204,36 @@ class _StopForward(Exception):
     """Raised inside a hook to end the forward once every requested hook has fired."""
 
 
-def _as_tokens(value: Tensor) -> tuple[Tensor, tuple[int, ...] | None]:
-    """A pooled output ``[batch, d]`` as ``[batch, 1, d]`` and a channel-last grid
-    ``[batch, frames, h, w, d]`` (Swin3D) as ``[batch, frames*h*w, d]``; returns the shape to
-    restore a replacement to (None: it already was ``[batch, tokens, d]``)."""
+Restore = Callable[[Tensor], Tensor] | None
+
+
+def _as_tokens(value: Tensor, fold: int | None = None) -> tuple[Tensor, Restore]:
+    """An activation as ``[batch, tokens, d]``, with the function that turns a replacement back
+    into the native shape (None: it already was that). A pooled ``[batch, d]`` becomes
+    ``[batch, 1, d]``; a channel-last grid ``[batch, frames, h, w, d]`` (Swin3D)
+    ``[batch, frames*h*w, d]``; with ``fold=T``, frames run as batch items
+    ``[batch*T, 1 + patches, d]`` (X-CLIP) become ``[batch, T + T*patches, d]``: the T frames'
+    first tokens, then every frame's patches."""
     if value.dim() == 2:
-        return value.unsqueeze(1), tuple(value.shape)
+        return value.unsqueeze(1), lambda new: new.squeeze(1)
     if value.dim() == 5:
-        return value.flatten(1, 3), tuple(value.shape)
+        shape = value.shape
+        return value.flatten(1, 3), lambda new: new.reshape(shape)
+    if fold is not None and value.dim() == 3:
+        per_frame = value.unflatten(0, (-1, fold))  # [batch, T, 1 + patches, d]
+        tokens = torch.cat((per_frame[:, :, 0], per_frame[:, :, 1:].flatten(1, 2)), dim=1)
+
+        def unfold(new: Tensor) -> Tensor:
+            first = new[:, :fold].unsqueeze(2)
+            patches = new[:, fold:].unflatten(1, (fold, -1))
+            return torch.cat((first, patches), dim=2).flatten(0, 1)
+
+        return tokens, unfold
     return value, None
 
 
-def _restore(new: Tensor, shape: tuple[int, ...] | None) -> Tensor:
-    return new if shape is None else new.reshape(shape)
+def _restore(new: Tensor, restore: Restore) -> Tensor:
+    return new if restore is None else restore(new)
 
 
 class _Dispatch:
@@ -353,6 +371,7 @@ class HookedModel(nn.Module):
         self.spec = spec
         self.card = card
         self.layout = spec.layout  # of hook_embed and the first block (see layout_for)
+        self._fold = spec.frames if spec.frames_in_batch else None
         self.d_model = spec.d_model
         self.n_layers = len(spec.blocks)
         self.prefix = spec.prefix
@@ -549,10 +568,10 @@ class HookedModel(nn.Module):
         """The native forward on a checked input, then any hook_output of a module-less output."""
         output = self.spec.forward(x)
         for _, point, fn in list(self._output_fns):
-            value, shape = _as_tokens(output)
+            value, restore = _as_tokens(output)
             new = self._checked(point, value, fn(value, point))
             if new is not None:
-                output = _restore(new, shape)
+                output = _restore(new, restore)
         return output
 
     def forward(self, x: Any) -> Tensor:
@@ -666,22 +685,22 @@ class HookedModel(nn.Module):
     def _on_output(self, stack, module: nn.Module, point: HookPoint, fn: HookFn) -> None:
         def hook(_module, _inputs, output):
             primary = output[0] if isinstance(output, tuple) else output
-            value, shape = _as_tokens(primary)
+            value, restore = _as_tokens(primary, self._fold)
             new = self._checked(point, value, fn(value, point))
             if new is None:
                 return None
-            new = _restore(new, shape)
+            new = _restore(new, restore)
             return (new, *output[1:]) if isinstance(output, tuple) else new
 
         self._register(stack, module, "forward", point, hook)
 
     def _on_input(self, stack, module: nn.Module, point: HookPoint, fn: HookFn) -> None:
         def hook(_module, args, kwargs):
-            value, shape = _as_tokens(args[0] if args else kwargs["q_x"])
+            value, restore = _as_tokens(args[0] if args else kwargs["q_x"], self._fold)
             new = self._checked(point, value, fn(value, point))
             if new is None:
                 return None
-            new = _restore(new, shape)
+            new = _restore(new, restore)
             if args:
                 return (new, *args[1:]), kwargs
             return args, {**kwargs, "q_x": new}
@@ -804,11 +823,11 @@ class HookedModel(nn.Module):
         def hook(_module, _inputs, output):
             branch = output[0] if isinstance(output, tuple) else output
             pre = stash.pop("pre")
-            mid, shape = _as_tokens(pre + branch)
+            mid, restore = _as_tokens(pre + branch, self._fold)
             new = self._checked(point, mid, fn(mid, point))
             if new is None:
                 return None
-            new = _restore(new, shape) - pre
+            new = _restore(new, restore) - pre
             return (new, *output[1:]) if isinstance(output, tuple) else new
 
         self._register(stack, block.get_submodule(bs.norm1), "pre", point, keep_pre)

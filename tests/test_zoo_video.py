@@ -30,6 +30,7 @@ TINY = [
     "tiny-timesformer",
     "tiny-vivit",
     "tiny-vjepa2",
+    "tiny-xclip",
     "tiny-mvit",
     "tiny-swin3d",
 ]
@@ -53,10 +54,18 @@ def _native(model, x: torch.Tensor) -> torch.Tensor:
     module = model.module
     if model.card.family == "torchvision_video":
         return module(x)
+    if module.config.model_type == "xclip":  # the video tower's embedding
+        return module.get_video_features(pixel_values=x.transpose(1, 2)).pooler_output
     name = "pixel_values_videos" if module.config.model_type == "vjepa2" else "pixel_values"
     kwargs = {"skip_predictor": True} if type(module).__name__ == "VJEPA2Model" else {}
     out = module(**{name: x.transpose(1, 2)}, **kwargs)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def _real(family: str) -> list[str]:
+    """Cards of the libraries' checkpoints (not tiny, not shipped in assets/)."""
+    cards = map(registry.get_card, registry.list_models(family))
+    return [c.name for c in cards if not c.is_tiny and not c.weights]
 
 
 def _torchvision_class(card) -> torch.nn.Module:
@@ -89,8 +98,9 @@ def test_every_hook_fires_with_the_shape_its_layout_gives(name: str) -> None:
     assert list(cache) == names
     for hook, value in cache.items():
         layout = model.layout_for(hook)
-        if hook == "hook_output":
-            assert value.shape[:2] == (2, 1 if model.card.task == "classifier" else layout.n_tokens)
+        if hook == "hook_output":  # pooled (classifiers, X-CLIP) or the encoder's tokens
+            pooled = out.dim() == 2
+            assert value.shape[:2] == (2, 1 if pooled else layout.n_tokens)
         elif hook.endswith(("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z")):
             assert value.shape[:2] == (2, layout.n_tokens), hook
             assert value.dim() == 4, hook  # [batch, tokens, heads, d_head]
@@ -318,15 +328,8 @@ def test_hf_cache_folder_offline(offline_hub, tmp_path) -> None:
 
 
 def test_missing_pretrained_weights_offline_name_what_to_fetch(offline_hub) -> None:
-    real = [  # cards of the libraries' checkpoints (toyvideo's weights ship in assets/)
-        n
-        for n in registry.list_models("transformers_video")
-        if not registry.get_card(n).is_tiny and not registry.get_card(n).weights
-    ]
-    name = real[0] if real else None
-    target = name or "tiny-videomae"
-    weights = "pretrained" if name else "hf-hub:test-org/absent"
-    repo = registry.get_card(name).source if name else "test-org/absent"
+    name = _real("transformers_video")[0]
+    target, weights, repo = name, "pretrained", registry.get_card(name).source
     with pytest.raises(PrismaError, match="could not be loaded") as error:
         prisma_mm.load_model(target, weights=weights)
     message = str(error.value)
@@ -399,20 +402,14 @@ LABELS = {"kinetics": 400, "k400": 400, "kinetics400": 400, "k600": 600, "ssv2":
 LABELS |= {"diving48": 48}
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        n
-        for n in registry.list_models("transformers_video")
-        if not registry.get_card(n).is_tiny and not registry.get_card(n).weights  # not toyvideo
-    ],
-)
+@pytest.mark.parametrize("name", _real("transformers_video"))
 def test_transformers_video_card_config_matches_its_name(name: str) -> None:
     import transformers
 
     card = registry.get_card(name)
     cls = getattr(transformers, card.arch)
     config = cls.config_class(**card.kwargs)
+    config = getattr(config, "vision_config", config)  # X-CLIP: the video tower's
     parts = name.split("-")
     width = next(SIZES[p] for p in parts if p in SIZES)
     if name.startswith("timesformer-"):  # TimeSformer-HR and -L are ViT-B over more pixels
@@ -428,10 +425,7 @@ def test_transformers_video_card_config_matches_its_name(name: str) -> None:
     assert card.source.split("/")[1] == name or card.source.endswith(name)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [n for n in registry.list_models("torchvision_video") if not registry.get_card(n).is_tiny],
-)
+@pytest.mark.parametrize("name", _real("torchvision_video"))
 def test_torchvision_video_card_matches_torchvisions_weights(name: str) -> None:
     from prisma_mm.zoo.video_torchvision import weights_entry
 
@@ -451,6 +445,7 @@ def test_torchvision_video_card_matches_torchvisions_weights(name: str) -> None:
         "vjepa2-vitl-fpc16-256-ssv2",
         "mvit-v2-s-kinetics400",
         "swin3d-t-kinetics400",
+        "xclip-base-patch32",
     ],
 )
 def test_real_cards_build_on_meta_with_the_papers_token_counts(name: str) -> None:
@@ -462,9 +457,52 @@ def test_real_cards_build_on_meta_with_the_papers_token_counts(name: str) -> Non
         "vjepa2-vitl-fpc16-256-ssv2": (8 * 16 * 16, 24),
         "mvit-v2-s-kinetics400": (1 + 8 * 56 * 56, 16),
         "swin3d-t-kinetics400": (16 * 56 * 56, 12),
+        "xclip-base-patch32": (8 + 8 * 7 * 7, 12),  # every frame's CLS, then its patches
     }[name]
     assert (model.layout.n_tokens, model.n_layers) == expected
     last = model.layout_for(f"blocks.{model.n_layers - 1}.hook_resid_post")
     assert last.grid[1:] == {"mvit-v2-s-kinetics400": (7, 7), "swin3d-t-kinetics400": (7, 7)}.get(
         name, model.layout.grid[1:]
     )
+
+
+def test_xclip_frames_folded_into_the_batch_are_one_clip_of_tokens_both_ways() -> None:
+    model = _model("tiny-xclip")
+    layout = model.layout
+    frames, patches = layout.grid[0], layout.grid[1] * layout.grid[2]
+    assert layout.n_prefix == frames and layout.token_to_patch(frames - 1) is None
+    assert layout.token_to_patch(frames + patches) == (1, 0, 0)
+    x = _clip(model, seed=10)
+    hook = "blocks.0.hook_resid_pre"
+    _, cache = model.run_with_cache(x, hook)
+    native: dict[str, torch.Tensor] = {}
+    block = model.spec.blocks[0]
+    handle = block.register_forward_pre_hook(lambda mod, args: native.update(x=args[0]))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    per_frame = native["x"].unflatten(0, (2, frames))  # [batch, frames, 1 + patches, d]
+    assert torch.equal(cache[hook][:, :frames], per_frame[:, :, 0])
+    assert torch.equal(cache[hook][:, frames:], per_frame[:, :, 1:].flatten(1, 2))
+
+    # an edit of frame 2's patch tokens through the layout is that edit in the native layout
+    def zero_frame_2(value, point):
+        value = value.clone()
+        start = frames + 2 * patches
+        value[:, start : start + patches] = 0
+        return value
+
+    def native_zero(mod, args):
+        hidden = args[0].clone()
+        hidden.unflatten(0, (2, frames))[:, 2, 1:] = 0
+        return (hidden, *args[1:])
+
+    with torch.no_grad():
+        edited = model.run_with_hooks(x, [(hook, zero_frame_2)])
+        handle = block.register_forward_pre_hook(native_zero)
+        try:
+            expected = model(x)
+        finally:
+            handle.remove()
+    assert torch.equal(edited, expected)

@@ -325,11 +325,79 @@ def _vjepa2(module: nn.Module, card: registry.ModelCard) -> ModelSpec:
     )
 
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _xclip(module: nn.Module, card: registry.ModelCard) -> ModelSpec:
+    from transformers.models.x_clip import modeling_x_clip as m
+
+    vision = find_one(module, m.XCLIPVisionModel, card)
+    config = vision.config
+    patch = _pair(config.patch_size)
+    size = _pair(config.image_size)
+    frames = int(config.num_frames)
+    layout = TokenLayout(
+        n_prefix=frames,  # each frame's CLS, frame order, then every frame's patches
+        grid=(frames, size[0] // patch[0], size[1] // patch[1]),
+        patch_size=patch,
+        input_size=size,
+    )
+    message = (
+        "X-CLIP's cross-frame attention appends a message token to every frame, so its "
+        "attention sees [batch*frames, 2 + patches, d]"
+    )
+    missing = dict.fromkeys(
+        (
+            "ln1.hook_normalized",
+            "attn.hook_q",
+            "attn.hook_k",
+            "attn.hook_v",
+            "attn.hook_z",
+            "hook_attn_out",
+        ),
+        f"{message} (read hook_resid_mid - hook_resid_pre for the attention's update)",
+    )
+
+    def run(x: Tensor) -> Tensor:  # the video tower: per-frame ViT, projection, then MIT
+        return module.get_video_features(pixel_values=x.transpose(1, 2)).pooler_output
+
+    return ModelSpec(
+        module=module,
+        forward=run,
+        blocks=find_all(vision.encoder, m.XCLIPVisionEncoderLayer),
+        block_spec=BlockSpec(
+            attn_branch="self_attn",
+            mlp_branch="mlp",
+            ln2="layer_norm2",
+            mlp_proj="mlp.fc2",
+            norm1="layer_norm1",
+            attn="self_attn",
+            pattern_style="none",
+            resid_mid_at_ln2=True,
+        ),
+        embed=vision.embeddings,
+        final_norm=None,  # post_layernorm sees each frame's CLS only: read hook_output
+        output_module=None,
+        layout=layout,
+        transform=clip_transform(card, frames, size, mean=CLIP_MEAN, std=CLIP_STD),
+        d_model=int(config.hidden_size),
+        frames=frames,
+        frames_in_batch=True,
+        missing=missing,
+        read_only={
+            "hook_resid_mid": "it is read at layer_norm2's input; the block drops the message "
+            "token and adds the MLP itself (edit hook_resid_pre or hook_resid_post)"
+        },
+    )
+
+
 FAMILIES: dict[str, Callable[[nn.Module, registry.ModelCard], ModelSpec]] = {
     "videomae": _videomae,
     "timesformer": _timesformer,
     "vivit": _vivit,
     "vjepa2": _vjepa2,
+    "xclip": _xclip,
 }
 
 
