@@ -113,6 +113,10 @@ def test_cond_half_only_leaves_the_uncond_rows_untouched(tiny):
     assert torch.equal(uncond[0][2:], clean[0][2:]) and not torch.equal(uncond[0][:2], clean[0][:2])
     with pytest.raises(PrismaError, match="half="):
         AddFeature(up, 7, 1.0, scale=1.0, half="positive")
+    # attached by hand to the cond rows only (ctx.rows is that half): the same images
+    with hp.hooks({UP: AddFeature(up, 7, 4.0, scale=1.0, half="cond")}, half="cond"):
+        by_hand = hp.generate(PROMPTS, seeds=[0, 1], **CFG)
+    assert torch.equal(by_hand, generate(hp, [add]))
 
 
 def test_several_blocks_at_once(tiny):
@@ -246,3 +250,18 @@ def test_browser_shows_a_latents_top_generations_with_heatmaps_and_escaped_promp
     assert top and all(s["prompt"] in (PROMPTS[0], hostile) and s["step"] in (0, 1) for s in top)
     assert all((site / s["img"]).is_file() for s in top if s["img"])  # heatmap thumbnails
     assert sum(1 for s in top if s["img"]) == min(4, len(top))
+
+
+def test_a_bare_diffusers_pipeline_is_steered_when_called_itself(tiny):
+    hp, _, up, clean = tiny
+    add = AddFeature(up, 4, 1.0, scale=2.0)
+    with steer(hp, add):
+        through_generate = hp.generate(PROMPTS, seeds=[0, 1], **CFG)
+    with torch.inference_mode(), steer(hp.pipe, add) as hooked:
+        assert hooked.pipe is hp.pipe  # wrapped, not copied
+        native = hp.pipe(prompt=PROMPTS, num_inference_steps=2, guidance_scale=3.0, height=32,
+                         width=32, output_type="pt",
+                         generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images  # fmt: skip
+    assert add.calls == 2  # both steps of the bare call went through the intervention
+    assert torch.equal(native.float(), through_generate)
+    assert not torch.equal(through_generate, clean)

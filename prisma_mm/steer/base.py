@@ -277,11 +277,12 @@ class Intervention:
                 f"steering at {self.hook!r} with half={self.half!r} needs a diffusion pipeline"
             )
         halves = point.halves
-        if not halves:  # no classifier-free guidance: every row is conditional
+        if self.half not in halves:  # no classifier-free guidance: every row is conditional
             return None if self.half == "cond" else False
-        rows = torch.zeros(act.shape[0], dtype=torch.bool, device=act.device)
+        whole = max(part.stop for part in halves.values())
+        rows = torch.zeros(whole, dtype=torch.bool, device=act.device)
         rows[halves[self.half]] = True
-        return rows
+        return rows[getattr(point, "rows", slice(None))]  # the rows handed to this hook
 
     def _mask_for(self, act: Tensor, point: Any = None) -> Tensor | None:
         mask = self.mask

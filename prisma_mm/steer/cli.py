@@ -86,7 +86,7 @@ def _mask(args: argparse.Namespace, size: list[int]) -> Any:
 
 def run_steer(args: argparse.Namespace) -> int:
     """The handler of ``prisma-mm steer``."""
-    from prisma_mm.sae import load
+    from prisma_mm.sae.published import dictionary_label, output_home, resolve_dictionary
     from prisma_mm.steer.base import (
         AddFeature,
         EditFeatures,
@@ -102,30 +102,42 @@ def run_steer(args: argparse.Namespace) -> int:
     strengths = _numbers(args.strengths, float, "--strengths")
     seeds = _numbers(args.seeds, int, "--seeds")
     at_steps = None if args.at_steps is None else _numbers(args.at_steps, int, "--at-steps")
-    dict_dir = Path(args.dictionary)
-    if not (dict_dir / "cfg.json").is_file():
-        raise PrismaError(f"{args.dictionary!r} is not a saved dictionary (no cfg.json): pass "
-                          "the directory written by training or Dictionary.save")  # fmt: skip
-    sae = _steerable(load(dict_dir))
+    sae = _steerable(resolve_dictionary(args.dictionary))  # a saved folder or a published name
     hook = _resolve_hook(sae, args.hook)
     latents = _latent_list(sae, args.latent or [])
     scale = None
+    scale_source = None
     if args.mode == "add":
-        from prisma_mm.viz.index import FeatureIndex
+        from prisma_mm.viz.index import INDEX_JSON, FeatureIndex
 
-        index = FeatureIndex.load(Path(args.index) if args.index else dict_dir / "index")
-        if index.n_latents != sae.cfg.n_latents:
-            raise PrismaError(f"the index has {index.n_latents} latents but the dictionary has "
-                              f"{sae.cfg.n_latents}: pass the index of this dictionary")  # fmt: skip
-        scale = feature_scale(index, latents, sae.cfg.n_latents, hook)
+        index_dir = Path(args.index) if args.index else output_home(args.dictionary) / "index"
+        release_mean = getattr(sae, "latent_mean", None)
+        if (
+            args.index is None
+            and release_mean is not None
+            and not (index_dir / INDEX_JSON).is_file()
+        ):
+            # no index yet: a release that ships each latent's mean activation (sdxl-unbox) has one
+            scale = feature_scale(release_mean, latents, sae.cfg.n_latents, hook)
+            scale_source = "the release's latent_mean"
+        else:
+            index = FeatureIndex.load(index_dir)
+            if index.n_latents != sae.cfg.n_latents:
+                raise PrismaError(f"the index has {index.n_latents} latents but the dictionary "
+                                  f"has {sae.cfg.n_latents}: pass the index of this dictionary")  # fmt: skip
+            scale = feature_scale(index, latents, sae.cfg.n_latents, hook)
+            scale_source = str(index_dir.resolve())
     from prisma_mm.zoo.diffusion import load_pipeline
 
     model = args.model or sae.metadata.get("model")
     if not model:
         raise PrismaError("the dictionary records no model: pass --model CARD or a pipeline folder")
     weights = None if args.weights == "none" else args.weights
-    pipeline = load_pipeline(model, weights=weights, device=args.device, dtype=args.dtype)
+    # a published SAE trained at img_size generates at that size unless --size says otherwise
+    pipeline = load_pipeline(model, weights=weights, device=args.device, dtype=args.dtype,
+                             size=sae.metadata.get("img_size"))  # fmt: skip
     pipeline.hook_point(hook)
+    sae.to(pipeline.device)  # the edit runs where the activations are
     if pipeline.d(hook) != sae.cfg.d_in:
         raise PrismaError(f"{hook!r} has d={pipeline.d(hook)} on {model!r}; the dictionary reads "
                           f"d_in={sae.cfg.d_in} (was it trained on another model?)")  # fmt: skip
@@ -154,11 +166,12 @@ def run_steer(args: argparse.Namespace) -> int:
     grid.extra = {
         "model": model,
         "weights": args.weights,
-        "dictionary": str(dict_dir.resolve()),
+        "dictionary": dictionary_label(args.dictionary),
         "hook": hook,
         "mode": args.mode,
         "latents": latents,
         "mean_active": scale,
+        "mean_active_from": scale_source,
         "at_steps": at_steps,
         "half": args.half,
         "box": _numbers(args.box, float, "--box") if args.box else None,
@@ -185,7 +198,8 @@ def add_steer_parser(subparsers: Any) -> None:
         "block's hook) and write a grid: rows are strengths, columns every prompt x seed, beside "
         "the unsteered images and the settings that made them.",
     )
-    parser.add_argument("dictionary", help="saved dictionary directory (cfg.json + weights)")
+    parser.add_argument("dictionary", help="saved dictionary directory (cfg.json + weights), "
+                        "or a published SAE's name (`prisma-mm sae list`)")  # fmt: skip
     parser.add_argument("--latent", type=int, action="append", help="latent to steer "
                         "(repeatable: several features at once)", required=True)  # fmt: skip
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
@@ -197,8 +211,9 @@ def add_steer_parser(subparsers: Any) -> None:
     parser.add_argument("--strengths", default="0,1,2,4",
                         help="comma-separated strengths (add) or factors (scale), one row each")  # fmt: skip
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (columns)")
-    parser.add_argument("--index", default=None, help="feature index (default DICT/index; for "
-                        "--mode add, whose strengths are in units of its mean activations)")  # fmt: skip
+    parser.add_argument("--index", default=None, help="feature index (default DICT/index, for "
+                        "a published SAE ./sae-<NAME>/index; for --mode add, whose strengths are "
+                        "in units of its mean activations)")  # fmt: skip
     parser.add_argument("--hook", default=None, help="hook to steer (default: the dictionary's)")
     parser.add_argument("--model", default=None,
                         help="diffusion card or pipeline folder (default: the dictionary's model)")  # fmt: skip

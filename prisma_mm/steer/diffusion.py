@@ -102,7 +102,6 @@ class SteeringGrid:
             "version": 1,
             **self.extra,
             "rows": {"name": self.row_name, "values": self.strengths},
-            "strengths": self.strengths,
             "columns": [{"prompt": p, "seed": s} for p, s in self.columns],
             "generation": self.settings,
             "grid": {
