@@ -7,7 +7,9 @@ mlp_out (one clean forward with caching, one corrupted forward + backward). Targ
 3 forward passes. For scale, activation patching by head costs one forward per head
 (144 on ViT-B), so it is timed on toyvit only.
 
-Usage: python benchmarks/circuits.py [--batch 16] [--reps 3] [--device cpu|cuda]
+On CPU it times process time with one thread (steady on a shared machine); on CUDA, wall time.
+
+Usage: python benchmarks/circuits.py [--batch 16] [--reps 3] [--device cpu|cuda] [--threads 1]
 """
 
 from __future__ import annotations
@@ -24,14 +26,14 @@ from prisma_mm.hooks import HookedModel
 from prisma_mm.zoo.timm_vit import vit_spec
 
 
-def best_of(fn, reps: int, sync) -> float:
+def best_of(fn, reps: int, sync, clock=time.perf_counter) -> float:
     fn()  # warm-up
     times = []
     for _ in range(reps):
-        start = time.perf_counter()
+        start = clock()
         fn()
         sync()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return min(times)
 
 
@@ -43,14 +45,16 @@ def measure(name: str, model: HookedModel, batch: int, reps: int, device: str, h
     metric = C.logit_diff(0, 1)
     head = C.readout(model)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    # on a shared CPU, process time (one thread) is steadier than the wall clock
+    clock = time.perf_counter if device.startswith("cuda") else time.process_time
 
     def forward():
         with torch.no_grad():
             model(clean)
 
-    forward_s = best_of(forward, reps, sync)
+    forward_s = best_of(forward, reps, sync, clock)
     attribution_s = best_of(
-        lambda: C.attribution_patching(model, clean, corrupt, metric, head=head), reps, sync
+        lambda: C.attribution_patching(model, clean, corrupt, metric, head=head), reps, sync, clock
     )
     n_hooks = len(C.default_attribution_hooks(model))
     print(f"{name}: batch {batch}, {n_hooks} hooks, {model.n_layers} blocks")
@@ -64,6 +68,7 @@ def measure(name: str, model: HookedModel, batch: int, reps: int, device: str, h
             ),
             1,
             sync,
+            clock,
         )
         print(f"  activation patching/head  {patch_s * 1e3:9.1f} ms  "
               f"= {patch_s / forward_s:.1f} forwards")  # fmt: skip
@@ -74,7 +79,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     toyvit = prisma_mm.load_model("toyvit", device=args.device)
     measure("toyvit", toyvit, args.batch, args.reps, args.device, heads=True)
     torch.manual_seed(0)
