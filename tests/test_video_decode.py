@@ -122,6 +122,12 @@ def test_auto_routes_decord_only_where_it_was_measured_exact(files):
         assert chosen == ("decord" if decord_exact(index) else "pyav"), name
         if chosen == "decord":
             assert MEASURED["decord"][name] == "exact", name
+            # the same pixels as PyAV: a fallback or a resume with --video-backend pyav
+            # writes the same activations
+            frames = list(range(0, index.n_frames, 3))
+            np.testing.assert_array_equal(
+                DECODERS["decord"].read(index, frames), DECODERS["pyav"].read(index, frames)
+            )
     routed = {
         name for name, (path, _) in files.items() if choose_backend(probe_video(path)) == "decord"
     }
