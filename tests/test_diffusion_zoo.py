@@ -178,3 +178,22 @@ def test_pipeline_loads_from_save_pretrained_and_from_the_hf_cache_offline(
         load_pipeline("sdxl-turbo")
     message = str(missing.value)
     assert "\n" not in message and "`huggingface-cli download stabilityai/sdxl-turbo`" in message
+
+
+def test_real_cards_have_the_papers_blocks_and_sd_cards_share_the_code():
+    from prisma_mm.zoo.registry import build_on_meta
+
+    turbo = build_on_meta("sdxl-turbo")  # from its architecture config: no download
+    assert all(p.device.type == "meta" for p in turbo.pipe.unet.parameters())
+    assert turbo.size == (512, 512) and turbo.default_steps == 1 and turbo.default_guidance == 0
+    assert turbo.pipe.scheduler.config.timestep_spacing == "trailing"
+    for block in ("down.2.1", "mid.0", "up.0.0", "up.0.1"):  # the paper's four, 16x16 x 1280
+        name = f"unet.{block}.hook_update"
+        assert turbo.grid(name) == (16, 16) and turbo.d(name) == 1280
+    assert turbo.layout_of("unet.down.2.1.hook_update").patch_size == (32, 32)
+    texts = [n for n in turbo.hook_names if n.startswith("text")]
+    assert len(texts) == 12 + 32 and turbo.d("text2.blocks.31.hook_resid_post") == 1280
+    sd15 = build_on_meta("sd-v1-5")  # four levels, one text encoder: the same hooks
+    assert list(sd15.blocks)[:2] == ["down.0.0", "down.0.1"] and "up.0.0" not in sd15.blocks
+    assert sd15.grid("unet.mid.0.hook_out") == (8, 8) and sd15.d("unet.up.3.2.hook_in") == 320
+    assert not any(n.startswith("text2.") for n in sd15.hook_names)
