@@ -180,6 +180,10 @@ def test_a_seek_that_lands_after_its_keyframe_decodes_from_the_start(files):
     late = dataclasses.replace(index, key_seek=tuple([index.pts[-1] * 2] * len(index.keyframes)))
     got = DECODERS["pyav"].read(late, [9, 3, 27])
     assert [frame_index(f) for f in got] == [9, 3, 27]
+    # a keyframe that never comes by after the seek (no packet has its timestamp)
+    never = dataclasses.replace(index, key_dts=tuple([10**12] * len(index.keyframes)))
+    got = DECODERS["pyav"].read(never, [9, 3, 27])
+    assert [frame_index(f) for f in got] == [9, 3, 27]
 
 
 def test_frames_counted_in_decoder_order_when_timestamps_are_unusable(files):

@@ -468,10 +468,8 @@ class PyAVDecoder(Decoder):
                        seek: bool = True) -> Iterator[tuple[int | None, Any]]:  # fmt: skip
         """Decoded ``(pts, frame)`` from keyframe ``slot`` to the end; raises _SeekMissed when
         the seek lands after it."""
-        if seek and slot > 0:
+        if seek:
             container.seek(index.key_seek[slot], stream=stream, backward=True, any_frame=False)
-        elif seek:
-            container.seek(index.key_seek[0], stream=stream, backward=True, any_frame=False)
         started = not seek
         for packet in container.demux(stream):
             if not started and packet.size:
@@ -485,6 +483,8 @@ class PyAVDecoder(Decoder):
                     continue
             for frame in packet.decode():
                 yield frame.pts, frame
+        if not started:
+            raise _SeekMissed  # the keyframe never came by (timestamps missing after a seek)
 
 
 class DecordDecoder(Decoder):
