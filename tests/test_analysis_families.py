@@ -204,6 +204,9 @@ def test_markdown_shows_the_json_numbers(family_run):
     assert f"monotone: {pair['monotone']}" in markdown
     assert f"FVU {report['meta_sae']['fvu']:.3f} (paper: about 0.45)" in markdown
     assert math.isfinite(report["seconds"])
+    stages = report["report_seconds"]
+    assert set(stages) == {"metrics", "spliced", "ground_truth", "stitching", "meta_sae"}
+    assert all(t >= 0 for t in stages.values()) and sum(stages.values()) <= report["seconds"]
 
 
 def test_report_without_ground_truth(family_run, toy_cache):

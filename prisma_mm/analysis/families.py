@@ -818,8 +818,18 @@ def family_report(
         "pairs": [],
     }
     scores: list[_LabelScores] = []
+    seconds = dict.fromkeys(("metrics", "spliced", "ground_truth", "stitching", "meta_sae"), 0.0)
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:  # where the report's time goes, for sizing a run
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[stage] += now - clock
+        clock = now
+
     for member, sae in zip(members, saes):
         metrics = evaluate(sae, [x], progress=False)
+        lap("metrics")
         row: dict[str, Any] = {
             "name": member.name,
             "n_latents": member.n_latents,
@@ -839,6 +849,7 @@ def family_report(
                                    modes=("spliced",), progress=False)  # fmt: skip
             row["spliced_accuracy"] = spliced.modes["spliced"].accuracy
             report.setdefault("clean_accuracy", spliced.modes["clean"].accuracy)
+            lap("spliced")
         if held_out is not None:
             codes = _encode(sae, held_out.patch_rows)
             s = _label_scores(codes, held_out, threshold, margin, min_positive)
@@ -847,6 +858,7 @@ def family_report(
             row["conjunctions_with_latent"] = int(s.conjunction_dedicated.sum())
             row["values_scorable"] = int(s.value_scorable.sum())
             row["conjunctions_scorable"] = int(s.conjunction_scorable.sum())
+            lap("ground_truth")
         report["members"].append(row)
     for i in range(len(members) - 1):
         small, large = saes[i], saes[i + 1]
@@ -872,10 +884,12 @@ def family_report(
             # per-latent classes, in the format the browser's read_stitching takes
             stem.with_suffix(".json").write_text(json.dumps(_jsonable(result.to_dict())))
             pair["stitch_json"] = str(stem.with_suffix(".json"))
+        lap("stitching")
         if held_out is not None:
             pair["novel_ground_truth"] = _novel_ground_truth(
                 classes.novel_test, scores[i], scores[i + 1], held_out, threshold
             )
+            lap("ground_truth")
         report["pairs"].append(pair)
     if held_out is not None:
         report["meta_sae"] = {
@@ -884,6 +898,8 @@ def family_report(
                           steps=meta_steps, n_shuffles=n_shuffles, seed=seed,
                           out=Path(out) if out is not None else None, progress=progress),
         }  # fmt: skip
+        lap("meta_sae")
+    report["report_seconds"] = {stage: round(t, 2) for stage, t in seconds.items()}
     return report
 
 
