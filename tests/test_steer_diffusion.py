@@ -214,20 +214,58 @@ def test_cli_writes_the_grid_beside_the_unsteered_images(tiny, tmp_path, capsys)
     assert all(np.array_equal(cells[2][c], np.asarray(to_pil(direct[c]))) for c in range(3))
 
 
-def test_browser_shows_a_latents_top_generations_with_heatmaps_and_escaped_prompts(tiny, tmp_path):
+HOSTILE = 'a cat <img src=x onerror="alert(1)"> & "dog"'
+
+
+@pytest.fixture(scope="module")
+def indexed(tiny, tmp_path_factory):
+    """A prompt cache of DOWN (2 prompts, 2 steps, CFG, images kept), the down SAE saved and
+    its feature index."""
     from prisma_mm.cache import write_cache
-    from prisma_mm.viz.browser import CacheSamples, build_browser
-    from prisma_mm.viz.index import FeatureIndex, SampleImages, build_index
+    from prisma_mm.viz.index import FeatureIndex, build_index
 
     hp, down, _, _ = tiny
-    hostile = 'a cat <img src=x onerror="alert(1)"> & "dog"'
-    (tmp_path / "prompts.txt").write_text(f"{PROMPTS[0]}\n{hostile}\n")
+    root = tmp_path_factory.mktemp("prompt_index")
+    (root / "prompts.txt").write_text(f"{PROMPTS[0]}\n{HOSTILE}\n")
     generation = {"steps": 2, "guidance": 3.0, "keep_images": True}
-    write_cache(hp, str(tmp_path / "prompts.txt"), tmp_path / "cache", [DOWN], progress=False,
+    write_cache(hp, str(root / "prompts.txt"), root / "cache", [DOWN], progress=False,
                 generation=generation, device="cpu")  # fmt: skip
-    down.save(tmp_path / "sae")
-    build_index(tmp_path / "sae", tmp_path / "cache", tmp_path / "index", progress=False)
-    index = FeatureIndex.load(tmp_path / "index")
+    down.save(root / "sae")
+    build_index(root / "sae", root / "cache", root / "sae" / "index", progress=False)
+    return root, FeatureIndex.load(root / "sae" / "index")
+
+
+def test_cli_add_mode_steers_by_the_index_mean_activation_inside_a_box(tiny, indexed, tmp_path):
+    hp, down, _, _ = tiny
+    root, index = indexed
+    latent = int(index.mean_active.argmax())
+    argv = ["steer", str(root / "sae"), "--latent", str(latent), "--strengths", "0,6",
+            "--prompt", PROMPTS[1], "--seeds", "3,4", "--steps", "2", "--guidance", "3",
+            "--box", "8,8,32,32", "--at-steps", "1", "--out", str(tmp_path / "g"), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    settings = json.loads((tmp_path / "g" / "settings.json").read_text())
+    assert settings["mode"] == "add" and settings["latents"] == [latent]
+    assert settings["mean_active"] == [pytest.approx(float(index.mean_active[latent]))]
+    box = RegionMask(box=(8, 8, 32, 32), size=(32, 32))
+    with steer(hp, AddFeature(down, latent, 6.0, scale=index, mask=box, steps=[1])):
+        direct = hp.generate([PROMPTS[1]] * 2, seeds=[3, 4], **CFG)
+    from prisma_mm.steer.diffusion import to_pil
+
+    picture = Image.open(tmp_path / "g" / "grid.png")
+    for c in range(2):
+        cell = np.asarray(picture.crop(tuple(settings["grid"]["boxes"][1][c])))
+        assert np.array_equal(cell, np.asarray(to_pil(direct[c])))
+        unsteered = np.asarray(Image.open(tmp_path / "g" / settings["unsteered"][c]))
+        assert not np.array_equal(cell, unsteered)
+
+
+def test_browser_shows_a_latents_top_generations_with_heatmaps_and_escaped_prompts(tiny, indexed):
+    from prisma_mm.viz.browser import CacheSamples, build_browser
+    from prisma_mm.viz.index import SampleImages
+
+    hp, down, _, _ = tiny
+    root, index = indexed
+    hostile = HOSTILE
     # the index carries each generated sample's prompt, seed and step as provenance
     assert {(g["prompt"], g["step"]) for g in index.sample_generated} == {
         (p, s) for p in (PROMPTS[0], hostile) for s in (0, 1)
@@ -239,7 +277,7 @@ def test_browser_shows_a_latents_top_generations_with_heatmaps_and_escaped_promp
 
     drawn = np.asarray(images(first)).astype(int) - np.asarray(to_pil(clean[0])).astype(int)
     assert np.abs(drawn).max() <= 1  # its own image (another batch: float rounding may differ)
-    site = tmp_path / "browser"
+    site = root / "browser"
     build_browser(index, site, source=CacheSamples(index, down), top_images=4, interval_images=0,
                   progress=False)  # fmt: skip
     latent = int(index.top_value[:, 0].nan_to_num(-1).argmax())
