@@ -85,6 +85,7 @@ def test_hooks_that_edit_nothing_leave_images_bit_identical_and_update_is_out_mi
     with hp.hooks({name: read for name in names}), hp.hooks({f"{BLOCK}.hook_update": same_update}):
         hooked = hp.generate(PROMPTS, seeds=SEEDS, **CFG)
     assert torch.equal(hooked, plain)
+    hooked.clamp_(0, 1)  # ordinary tensors (no inference-mode tensors handed back)
     assert len(seen[f"{BLOCK}.hook_update"]) == 2  # once per step, the whole CFG batch
     for step in range(2):
         update = seen[f"{BLOCK}.hook_update"][step]

@@ -122,7 +122,10 @@ def add_cache_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     parser.add_argument("--dtype", default="float16", help="float16 (default), bfloat16 or float32")
     parser.add_argument(
-        "--batch-size", type=int, default=None, help="inputs per forward (256 on a GPU, 32 on CPU)"
+        "--batch-size",
+        type=int,
+        default=None,
+        help="inputs per forward (256 on a GPU, 32 on CPU; prompts: 16, 4)",
     )
     parser.add_argument(
         "--workers", "--num-workers", type=int, default=4, help="DataLoader decode workers (4)"

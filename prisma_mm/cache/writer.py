@@ -73,6 +73,8 @@ DEFAULT_SHARD_SIZE = 256
 TOKEN_CHOICES = ("all", "cls", "patches")
 # Inputs per forward when --batch-size is not given, by device type.
 DEFAULT_BATCH_SIZES = {"cuda": 256, "cpu": 32}
+# Prompts per generation (a whole pipeline run per batch, VAE decode included).
+DEFAULT_PROMPT_BATCH_SIZES = {"cuda": 16, "cpu": 4}
 RANDOM_TOKEN = -1  # the manifest's token_index under --tokens random:K (each sample's own)
 
 
@@ -458,7 +460,7 @@ def write_cache(
     Each input becomes one sample holding a ``[tokens, d]`` array per hook (``tokens``:
     ``all`` | ``cls`` | ``patches`` | ``random:K`` | index list) in ``dtype`` (float16,
     bfloat16, float32). ``device``: ``auto`` (a GPU when there is one, else the CPU), ``cpu``,
-    ``cuda``, ``cuda:N``; ``batch_size`` None: 256 on a GPU, 32 on the CPU.
+    ``cuda``, ``cuda:N``; ``batch_size`` None: 256 on a GPU, 32 on the CPU (prompts: 16, 4).
     ``shard_size`` inputs per shard; ``limit`` caps the number of inputs read. Inputs are
     visited in a random order seeded by ``order_seed`` (None: the source's own order), so
     that shards of a class-sorted data set are mixed. ``img_size``: build the card at this
@@ -542,7 +544,8 @@ def write_cache(
         new["inputs_done"] = span["start"]
         check_siblings(top, part_index, n_parts, new)
     if batch_size is None:
-        batch_size = DEFAULT_BATCH_SIZES.get(model.device.type, DEFAULT_BATCH_SIZES["cpu"])
+        sizes = DEFAULT_BATCH_SIZES if generation is None else DEFAULT_PROMPT_BATCH_SIZES
+        batch_size = sizes.get(model.device.type, sizes["cpu"])
     lock = _prepare_out(out)
     try:
         manifest = _write(model, new, source, out, batch_size, workers, shard_size, limit,

@@ -564,7 +564,7 @@ class HookedPipeline:
         chosen = self.settings(steps, guidance, size)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         self._call = None
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: the images stay ordinary tensors
             output = self.pipe(
                 prompt=prompts,
                 negative_prompt=negative_prompt,
@@ -827,6 +827,8 @@ def load_pipeline(
             )
         if isinstance(weights, Path):
             weights = str(weights)
+        if torch_dtype is None and device.type == "cuda" and card.kwargs.get("variant"):
+            torch_dtype = torch.float16  # a card with fp16 weight files runs in fp16 on a GPU
         if card.is_tiny and weights in (None, "pretrained"):
             from prisma_mm.zoo.tiny_diffusion import build_tiny_pipeline
 
