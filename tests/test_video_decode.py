@@ -155,6 +155,17 @@ def test_a_failing_decord_read_falls_back_to_pyav(files, monkeypatch):
     assert [frame_index(f) for f in got] == [5, 17, 2]
 
 
+def test_any_decord_failure_falls_back_to_pyav(files, monkeypatch):
+    import decord
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated decord crash")
+
+    monkeypatch.setattr(decord, "VideoReader", crash)
+    got = read_frames(files["ffv1-mkv"][0], [7, 1])
+    assert [frame_index(f) for f in got] == [7, 1]
+
+
 def test_lossless_frames_come_back_bit_exact_from_pyav_and_decord(files):
     path, n = files["ffv1-mkv"]
     index = probe_video(path)
