@@ -116,3 +116,70 @@ def test_browser_thumbnail_of_a_clip_shows_the_peak_frame(clips):
     seventh = np.asarray(frames[6])
     assert (thumb[8:, :] == seventh[8:, :]).all()  # outside the lit patch: frame 6 itself
     assert (thumb[:8, :8] != seventh[:8, :8]).any()
+
+
+@pytest.fixture(scope="module")
+def clip_index(tmp_path_factory):
+    """A TopK SAE on 24 toy clips through tiny-videomae, indexed: (index, sae dir, cache)."""
+    from prisma_mm.cache import ActivationDataset, write_cache
+    from prisma_mm.sae import TopKSAE, fit_simple
+    from prisma_mm.viz.index import IndexOptions, build_index
+
+    root = tmp_path_factory.mktemp("clips")
+    hook = "blocks.1.hook_resid_post"
+    write_cache("tiny-videomae", "toyclips:24,frames=4,seed=2", root / "cache", [hook],
+                shard_size=12, progress=False)  # fmt: skip
+    torch.manual_seed(0)
+    sae = TopKSAE(d_in=32, n_latents=32, k=4)
+    fit_simple(sae, ActivationDataset(root / "cache", hook, batch_size=128, shuffle_buffer=0),
+               steps=20, lr=3e-3, progress=False)  # fmt: skip
+    sae.metadata.update(hook=hook, model="tiny-videomae")
+    sae.eval().save(root / "sae")
+    index = build_index(root / "sae", root / "cache", root / "sae" / "index",
+                        IndexOptions(top_n=4), progress=False)  # fmt: skip
+    return index, root / "sae", root / "cache"
+
+
+def test_index_views_and_browser_of_a_clip_cache(clip_index, tmp_path):
+    """From a real index: the strip's rows are the latent's top clips drawn again from their
+    provenance (lit where the index says the latent peaks), the GIF animates the top clip, and
+    the browser shows clip thumbnails, animated top clips and the temporal score."""
+    import json
+
+    from prisma_mm.analysis.motion import TemporalScores
+    from prisma_mm.data.toyworld import render_clip_source
+    from prisma_mm.viz.browser import BrowserExtras, CacheSamples, build_browser, read_temporal
+    from prisma_mm.viz.video import latent_frame_strips, latent_gif
+
+    index, sae_dir, cache = clip_index
+    assert index.layout.grid == (2, 4, 4) and index.layout.tubelet == 2
+    latent = int(index.max_value.argmax())
+    figure = latent_frame_strips(index, sae_dir, latent, k=2, temporal_score=0.5)
+    assert len(figure.axes) == 3  # two strips and the colour bar
+    top = int(index.top_sample[latent, 0])
+    frame, row, col = index.layout.token_to_patch(int(index.top_token[latent, 0]))
+    clip = render_clip_source(index.sample_sources[top])
+    drawn = np.asarray(figure.axes[0].images[0].get_array())  # the strip's frames, side by side
+    assert np.array_equal(drawn[:, :32], clip[0])
+    overlay = np.asarray(figure.axes[0].images[1].get_array())
+    x0 = frame * 2 * (32 + FRAME_GAP) + col * 8  # the peak's first input frame, its patch
+    peak = overlay[row * 8 : row * 8 + 8, x0 : x0 + 8]
+    assert (peak[..., 3] > 0).all()  # the peak token's patch is lit
+    gif = Image.open(latent_gif(index, sae_dir, latent, tmp_path / "top.gif"))
+    assert gif.n_frames == 4
+
+    n = index.n_latents
+    scores = TemporalScores(torch.ones(n), torch.full((n,), 0.25), torch.full((n,), 0.75))
+    scores.moving[0] = 0.0  # a latent that never fired on moving clips: NaN, null in JSON
+    extras = BrowserExtras(temporal=read_temporal(scores.save(tmp_path / "temporal.json"), n))
+    assert np.isnan(extras.temporal.score[0]) and extras.temporal.score[1] == 0.5
+    site = build_browser(index, tmp_path / "site", source=CacheSamples(index, sae_dir, cache),
+                         extras=extras, top_images=2, interval_images=1, progress=False).parent  # fmt: skip
+    page = (site / "data" / "latents" / "000" / f"{latent:06d}.js").read_text()
+    data = json.loads(page[page.index("{") : page.rindex("}") + 1])
+    assert data["temporal"] == {"score": 0.5, "frozen": 0.75, "order": 0.25}
+    assert data["gifs"] and all((site / g).is_file() for g in data["gifs"])
+    assert Image.open(site / data["gifs"][0]).n_frames == 4
+    assert '"temporal"' in (site / "data" / "table" / "00000.js").read_text()
+    with pytest.raises(PrismaError, match="one per latent"):
+        read_temporal(scores.save(tmp_path / "short.json"), n + 1)

@@ -54,6 +54,7 @@ __all__ = [
     "read_ground_truth",
     "read_meta_sae",
     "read_stitching",
+    "read_temporal",
     "render_thumbnail",
     "run_browse",
     "table_data_path",
@@ -65,6 +66,7 @@ ASSETS = ("browser.js", "browser.css")
 MARKER = "prisma-browser.json"
 SHARD_SIZE = 1000
 CLASS_NAMES = ("novel", "reconstruction", "inactive")
+CLIP_GIFS = 3  # top clips of a video latent also drawn as an animated GIF
 MAX_META_MEMBERS = 16  # other members listed per meta-latent on a latent page
 _CHUNK_BYTES = 256 << 20  # token values held at once while drawing a chunk of latents
 
@@ -154,6 +156,19 @@ class BrowserExtras:
     stitching: StitchingView | None = None
     meta_sae: MetaView | None = None
     ground_truth: GroundTruthView | None = None
+    temporal: TemporalView | None = None
+
+
+@dataclass
+class TemporalView:
+    """Per latent of a video dictionary: its temporal score and the share of its activation
+    gone with one frame repeated (``frozen``) and with the frames shuffled (``order``), as
+    :class:`prisma_mm.analysis.motion.TemporalScores` defines them (NaN: never fired)."""
+
+    score: np.ndarray
+    frozen: np.ndarray
+    order: np.ndarray
+    source: dict[str, Any]
 
 
 def _read_json(path: Path, what: str, hint: str) -> Any:
@@ -242,6 +257,24 @@ def read_meta_sae(path: str | Path, n_latents: int) -> MetaView:
         members,
         {"path": str(file.resolve()), "n_meta": len(metas), "fvu": summary.get("fvu")},
     )
+
+
+def read_temporal(path: str | Path, n_latents: int) -> TemporalView:
+    """Read temporal scores (``TemporalScores.save``: JSON lists ``score``, ``frozen`` and
+    ``order`` with one number per latent, null where it never fired)."""
+    path = Path(path)
+    hint = "pass the JSON written by prisma_mm.analysis.motion.TemporalScores.save"
+    data = _read_json(path, "temporal scores", hint)
+    columns = {}
+    for key in ("score", "frozen", "order"):
+        values = data.get(key) if isinstance(data, dict) else None
+        if not isinstance(values, list) or len(values) != n_latents:
+            raise PrismaError(
+                f"temporal scores {str(path)!r} need a list {key!r} of {n_latents} numbers (one "
+                f"per latent of this dictionary): {hint}"
+            )
+        columns[key] = np.array([np.nan if v is None else float(v) for v in values])
+    return TemporalView(**columns, source={"path": str(path.resolve())})
 
 
 def read_ground_truth(path: str | Path, n_latents: int) -> GroundTruthView:
@@ -494,6 +527,8 @@ def _provenance(index: FeatureIndex, extras: BrowserExtras) -> dict[str, Any]:
         prov["meta-SAE"] = extras.meta_sae.source
     if extras.ground_truth:
         prov["ground truth"] = extras.ground_truth.source
+    if extras.temporal:
+        prov["temporal scores"] = extras.temporal.source
     return prov
 
 
@@ -557,6 +592,7 @@ def build_browser(
             "stitching": extras.stitching is not None,
             "meta": extras.meta_sae is not None,
             "ground_truth": gt is not None,
+            "temporal": extras.temporal is not None,
         },
         "label_names": label_names,
         "gt_names": gt.value_names if gt else None,
@@ -632,6 +668,8 @@ def _write_tables(work: Path, t: _Tables, extras: BrowserExtras, n: int) -> None
             best = extras.ground_truth.best
             data["gt"] = [best[i][0][0] if best[i] else -1 for i in rows]
             data["gt_auroc"] = [_num(best[i][0][1], 3) if best[i] else None for i in rows]
+        if extras.temporal:
+            data["temporal"] = [_num(extras.temporal.score[i], 3) for i in rows]
         (work / table_data_path(shard)).write_text(_script("table", shard, data))
 
 
@@ -676,6 +714,11 @@ def _draw_chunk(
                 images[sample], token_values, source.layout, t.max_value[latent]
             )
             thumb.save(work / rel)  # optimize=True is 10x slower for 7% smaller files
+            if isinstance(images[sample], list) and name(j).startswith("t") and j < CLIP_GIFS:
+                from prisma_mm.viz.video import heatmap_gif  # a clip: its heatmap animated too
+
+                heatmap_gif(images[sample], token_values, source.layout,
+                            work / (rel[: -len(".png")] + ".gif"), vmax=t.max_value[latent])  # fmt: skip
             paths[j] = rel
         return paths
 
@@ -767,6 +810,11 @@ def _latent_data(
             {"value": names[v], "auroc": _num(a, 3), "level": level}
             for v, a, level in extras.ground_truth.best[i]
         ]
+    if extras.temporal:
+        tv = extras.temporal
+        data["temporal"] = {k: _num(getattr(tv, k)[i], 3) for k in ("score", "frozen", "order")}
+    data["gifs"] = [path[: -len(".png")] + ".gif" for path in images_top[:CLIP_GIFS]
+                    if path and index.layout.grid[0] > 1]  # fmt: skip
     return data
 
 
@@ -797,6 +845,7 @@ def run_browse(args: argparse.Namespace) -> int:
         stitching=read_stitching(args.stitching, n) if args.stitching else None,
         meta_sae=read_meta_sae(args.meta_sae, n) if args.meta_sae else None,
         ground_truth=read_ground_truth(args.ground_truth, n) if args.ground_truth else None,
+        temporal=read_temporal(args.temporal, n) if args.temporal else None,
     )
     from prisma_mm.sae import load
 
@@ -850,6 +899,11 @@ def add_browse_parser(subparsers: Any) -> None:
     parser.add_argument("--meta-sae", default=None, help="folder of `prisma-mm meta-sae`")
     parser.add_argument(
         "--ground-truth", default=None, help="ground-truth report JSON (GroundTruthReport)"
+    )
+    parser.add_argument(
+        "--temporal",
+        default=None,
+        help="temporal scores JSON of a video dictionary (TemporalScores)",
     )
     parser.add_argument(
         "--top-images", type=_positive_int, default=12, help="thumbnails per latent (top)"

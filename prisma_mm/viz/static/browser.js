@@ -155,6 +155,7 @@
       stitch: new Int8Array(n).fill(-1),
       gt: new Int32Array(n).fill(-1),
       gt_auroc: new Float64Array(n).fill(NaN),
+      temporal: new Float64Array(n).fill(NaN),
     };
     const metaOf = new Array(n);
     const have = new Uint8Array(n);
@@ -173,6 +174,7 @@
     if (meta.columns.stitching) columns.push({ key: "stitch", title: "stitching" });
     if (meta.columns.meta) columns.push({ key: "meta", title: "meta-latents" });
     if (meta.columns.ground_truth) columns.push({ key: "gt", title: "ground truth", tip: "factor value it detects best (AUROC)" });
+    if (meta.columns.temporal) columns.push({ key: "temporal", title: "temporal", num: true, tip: "share of its activation that goes without motion (frame-repeated and frame-shuffled clips)" });
 
     const labelText = (i) => (cols.label[i] >= 0 ? meta.label_names[cols.label[i]] : "");
     const gtText = (i) => (cols.gt[i] >= 0 ? meta.gt_names[cols.gt[i]] : "");
@@ -289,6 +291,7 @@
       if (meta.columns.ground_truth)
         cells.push(el("td", {}, gtText(i) || "–",
           cols.gt[i] >= 0 ? el("span", { class: "muted" }, " " + fmt(cols.gt_auroc[i])) : null));
+      if (meta.columns.temporal) cells.push(el("td", { class: "num" }, fmt(cols.temporal[i])));
       return el("tr", { "data-id": i }, cells);
     }
 
@@ -332,6 +335,7 @@
         if (shard.stitch) cols.stitch[i] = shard.stitch[j];
         if (shard.gt) (cols.gt[i] = shard.gt[j]), (cols.gt_auroc[i] = shard.gt_auroc[j] ?? NaN);
         if (shard.meta) metaOf[i] = shard.meta[j];
+        if (shard.temporal) cols.temporal[i] = shard.temporal[j] ?? NaN;
         have[i] = 1;
       }
       nShardsLoaded += 1;
@@ -372,9 +376,11 @@
     const layout = meta.layout;
     if (!layout || token === null || token === undefined || token < 0) return "";
     if (token < layout.n_prefix) return token === 0 ? "CLS" : "prefix " + token;
-    const p = token - layout.n_prefix;
     const [frames, h, w] = layout.grid;
-    const f = Math.floor(p / (h * w)), r = Math.floor(p / w) % h, c = p % w;
+    const size = { t: frames, h: h, w: w }, at = {};
+    let p = token - layout.n_prefix;
+    for (const axis of (layout.order || "thw").split("").reverse()) (at[axis] = p % size[axis]), (p = Math.floor(p / size[axis]));
+    const f = at.t, r = at.h, c = at.w; // the family's token order (TimeSformer: time fastest)
     return frames > 1 ? "frame " + f + " patch " + r + "," + c : "patch " + r + "," + c;
   }
 
@@ -478,6 +484,7 @@
     if (topLabel) stats.push(stat("top label", topLabel[0], "stat-label"));
     if (d.stitch) stats.push(stat("stitching", CLASS_NAMES[d.stitch.cls] || "–", "stat-stitch"));
     if (d.gt && d.gt.length) stats.push(stat("ground truth", d.gt[0].value, "stat-gt"));
+    if (d.temporal) stats.push(stat("temporal score", fmt(d.temporal.score), "stat-temporal"));
 
     const parts = [el("h1", { id: "latent-title" }, "Latent #" + d.id), el("section", { class: "summary" }, stats)];
     if (!(d.max > 0)) parts.push(el("p", { class: "notice" }, "This latent never fired on the indexed data."));
@@ -486,6 +493,10 @@
       el("span", {}, "0"), el("div", { class: "colorbar", style: "background: " + gradient(meta) }), el("span", {}, fmt(d.max)),
       el("span", { class: "muted" }, " heatmaps share one scale: 0 to this latent's max activation"));
     parts.push(section("Top activations", "top", d.thumbs ? bar : null, samples(meta, d, d.top, "")));
+    if (d.gifs && d.gifs.length)
+      parts.push(section("Top clips, animated", "clips",
+        el("p", { class: "muted" }, "the heatmap over each top clip's frames, on the same scale"),
+        el("div", { class: "grid" }, d.gifs.map((src) => el("img", { src, alt: "", loading: "lazy", class: "thumb clip" })))));
 
     if (d.intervals && d.intervals.length)
       parts.push(section("Interval samples", "intervals",
@@ -519,6 +530,13 @@
       side.push(section("Ground truth", "ground-truth",
         el("table", { class: "kv" }, el("tbody", {}, d.gt.map((g) =>
           el("tr", {}, el("th", {}, g.value), el("td", {}, "AUROC " + fmt(g.auroc) + " (" + g.level + ")")))))));
+    if (d.temporal)
+      side.push(section("Temporal score", "temporal",
+        el("p", { class: "muted" }, "share of its activation on moving clips that goes on the controls (docs/video.md)"),
+        el("table", { class: "kv" }, el("tbody", {},
+          el("tr", {}, el("th", {}, "temporal score"), el("td", {}, fmt(d.temporal.score))),
+          el("tr", {}, el("th", {}, "gone with one frame repeated"), el("td", {}, fmt(d.temporal.frozen))),
+          el("tr", {}, el("th", {}, "gone with frames shuffled"), el("td", {}, fmt(d.temporal.order)))))));
     if (d.meta) {
       side.push(section("Meta-SAE decomposition", "meta-sae",
         d.meta.length ? d.meta.map((m) => el("div", { class: "meta-latent" },
