@@ -14,20 +14,24 @@
 # **On SDXL-Turbo** (a GPU, the weights in the Hugging Face cache) the same steps are:
 #
 # ```bash
+# # training rows: every prompt once, a quarter of each image's 256 tokens
 # prisma-mm cache --model sdxl-turbo --data prompts.txt --hooks unet.down.2.1.hook_update \
-#     --keep-images --tokens random:64 --device cuda --dtype float16 --out caches/turbo-down21
+#     --tokens random:64 --device cuda --out caches/turbo-down21
 # prisma-mm train fit --config trainers/sdxl-turbo-topk-down-2-1.yaml \
 #     --data.cache_dir caches/turbo-down21
-# prisma-mm index runs/sdxl-turbo-topk-down-2-1/version_0/dictionary caches/turbo-down21
-# prisma-mm steer runs/sdxl-turbo-topk-down-2-1/version_0/dictionary --latent 4021 \
-#     --prompt "a photo of a cat" --seeds 0,1,2,3 --strengths 0,2,4,8 --device cuda \
-#     --dtype float16 --out grids/latent-4021
+# # views: a few thousand prompts with every token and the images kept, then the index
+# prisma-mm cache --model sdxl-turbo --data prompts.txt --limit 5000 --keep-images \
+#     --hooks unet.down.2.1.hook_update --device cuda --out caches/turbo-views
+# DICT=runs/sdxl-turbo-topk-down-2-1/version_0/dictionary
+# prisma-mm index $DICT caches/turbo-views --device cuda
+# prisma-mm browse $DICT --out browser-down21
+# prisma-mm steer $DICT --latent 4021 --prompt "a photo of a cat" --seeds 0,1,2,3 \
+#     --strengths 0,2,4,8 --device cuda --dtype float16 --out grids/latent-4021
 # ```
 #
-# (index with `--tokens all` caches for heatmaps; `random:K` caches index fine but their
-# views need the full grid, so cache a few thousand prompts with `--tokens all` for the
-# browser.) In Python, `load_pipeline("sdxl-turbo", device="cuda", dtype="float16")` replaces
-# `load_pipeline("tiny-sdxl")` below; everything else is unchanged.
+# (the index maps tokens through the block's grid, so it reads a cache of every token.) In
+# Python, `load_pipeline("sdxl-turbo", device="cuda", dtype="float16")` replaces
+# `load_pipeline("tiny-sdxl", size=SIZE)` below; everything else is unchanged.
 
 # %%
 import json
