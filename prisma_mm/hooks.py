@@ -113,6 +113,17 @@ class TokenLayout:
         lead = list(range(grid.dim() - 3))
         return grid.permute(*lead, *(len(lead) + self.order.index(axis) for axis in "thw"))
 
+    def grid_to_tokens(self, grid: Tensor) -> Tensor:
+        """The inverse of :meth:`patch_map`: per-patch values ``[..., frames, h, w]`` as
+        ``[..., n_patches]`` in token order (prefix not included)."""
+        if tuple(grid.shape[-3:]) != tuple(self.grid):
+            raise PrismaError(
+                f"grid values have shape {tuple(grid.shape)}; this layout's grid is {self.grid}"
+            )
+        lead = list(range(grid.dim() - 3))
+        ordered = grid.permute(*lead, *(len(lead) + "thw".index(axis) for axis in self.order))
+        return ordered.flatten(-3)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "n_prefix": self.n_prefix,
@@ -164,7 +175,9 @@ class BlockSpec:
     mlp_proj: str
     norm1: str
     attn: str
-    pattern_style: str  # "timm" (fused_attn=False), "mha" (nn.MultiheadAttention) or "none"
+    # "timm" (fused_attn=False), "mha" (nn.MultiheadAttention), "hf" (transformers' eager
+    # attention, whose module returns (output, pattern)) or "none"
+    pattern_style: str
     mlp: str = "mlp"
     attn_out_proj: str | None = None
     resid_mid_at_ln2: bool = False
@@ -435,6 +448,11 @@ class HookedModel(nn.Module):
         if bs.pattern_style == "none":
             missing["attn.hook_pattern"] = (
                 f"{type(attn).__name__} computes its pattern inside one fused call"
+            )
+        if bs.pattern_style == "hf":
+            read_only["attn.hook_pattern"] = (
+                "transformers returns the pattern of its eager attention (switched on while "
+                "hooked) without using it again (edit the resid hooks instead)"
             )
         kind = _mlp_kind(block.get_submodule(bs.mlp))
         if kind is None:
@@ -858,6 +876,17 @@ class HookedModel(nn.Module):
 
             self._register(stack, attn, "pre", point, want_weights)
             return self._register(stack, attn, "forward", point, read)
+        if style == "hf":
+            # the fused kernels return no pattern: the model's eager path, only while hooked
+            config = attn.config
+            implementation = config._attn_implementation
+            config._attn_implementation = "eager"
+            stack.callback(setattr, config, "_attn_implementation", implementation)
+
+            def read_hf(_module, _inputs, output):
+                fn(output[1], point)  # read-only: wrapped by _reading_only
+
+            return self._register(stack, attn, "forward", point, read_hf)
         raise AssertionError(style)
 
     # ----- caching -----------------------------------------------------------------------

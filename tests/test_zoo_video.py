@@ -101,6 +101,8 @@ def test_every_hook_fires_with_the_shape_its_layout_gives(name: str) -> None:
         if hook == "hook_output":  # pooled (classifiers, X-CLIP) or the encoder's tokens
             pooled = out.dim() == 2
             assert value.shape[:2] == (2, 1 if pooled else layout.n_tokens)
+        elif hook.endswith("attn.hook_pattern"):  # [batch, heads, query, key]
+            assert value.shape[2:] == (layout.n_tokens, layout.n_tokens), hook
         elif hook.endswith(("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z")):
             assert value.shape[:2] == (2, layout.n_tokens), hook
             assert value.dim() == 4, hook  # [batch, tokens, heads, d_head]
@@ -122,7 +124,9 @@ def test_hooked_forward_is_bit_identical_to_the_library_and_init_is_the_librarys
     x = _clip(model, seed=1)
     with torch.no_grad():
         native = _native(model, x)
-        with model.hooks({hook: lambda value, point: None for hook in model.hook_names}):
+        # every hook but the patterns (those switch on the eager attention while hooked)
+        names = [h for h in model.hook_names if not h.endswith("hook_pattern")]
+        with model.hooks({hook: lambda value, point: None for hook in names}):
             hooked = model(x)
     assert torch.equal(native, hooked)
     # seeded random init is the library's own constructor under that seed
@@ -209,6 +213,8 @@ def test_token_layout_order_round_trips_and_refuses_a_bad_order() -> None:
     grid = layout.patch_map(values)
     for token in range(1, layout.n_tokens):
         assert grid[layout.token_to_patch(token)] == token
+    assert torch.equal(layout.grid_to_tokens(grid), values[1:])  # the inverse of patch_map
+    assert torch.equal(layout.grid_to_tokens(torch.stack([grid, -grid]))[1], -values[1:])
     with pytest.raises(PrismaError, match="permutation"):
         TokenLayout(0, (1, 2, 2), (8, 8), (16, 16), order="tth")
 
@@ -506,3 +512,24 @@ def test_xclip_frames_folded_into_the_batch_are_one_clip_of_tokens_both_ways() -
         finally:
             handle.remove()
     assert torch.equal(edited, expected)
+
+
+@pytest.mark.parametrize("name", ["tiny-videomae", "tiny-vivit", "tiny-vjepa2"])
+def test_attention_pattern_is_the_eager_softmax_read_only_and_switched_back(name: str) -> None:
+    model = _model(name)
+    x = _clip(model, seed=11)
+    config = model.module.config
+    before = config._attn_implementation
+    hooks = ["blocks.1.attn.hook_q", "blocks.1.attn.hook_k", "blocks.1.attn.hook_pattern"]
+    out, cache = model.run_with_cache(x, hooks)
+    q, k, pattern = cache.values()
+    assert config._attn_implementation == before  # the fused path is back
+    assert torch.allclose(pattern.sum(-1), torch.ones(()), atol=1e-5)
+    if name != "tiny-vjepa2":  # V-JEPA 2 rotates q and k after hook_q / hook_k
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5
+        assert torch.allclose(scores.softmax(-1), pattern, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(out, model(x), atol=1e-5)
+    with pytest.raises(PrismaError, match="can be read but not replaced"):
+        model.run_with_hooks(x, [("blocks.0.attn.hook_pattern", lambda v, p: v * 0)])
+    assert config._attn_implementation == before
