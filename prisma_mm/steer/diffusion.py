@@ -76,7 +76,7 @@ class SteeringGrid:
             return [f"seed {s}" for _, s in self.columns]
         if len(seeds) == 1:
             return [p for p, _ in self.columns]
-        return [f"seed {s} · {p}" for p, s in self.columns]  # a long prompt is cut, not the seed
+        return [f"{p}\nseed {s}" for p, s in self.columns]  # two lines: the seed never cut
 
     def save(self, out: str | Path) -> Path:
         """Write ``out/grid.png`` (rows: strengths; columns: prompts x seeds), the unsteered

@@ -325,7 +325,8 @@ def image_grid(rows: Sequence[Sequence[Any]], row_labels: Sequence[str] | None =
                col_labels: Sequence[str] | None = None, *, gap: int = 4, font_size: int = 11,
                label_width: int = 96, header: int = 18) -> ImageGrid:  # fmt: skip
     """Images (PIL or uint8 ``[H, W, 3]`` arrays, all one size) in a grid, pixels unscaled, with
-    a label left of each row and above each column (text drawn with PIL's own font)."""
+    a label left of each row and above each column (text drawn with PIL's own font; a column
+    label's lines, split at newlines, each get ``header`` pixels, cut to the cell's width)."""
     from PIL import Image, ImageDraw, ImageFont
 
     cells = [[Image.fromarray(np.asarray(c)) if not hasattr(c, "convert") else c.convert("RGB")
@@ -339,7 +340,8 @@ def image_grid(rows: Sequence[Sequence[Any]], row_labels: Sequence[str] | None =
         if labels is not None and len(labels) != n:
             raise PrismaError(f"{len(labels)} {what} labels for {n} {what}s")
     left = gap + (label_width if row_labels is not None else 0)
-    top = gap + (header if col_labels is not None else 0)
+    lines = max((len(str(label).split("\n")) for label in col_labels or []), default=0)
+    top = gap + header * lines
     n_rows, n_cols = len(cells), len(cells[0])
     canvas = Image.new("RGB", (left + n_cols * (width + gap), top + n_rows * (height + gap)),
                        (255, 255, 255))  # fmt: skip
@@ -358,8 +360,10 @@ def image_grid(rows: Sequence[Sequence[Any]], row_labels: Sequence[str] | None =
             draw.text((gap, y + height // 2), text, fill=(0, 0, 0), font=font, anchor="lm")
     for c, label in enumerate(col_labels or []):
         x = left + c * (width + gap)
-        text = _fit(draw, str(label), font, width)
-        draw.text((x + width // 2, gap + header // 2), text, fill=(0, 0, 0), font=font, anchor="mm")
+        for i, line in enumerate(str(label).split("\n")):
+            text = _fit(draw, line, font, width)
+            draw.text((x + width // 2, gap + header * i + header // 2), text, fill=(0, 0, 0),
+                      font=font, anchor="mm")  # fmt: skip
     return ImageGrid(canvas, boxes)
 
 
