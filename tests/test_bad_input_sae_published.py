@@ -1,5 +1,5 @@
 """Bad input to published SAEs, through the CLI: unknown names and families (one line with the
-nearest valid ones), weights missing from an offline Hugging Face cache (one line naming the
+nearest valid ones; in eval, index, browse and steer alike), weights missing from an offline Hugging Face cache (one line naming the
 repo and the files to fetch) and a GitHub-only release (one line saying what to clone). No
 report is written, and the cache is never opened."""
 
@@ -45,6 +45,54 @@ CASES = [
         "eval-misspelt-published-name",
         _eval("saev-clip-b16-in1k-24"),
         "does not exist: check the path (or give a published SAE's name",
+        OUT,
+    ),
+    Case(
+        "index-misspelt-published-name",
+        ("index", "saev-clip-b16-in1k-24", "{tmp}/cache", "--out", "{tmp}/out/i"),
+        "did you mean 'saev-clip-b16-in1k-24k'",
+        OUT,
+    ),
+    Case(
+        "index-published-weights-not-in-offline-cache",
+        ("index", "saev-clip-b16-in1k-24k", "{tmp}/cache", "--out", "{tmp}/out/i"),
+        "huggingface-cli download osunlp/SAE_CLIP_24K_ViT-B-16_IN1K --include 'sae.pt'",
+        OUT,
+    ),
+    Case(
+        "browse-misspelt-published-name",
+        ("browse", "prisma-clip-b32-vanila-x64-l1-mlp-out", "--out", "{tmp}/out/b"),
+        "did you mean 'prisma-clip-b32-vanilla-x64-l1-mlp-out'",
+        OUT,
+    ),
+    Case(
+        "steer-misspelt-published-name",
+        (
+            "steer",
+            "unbox-sdxl-turbo-mid0",
+            "--latent",
+            "1",
+            "--prompt",
+            "a cat",
+            "--out",
+            "{tmp}/out/s",
+        ),  # fmt: skip
+        "did you mean 'unbox-sdxl-turbo-mid.0'",
+        OUT,
+    ),
+    Case(
+        "steer-published-github-release",
+        (
+            "steer",
+            "unbox-sdxl-turbo-mid.0",
+            "--latent",
+            "1",
+            "--prompt",
+            "a cat",
+            "--out",
+            "{tmp}/out/s",
+        ),  # fmt: skip
+        "clone https://github.com/surkovv/sdxl-unbox",
         OUT,
     ),
 ]

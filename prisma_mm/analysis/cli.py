@@ -110,23 +110,9 @@ def _check_device(args: argparse.Namespace) -> None:
 
 
 def _load_dictionary(path: str, device: str | None) -> Any:
-    from prisma_mm.sae import load
-    from prisma_mm.sae.published import is_published, load_sae
+    from prisma_mm.sae.published import resolve_dictionary
 
-    folder = Path(path)
-    if is_published(path):  # a published SAE's name: its card gives the hook and the model
-        return load_sae(path, device=device or "cpu")
-    if not folder.exists():
-        raise PrismaError(
-            f"dictionary {path!r} does not exist: check the path (or give a published SAE's "
-            "name, see `prisma-mm sae list`)"
-        )
-    if not (folder / "cfg.json").is_file():
-        raise PrismaError(
-            f"{path!r} is not a saved dictionary (no cfg.json): pass the directory written by "
-            "training or Dictionary.save"
-        )
-    return load(folder, device=device or "cpu")
+    return resolve_dictionary(path, device=device or "cpu")
 
 
 def _check_width(dictionary: Any, d: int, hooks: list[str], cache: str) -> None:
@@ -340,9 +326,11 @@ def run_eval(args: argparse.Namespace) -> int:
     """``prisma-mm eval DICT --cache CACHE``: metrics JSON + table (+ spliced with --data)."""
     _check_device(args)
     from prisma_mm.analysis.metrics import EmptyEvaluation, evaluate, plot_density_histogram
+    from prisma_mm.sae.published import check_cache_size, dictionary_label, output_home
 
-    folder = Path(args.dictionary)
-    out = check_output_file(args.out or folder / "eval.json", "--out", "eval.json")
+    out = check_output_file(
+        args.out or output_home(args.dictionary) / "eval.json", "--out", "eval.json"
+    )
     histogram = check_output_file(
         args.histogram or out.with_name(out.stem + "_density.png"), "--histogram", "density.png"
     )
@@ -350,7 +338,9 @@ def run_eval(args: argparse.Namespace) -> int:
     hooks = _hooks_of(dictionary, args.hook)
     ds = _dataset(args.cache, hooks, args.split, args.eval_fraction, args.batch_size)
     _check_width(dictionary, ds.d, hooks, args.cache)
-    task = _task_data(args, ds.manifest, hooks) if args.data is not None else None
+    check_cache_size(dictionary, ds.manifest, args.cache)
+    img_size = dictionary.metadata.get("img_size")
+    task = _task_data(args, ds.manifest, hooks, img_size) if args.data is not None else None
     try:
         metrics = evaluate(
             dictionary,
@@ -363,7 +353,7 @@ def run_eval(args: argparse.Namespace) -> int:
     except EmptyEvaluation:
         raise PrismaError(_no_rows(args.cache, args.split)) from None
     report: dict[str, Any] = {
-        "dictionary": str(Path(args.dictionary).resolve()),
+        "dictionary": dictionary_label(args.dictionary),
         "architecture": dictionary.architecture,
         "hooks": hooks,
         "cache": str(Path(args.cache).resolve()),
@@ -381,10 +371,12 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _task_data(
-    args: argparse.Namespace, manifest: dict[str, Any], hooks: list[str]
-) -> dict[str, Any]:
-    """The cache's model (or ``--model`` / ``--weights``) and ``--data``'s labelled batches;
-    the model must have ``hooks``."""
+    args: argparse.Namespace, manifest: dict[str, Any], hooks: list[str],
+    img_size: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The cache's model (or ``--model`` / ``--weights``), built at ``img_size`` (a published
+    SAE's input size) when given, and ``--data``'s labelled batches; the model must have
+    ``hooks``."""
     import prisma_mm
     from prisma_mm.cache.writer import weights_fingerprint
 
@@ -404,7 +396,9 @@ def _task_data(
             "'none') to load the same weights"
         )
     weights = None if str(weights).lower() == "none" else weights
-    model = prisma_mm.load_model(name, weights=weights, device=args.device or "cpu")
+    model = prisma_mm.load_model(
+        name, weights=weights, device=args.device or "cpu", img_size=img_size
+    )
     fingerprint = cached_model.get("fingerprint")
     if fingerprint and weights_fingerprint(model.module) != fingerprint:
         print(
@@ -462,9 +456,10 @@ def run_stitch(args: argparse.Namespace) -> int:
     """``prisma-mm stitch SMALL LARGE --cache CACHE``: stitch.json + stitch.png."""
     _check_device(args)
     from prisma_mm.analysis.stitching import Stitcher, plot_stitching, stitch
+    from prisma_mm.sae.published import dictionary_label, output_home
 
     out = check_output_dir(
-        args.out or Path(args.large) / f"stitch_{Path(args.small).name}", "--out"
+        args.out or output_home(args.large) / f"stitch_{output_home(args.small).name}", "--out"
     )
     small = _load_dictionary(args.small, args.device)
     large = _load_dictionary(args.large, args.device)
@@ -487,7 +482,7 @@ def run_stitch(args: argparse.Namespace) -> int:
         from prisma_mm.analysis.spliced import make_spliced_loss
 
         manifest = ds.manifest
-        task = _task_data(args, manifest, hooks)
+        task = _task_data(args, manifest, hooks, small.metadata.get("img_size"))
         loss_fn = make_spliced_loss(
             task["model"],
             list(task["batches"]),  # read and preprocessed once for every stitched SAE
@@ -511,8 +506,8 @@ def run_stitch(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     report = {
-        "small": str(Path(args.small).resolve()),
-        "large": str(Path(args.large).resolve()),
+        "small": dictionary_label(args.small),
+        "large": dictionary_label(args.large),
         "hooks": hooks,
         "cache": str(Path(args.cache).resolve()),
         **result.to_dict(),
@@ -529,8 +524,9 @@ def run_meta_sae(args: argparse.Namespace) -> int:
     """``prisma-mm meta-sae DICT``: the meta-SAE and its JSON export."""
     _check_device(args)
     from prisma_mm.analysis.meta_sae import train_meta_sae
+    from prisma_mm.sae.published import dictionary_label, output_home
 
-    out = check_output_dir(args.out or Path(args.dictionary) / "meta_sae", "--out")
+    out = check_output_dir(args.out or output_home(args.dictionary) / "meta_sae", "--out")
     dictionary = _load_dictionary(args.dictionary, args.device)
     result = train_meta_sae(
         dictionary,
@@ -544,7 +540,7 @@ def run_meta_sae(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.quiet,
     )
-    result.source["path"] = str(Path(args.dictionary).resolve())
+    result.source["path"] = dictionary_label(args.dictionary)
     path = result.save(out)
     summary = result.to_dict()["meta"]
     rows = [
@@ -572,7 +568,9 @@ def run_compare(args: argparse.Namespace) -> int:
     result = match_dictionaries(a, b, threshold=args.threshold)
     _print_table(f"{args.a} vs {args.b}", result.rows())
     if out is not None:
-        report = {"a": str(Path(args.a).resolve()), "b": str(Path(args.b).resolve())}
+        from prisma_mm.sae.published import dictionary_label
+
+        report = {"a": dictionary_label(args.a), "b": dictionary_label(args.b)}
         report.update(result.to_dict())
         _write_json(out, report)
         print(f"wrote {args.out}")
@@ -698,7 +696,8 @@ def add_analysis_parsers(subparsers: Any) -> None:
         default=0.1,
         help="dense: firing on more than this fraction of tokens",
     )
-    ev.add_argument("--out", default=None, help="report path (default DICT/eval.json)")
+    ev.add_argument("--out", default=None, help="report path (default DICT/eval.json; for a "
+                    "published SAE ./sae-<NAME>/eval.json)")  # fmt: skip
     ev.add_argument("--histogram", default=None, help="density PNG (default beside the report)")
     _spliced_args(ev, "spliced-in evaluation")
     _common(ev)

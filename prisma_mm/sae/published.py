@@ -26,6 +26,7 @@ stand-in (:func:`~prisma_mm.sae.io.load_torch_state`).
 from __future__ import annotations
 
 import argparse
+import difflib
 import fnmatch
 import functools
 import io
@@ -215,7 +216,8 @@ def _fetch_hint(card: SAECard) -> str:
         where = f"{card.subfolder}/" if card.subfolder else ""
         return (
             f"clone https://github.com/{card.repo.removeprefix('github:')} and pass "
-            f"path=<clone>/{where} (files {', '.join(card.files)})"
+            f"path=<clone>/{where} (on the command line {card.name}@<clone>; files "
+            f"{', '.join(card.files)})"
         )
     from prisma_mm.zoo.registry import offline_hint
 
@@ -771,9 +773,84 @@ def load_sae(
     return d
 
 
-def is_published(name: str) -> bool:
-    """Whether ``name`` is a carded SAE (and not an existing path)."""
-    return not Path(name).exists() and name in _cards()
+def _published_spec(text: str | Path) -> tuple[str, str | None] | None:
+    """``(name, folder)`` when ``text`` is a carded SAE's name, or ``NAME@FOLDER`` (its files in
+    a local folder, e.g. a clone of a GitHub release), and not an existing path; else None."""
+    if Path(text).exists():
+        return None
+    cards = _cards()
+    if str(text) in cards:
+        return str(text), None
+    name, at, folder = str(text).partition("@")
+    return (name, folder) if at and folder and name in cards else None
+
+
+def is_published(name: str | Path) -> bool:
+    """Whether ``name`` is a carded SAE (or ``NAME@FOLDER``), and not an existing path."""
+    return _published_spec(name) is not None
+
+
+def resolve_dictionary(
+    path_or_name: str | Path, device: str | torch.device = "cpu", **load_kwargs: Any
+) -> Dictionary:
+    """The dictionary every stage takes: a saved dictionary directory (``cfg.json`` +
+    weights), or a published SAE's name (:func:`load_sae`, with ``load_kwargs``), whose
+    metadata then names its ``model``, ``hook``, ``tokens`` and ``img_size``; ``NAME@FOLDER``
+    reads the SAE's files from a local folder in the release's layout (``path=``), which is how
+    the command line loads a GitHub-only release. An existing path always wins over a name;
+    anything else fails in one line (with the closest names)."""
+    from prisma_mm.sae import load
+
+    folder = Path(path_or_name).expanduser()
+    spec = _published_spec(path_or_name)
+    if spec is not None:
+        local = {"path": spec[1]} if spec[1] else {}
+        return load_sae(spec[0], device=device, **{**local, **load_kwargs})
+    if not folder.exists():
+        name = str(path_or_name).partition("@")[0]
+        close = difflib.get_close_matches(name, list(_cards()), n=3, cutoff=0.6)
+        guess = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise PrismaError(
+            f"{str(path_or_name)!r} is not a saved dictionary: it does not exist: check the path "
+            f"(or give a published SAE's name, see `prisma-mm sae list`{guess})"
+        )
+    if not (folder / "cfg.json").is_file():
+        raise PrismaError(
+            f"{str(path_or_name)!r} is not a saved dictionary (no cfg.json): pass the directory "
+            "written by training or Dictionary.save, or a published SAE's name"
+        )
+    return load(folder, device=device)
+
+
+def output_home(path_or_name: str | Path) -> Path:
+    """The folder a stage writes its default outputs into (``eval.json``, ``index/``,
+    ``meta_sae/`` ...): the saved dictionary's own folder, or for a published SAE's name
+    ``./sae-<name>`` under the current folder (characters other than letters, digits, ``.``,
+    ``_`` and ``-`` become ``_``; ``NAME@FOLDER``: the name's), which never shadows the name."""
+    spec = _published_spec(path_or_name)
+    if spec is None:
+        return Path(path_or_name)
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", spec[0]).strip("._") or "published"
+    return Path(f"sae-{safe}")
+
+
+def dictionary_label(path_or_name: str | Path) -> str:
+    """How reports name a dictionary: its resolved path, or the published SAE's name."""
+    return str(path_or_name) if is_published(path_or_name) else str(Path(path_or_name).resolve())
+
+
+def check_cache_size(dictionary: Any, manifest: dict[str, Any], cache: str | Path) -> None:
+    """A published SAE trained at ``metadata["img_size"]`` refuses a cache whose model ran at
+    another input size (its tokens would not be the ones the SAE was trained on)."""
+    img_size = (getattr(dictionary, "metadata", None) or {}).get("img_size")
+    ran = ((manifest.get("layout") or {}).get("input_size")) or None
+    if img_size is None or ran is None or list(ran)[-2:] == [img_size, img_size]:
+        return
+    raise PrismaError(
+        f"{dictionary.metadata.get('published', 'the dictionary')} was trained at {img_size} px "
+        f"but cache {str(cache)!r} ran its model at {'x'.join(str(v) for v in ran)}: write the "
+        f"cache with `prisma-mm cache ... --img-size {img_size}`"
+    )
 
 
 def card_activation_shape(card: SAECard | str) -> tuple[int, int]:
@@ -871,4 +948,13 @@ def add_sae_parser(subparsers) -> None:
     show.set_defaults(handler=_sae_show)
 
 
-__all__ += ["add_sae_parser", "is_published", "markdown_table", "saes_dir"]
+__all__ += [
+    "add_sae_parser",
+    "check_cache_size",
+    "dictionary_label",
+    "is_published",
+    "markdown_table",
+    "output_home",
+    "resolve_dictionary",
+    "saes_dir",
+]

@@ -828,15 +828,11 @@ def _positive_int(text: str) -> int:
 
 def run_browse(args: argparse.Namespace) -> int:
     """``prisma-mm browse DICT --index DIR --out DIR``: write the browser, print where."""
-    from prisma_mm.viz.index import FeatureIndex, _sha256
+    from prisma_mm.sae.published import output_home
+    from prisma_mm.viz.index import FeatureIndex, _load_dictionary
 
-    dict_dir = Path(args.dictionary)
-    if not (dict_dir / "cfg.json").is_file():
-        raise PrismaError(
-            f"{args.dictionary!r} is not a saved dictionary (no cfg.json): pass the directory "
-            "written by training or `prisma_mm.sae.save`"
-        )
-    index_dir = Path(args.index) if args.index else dict_dir / "index"
+    dictionary, info = _load_dictionary(args.dictionary)  # a saved folder or a published name
+    index_dir = Path(args.index) if args.index else output_home(args.dictionary) / "index"
     out = Path(args.out)
     _check_out(out)
     index = FeatureIndex.load(index_dir)
@@ -847,19 +843,16 @@ def run_browse(args: argparse.Namespace) -> int:
         ground_truth=read_ground_truth(args.ground_truth, n) if args.ground_truth else None,
         temporal=read_temporal(args.temporal, n) if args.temporal else None,
     )
-    from prisma_mm.sae import load
-
-    dictionary = load(dict_dir)
     if dictionary.cfg.n_latents != n:
         raise PrismaError(
             f"the index {str(index_dir)!r} has {n} latents but the dictionary has "
             f"{dictionary.cfg.n_latents}: pass the index built for this dictionary"
         )
     expected = (index.meta.get("dictionary") or {}).get("sha256")
-    if expected and _sha256(dict_dir / "weights.safetensors") != expected:
+    if expected and info["sha256"] != expected:
         raise PrismaError(
             f"the index {str(index_dir)!r} was built for other weights than "
-            f"{str(dict_dir)!r}: rebuild it with `prisma-mm index`"
+            f"{args.dictionary!r}: rebuild it with `prisma-mm index`"
         )
     source = None
     if not args.no_images:
@@ -892,8 +885,15 @@ def add_browse_parser(subparsers: Any) -> None:
         description="Write a static feature browser (index page, one page per latent, "
         "thumbnails with heatmaps) that opens from file:// with no server and no network.",
     )
-    parser.add_argument("dictionary", help="saved dictionary directory (cfg.json + weights)")
-    parser.add_argument("--index", default=None, help="feature index folder (default DICT/index)")
+    parser.add_argument(
+        "dictionary",
+        help="saved dictionary directory (cfg.json + weights), or a published SAE's name",
+    )
+    parser.add_argument(
+        "--index",
+        default=None,
+        help="feature index folder (default DICT/index; for a published SAE ./sae-<NAME>/index)",
+    )
     parser.add_argument("--out", required=True, help="folder to write the browser into")
     parser.add_argument("--stitching", default=None, help="stitch.json of `prisma-mm stitch`")
     parser.add_argument("--meta-sae", default=None, help="folder of `prisma-mm meta-sae`")

@@ -18,7 +18,8 @@ def add_index_parser(subparsers: Any) -> None:
         description="Build the feature index of a saved dictionary over an activation cache in "
         "one streaming pass (resumable: re-run the same command after an interruption).",
     )
-    parser.add_argument("dictionary", help="saved dictionary directory (cfg.json + weights)")
+    parser.add_argument("dictionary", help="saved dictionary directory (cfg.json + weights), "
+                        "or a published SAE's name (`prisma-mm sae list`)")  # fmt: skip
     parser.add_argument("source", help="an activation cache directory (manifest.json + "
                         "shards), or a data source (image folder, class tree, list, tar "
                         "shards) to run through the model first")  # fmt: skip
@@ -29,11 +30,12 @@ def add_index_parser(subparsers: Any) -> None:
                         "path")  # fmt: skip
     parser.add_argument("--device", default="cpu",
                         help="where the dictionary (and, for a data source, the model) runs")  # fmt: skip
-    parser.add_argument("--out", default=None, help="output directory (default: DICT/index)")
+    parser.add_argument("--out", default=None, help="output directory (default: DICT/index; "
+                        "for a published SAE ./sae-<NAME>/index)")  # fmt: skip
     parser.add_argument("--hook", default=None, help="cached hook (default: the dictionary's)")
     parser.add_argument("--score", choices=SCORES, default=defaults.score,
                         help="rank samples by the max or mean over patch tokens, or the prefix "
-                        "(CLS) token")  # fmt: skip
+                        "(CLS) token (max becomes prefix where no patch token is indexed)")  # fmt: skip
     parser.add_argument("--top-n", type=int, default=defaults.top_n, help="top samples per latent")
     parser.add_argument("--n-bins", type=int, default=defaults.n_bins, help="interval bins")
     parser.add_argument("--interval-n", type=int, default=defaults.interval_n,
@@ -52,7 +54,14 @@ def add_index_parser(subparsers: Any) -> None:
 
 def run_index(args: argparse.Namespace) -> int:
     """The handler of ``prisma-mm index``."""
-    from prisma_mm.viz.index import IndexOptions, build_index, build_index_from_source
+    from prisma_mm.sae.published import output_home
+    from prisma_mm.viz.index import (
+        IndexOptions,
+        _load_dictionary,
+        _Loaded,
+        build_index,
+        build_index_from_source,
+    )
 
     options = IndexOptions(
         score=args.score,
@@ -64,11 +73,13 @@ def run_index(args: argparse.Namespace) -> int:
         batch_samples=args.batch_samples,
         checkpoint_every=args.checkpoint_every,
     )
+    # the dictionary first (a saved folder or a published name), loaded once for both paths
+    dictionary = _Loaded(*_load_dictionary(args.dictionary))
     source = Path(args.source)
-    out = Path(args.out) if args.out else Path(args.dictionary) / "index"
+    out = Path(args.out) if args.out else output_home(args.dictionary) / "index"
     if (source / "manifest.json").is_file():
         index = build_index(
-            args.dictionary, source, out, options, hook=args.hook,
+            dictionary, source, out, options, hook=args.hook,
             progress=not args.no_progress, device=args.device,
         )  # fmt: skip
     else:
@@ -77,7 +88,7 @@ def run_index(args: argparse.Namespace) -> int:
         open_source(args.source)  # a path that is neither a cache nor a data source fails here
         weights = None if args.weights == "none" else args.weights
         index = build_index_from_source(
-            args.dictionary, args.source, out, options, model=args.model, weights=weights,
+            dictionary, args.source, out, options, model=args.model, weights=weights,
             hook=args.hook, device=args.device, progress=not args.no_progress,
         )  # fmt: skip
     alive = int((index.freq_token > 0).sum())

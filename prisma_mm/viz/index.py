@@ -12,6 +12,7 @@ See docs/viz.md for every rule.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -113,17 +114,45 @@ def cached_layout(manifest: dict[str, Any], hook: str) -> TokenLayout:
         )
     model = TokenLayout.from_dict(manifest["layout"])
     kept = [int(t) for t in manifest["token_index"][hook]]
-    if kept == list(range(model.n_tokens)):
-        return model
-    if kept == list(range(model.n_prefix, model.n_tokens)):
-        return TokenLayout(0, model.grid, model.patch_size, model.input_size, model.tubelet)
-    if kept == list(range(model.n_prefix)):
-        grid = (model.grid[0], 0, 0)
-        return TokenLayout(model.n_prefix, grid, model.patch_size, model.input_size, model.tubelet)
+    layout = kept_layout(model, kept)
+    if layout is not None:
+        return layout
     raise PrismaError(
         f"the cache keeps tokens {manifest['tokens']!r} of {hook!r}: the index maps tokens "
         "through the layout, so use a cache written with --tokens all, patches or cls"
     )
+
+
+def kept_layout(model: TokenLayout, kept: Sequence[int]) -> TokenLayout | None:
+    """The layout of the model tokens ``kept`` (indices into the model's tokens): all of them,
+    the patches only, or the first prefix tokens only (CLS); None for any other subset."""
+    kept = list(kept)
+    if kept == list(range(model.n_tokens)):
+        return model
+    if kept == list(range(model.n_prefix, model.n_tokens)):
+        return TokenLayout(0, model.grid, model.patch_size, model.input_size, model.tubelet)
+    if kept and kept == list(range(len(kept))) and len(kept) <= model.n_prefix:
+        grid = (model.grid[0], 0, 0)
+        return TokenLayout(len(kept), grid, model.patch_size, model.input_size, model.tubelet)
+    return None
+
+
+def trained_rows(manifest: dict[str, Any], hook: str, tokens: str | None) -> list[int] | None:
+    """Positions among a cache's stored tokens of ``hook`` that a dictionary trained on
+    ``tokens`` (``all``, ``patches``, ``cls``: a published SAE's ``metadata["tokens"]``) reads;
+    None when it reads every stored token. A CLS-only SAE reads model token 0 only."""
+    if tokens in (None, "all") or not manifest.get("layout"):
+        return None
+    n_prefix = int(manifest["layout"]["n_prefix"])
+    kept = [int(t) for t in manifest["token_index"][hook]]
+    wanted = (lambda t: t == 0) if tokens == "cls" else (lambda t: t >= n_prefix)
+    rows = [i for i, t in enumerate(kept) if t >= 0 and wanted(t)]
+    if not rows:
+        raise PrismaError(
+            f"the dictionary reads {tokens} tokens but the cache keeps none of them at {hook!r} "
+            f"(it keeps {manifest.get('tokens')!r}): write the cache with --tokens {tokens}"
+        )
+    return None if rows == list(range(len(kept))) else rows
 
 
 def key_hash(key: str) -> int:
@@ -639,26 +668,36 @@ def _resolve_hook(manifest: dict[str, Any], dictionary: Any, hook: str | None) -
     raise PrismaError(f"the cache holds hooks {cached}: pass --hook to choose one")
 
 
-def _load_dictionary(dictionary: Any) -> tuple[Any, dict[str, Any]]:
-    """A dictionary (loaded from a directory when given a path) and its provenance."""
-    from prisma_mm.sae import load
+@dataclass
+class _Loaded:
+    """A dictionary already resolved with its provenance (so it is loaded once)."""
 
-    if isinstance(dictionary, str | Path):
+    dictionary: Any
+    info: dict[str, Any]
+
+
+def _load_dictionary(dictionary: Any) -> tuple[Any, dict[str, Any]]:
+    """A dictionary (a saved directory, a published SAE's name or a Dictionary) and its
+    provenance: the path and weights file's sha256, else the sha256 of its state's bytes."""
+    from prisma_mm.sae.published import is_published, resolve_dictionary
+
+    if isinstance(dictionary, _Loaded):
+        return dictionary.dictionary, dictionary.info
+    if isinstance(dictionary, str | Path) and not is_published(dictionary):
         path = Path(dictionary)
-        if not (path / "cfg.json").is_file():
-            raise PrismaError(
-                f"dictionary {str(path)!r} is not a saved dictionary (no cfg.json): pass the "
-                "directory written by `prisma-mm train` or Dictionary.save"
-            )
-        loaded = load(path)
+        loaded = resolve_dictionary(path)
         info = {"path": str(path.resolve()), "sha256": _sha256(path / "weights.safetensors")}
     else:
-        loaded = dictionary
-        weights = b"".join(
-            v.detach().cpu().contiguous().numpy().tobytes()
-            for _, v in sorted(loaded.state_dict().items())
+        loaded = (
+            resolve_dictionary(dictionary) if isinstance(dictionary, str | Path) else dictionary
         )
-        info = {"path": None, "sha256": hashlib.sha256(weights).hexdigest()}
+        digest = hashlib.sha256()
+        for _, value in sorted(loaded.state_dict().items()):
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        info = {"path": None, "sha256": digest.hexdigest()}
+        published = (getattr(loaded, "metadata", None) or {}).get("published")
+        if published:
+            info["published"] = published
     info.update(
         {
             "class": type(loaded).__name__,
@@ -670,7 +709,8 @@ def _load_dictionary(dictionary: Any) -> tuple[Any, dict[str, Any]]:
 
 
 def _prepare(dictionary: Any, cache_dir: str | Path, hook: str | None, options: IndexOptions,
-             layout: TokenLayout | None) -> tuple[Any, dict, dict, str, TokenLayout]:  # fmt: skip
+             layout: TokenLayout | None) -> tuple[Any, dict, dict, str, TokenLayout,
+                                                  list[int] | None, IndexOptions]:  # fmt: skip
     cache_dir = Path(cache_dir)
     if not (cache_dir / fmt.MANIFEST).is_file():
         raise PrismaError(
@@ -696,14 +736,28 @@ def _prepare(dictionary: Any, cache_dir: str | Path, hook: str | None, options: 
         )
     if not manifest["shards"]:
         raise PrismaError(f"the cache {str(cache_dir)!r} holds no complete shard yet")
+    from prisma_mm.sae.published import check_cache_size
+
+    check_cache_size(dictionary, manifest, cache_dir)
+    # a published SAE trained on CLS or patch tokens only reads those of a cache keeping more
+    tokens = (getattr(dictionary, "metadata", None) or {}).get("tokens")
+    rows = None if layout else trained_rows(manifest, hook, tokens)
+    if rows is not None:
+        model = TokenLayout.from_dict(manifest["layout"])
+        kept = [int(manifest["token_index"][hook][i]) for i in rows]
+        layout = kept_layout(model, kept)
     layout = layout or cached_layout(manifest, hook)
-    if layout.n_tokens != int(manifest["shapes"][hook][0]):
+    stored = int(manifest["shapes"][hook][0]) if rows is None else len(rows)
+    if layout.n_tokens != stored:
         raise PrismaError(
             f"layout has {layout.n_tokens} tokens but the cache stores "
             f"{manifest['shapes'][hook][0]} per sample of {hook!r}"
         )
+    if layout.n_patches == 0 and options.score == "max":
+        # prefix tokens only (a CLS-only SAE or cache): the default score ranks by them
+        options = dataclasses.replace(options, score="prefix")
     token_scores(torch.zeros(1, layout.n_tokens), options.score, layout)  # score fits the tokens
-    return dictionary, info, manifest, hook, layout
+    return dictionary, info, manifest, hook, layout, rows, options
 
 
 def build_index(
@@ -729,7 +783,7 @@ def build_index(
     options = options or IndexOptions()
     options.check()
     cache_dir, out = Path(cache_dir), Path(out)
-    dictionary, info, manifest, hook, layout = _prepare(
+    dictionary, info, manifest, hook, layout, rows, options = _prepare(
         dictionary, cache_dir, hook, options, layout
     )
     dictionary = dictionary.to(device)
@@ -758,7 +812,7 @@ def build_index(
     with torch.inference_mode():
         for number in range(state.shards_done, len(shards)):
             _index_shard(dictionary, cache_dir, manifest, shards[number], hook, layout, state,
-                         bar)  # fmt: skip
+                         bar, rows)  # fmt: skip
             state.shards_done = number + 1
             state.prune_samples()
             elapsed = max(time.perf_counter() - started, 1e-9)
@@ -769,7 +823,7 @@ def build_index(
                 if on_checkpoint is not None:
                     on_checkpoint(state)
     bar.close()
-    index = _finish(state, dictionary, info, manifest, cache_dir, hook, layout, identity)
+    index = _finish(state, dictionary, info, manifest, cache_dir, hook, layout, identity, rows)
     index.save(out)
     (out / STATE_FILE).unlink(missing_ok=True)
     return index
@@ -790,7 +844,9 @@ def build_index_from_source(
 ) -> FeatureIndex:
     """Index a data source run through the model: the cache writer streams ``data`` through
     ``model`` (default: the dictionary's ``metadata["model"]``) into ``out/cache`` at ``hook``
-    (default ``metadata["hook"]``), then :func:`build_index` reads it. Both steps resume."""
+    (default ``metadata["hook"]``), then :func:`build_index` reads it. Both steps resume.
+    A published SAE's ``metadata`` also sets what the writer keeps: its ``tokens`` (``cls``:
+    the CLS token only) and its ``img_size`` (the model runs at the size it was trained at)."""
     from prisma_mm.cache import write_cache
     from prisma_mm.zoo.registry import get_card
 
@@ -808,15 +864,19 @@ def build_index_from_source(
     out = Path(out)
     if not (out / INDEX_JSON).is_file():  # a finished index needs no cache pass
         write_cache(model, data, out / SOURCE_CACHE, [hook], weights=weights, device=device,
-                    batch_size=batch_size, progress=progress)  # fmt: skip
-    return build_index(dictionary, out / SOURCE_CACHE, out, options, hook=hook,
+                    batch_size=batch_size, progress=progress,
+                    tokens=metadata.get("tokens") or "all",
+                    img_size=metadata.get("img_size"))  # fmt: skip
+    return build_index(_Loaded(loaded, info), out / SOURCE_CACHE, out, options, hook=hook,
                        progress=progress, device=device)  # fmt: skip
 
 
 def _index_shard(dictionary: Any, cache_dir: Path, manifest: dict[str, Any], shard: str,
-                 hook: str, layout: TokenLayout, state: IndexState, bar: Any) -> None:  # fmt: skip
+                 hook: str, layout: TokenLayout, state: IndexState, bar: Any,
+                 token_rows: list[int] | None = None) -> None:  # fmt: skip
     """Encode one shard in batches of ``batch_samples`` inputs (never across shards, so a
-    resumed run batches exactly as an uninterrupted one) and fold it into ``state``."""
+    resumed run batches exactly as an uninterrupted one) and fold it into ``state``;
+    ``token_rows``: the stored tokens the dictionary reads (:func:`trained_rows`; None: all)."""
     batch: list[CacheSample] = []
     samples = iter_shard(cache_dir, manifest, shard, hook)
     while True:
@@ -830,7 +890,8 @@ def _index_shard(dictionary: Any, cache_dir: Path, manifest: dict[str, Any], sha
                 state.samples[i] = (item.key, item.label, item.source, shard, item.generated)
             hashes = torch.tensor([key_hash(s.key) for s in batch], dtype=torch.long)
             device = dictionary.W_dec.device
-            x = torch.cat([s.acts for s in batch]).to(device)
+            acts = [s.acts if token_rows is None else s.acts[token_rows] for s in batch]
+            x = torch.cat(acts).to(device)
             rows, latents, values = (t.cpu() for t in _sparse_code(dictionary, x))
             state.add_batch(ids, hashes, rows, latents, values, layout.n_tokens, layout)
             bar.update(len(batch))
@@ -881,7 +942,7 @@ def decoder_neighbours(dictionary: Any, k: int, chunk: int = 2048) -> tuple[Tens
 
 def _finish(state: IndexState, dictionary: Any, info: dict[str, Any], manifest: dict[str, Any],
             cache_dir: Path, hook: str, layout: TokenLayout,
-            identity: dict[str, Any]) -> FeatureIndex:  # fmt: skip
+            identity: dict[str, Any], rows: list[int] | None = None) -> FeatureIndex:  # fmt: skip
     """Turn the state into a FeatureIndex: compact sample ids, edges, frequencies, neighbours."""
     options = state.options
     referenced = state.referenced()
@@ -915,7 +976,10 @@ def _finish(state: IndexState, dictionary: Any, info: dict[str, Any], manifest: 
             "model": manifest.get("model", {}).get("name"),
             "manifest_sha256": _sha256(cache_dir / fmt.MANIFEST),
             "tokens": manifest.get("tokens"),
-            "token_index": manifest["token_index"][hook],
+            "token_index": [manifest["token_index"][hook][i] for i in rows]
+            if rows is not None
+            else manifest["token_index"][hook],
+            "rows": rows,  # the stored tokens indexed (None: all), re-read the same way by views
             "model_layout": manifest.get("layout") or None,
         },
         "score": options.score,
@@ -985,10 +1049,15 @@ def sample_codes(index: FeatureIndex, dictionary: Any, samples: Sequence[int],
                  latents: Sequence[int], cache_dir: str | Path | None = None) -> dict[int, Tensor]:  # fmt: skip
     """``{sample: token_values [T, len(latents)]}`` for samples of the index (positions in
     ``index.keys``), re-read from the cache (each needed shard read once) and encoded."""
-    dictionary, _ = _load_dictionary(dictionary)
+    if isinstance(dictionary, str | Path):  # only the weights: no provenance hash per call
+        from prisma_mm.sae.published import resolve_dictionary
+
+        dictionary = resolve_dictionary(dictionary)
+    dictionary = dictionary.eval()
     cache_dir = Path(cache_dir or index.meta["cache"]["path"])
     manifest = fmt.read_manifest(cache_dir)
     hook = index.meta["cache"]["hook"]
+    rows = index.meta["cache"].get("rows")
     wanted: dict[str, dict[str, int]] = {}
     for sample in dict.fromkeys(int(s) for s in samples if s >= 0):
         wanted.setdefault(index.sample_shards[sample], {})[index.keys[sample]] = sample
@@ -997,7 +1066,8 @@ def sample_codes(index: FeatureIndex, dictionary: Any, samples: Sequence[int],
     with torch.inference_mode():
         for shard, by_key in wanted.items():
             for item in iter_shard(cache_dir, manifest, shard, hook, set(by_key)):
-                code = dictionary.encode(item.acts.to(dictionary.W_dec.device)).cpu()
+                acts = item.acts if rows is None else item.acts[rows]
+                code = dictionary.encode(acts.to(dictionary.W_dec.device)).cpu()
                 selected = code[:, columns].unsqueeze(0)  # [1, T, n_latents]
                 _, _, values = token_scores(selected, index.meta["score"], index.layout)
                 out[by_key[item.key]] = values[0].contiguous()
