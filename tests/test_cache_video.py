@@ -192,3 +192,17 @@ def test_clips_in_memory_are_cached_as_given(model, tmp_path):
     with pytest.raises(PrismaError, match="holds clips already; drop --clip"):
         write_cache(model, ClipArraySource(items), tmp_path / "c", HOOK, clip="uniform:4",
                     **OPTIONS)  # fmt: skip
+
+
+def test_two_parts_of_a_video_cache_merge_to_the_one_process_cache(model, videos, tmp_path):
+    one = write_cache(model, videos, tmp_path / "one", HOOK, clip=CLIP, workers=0, **OPTIONS)
+    for part in ("0/2", "1/2"):
+        merged = write_cache(model, videos, tmp_path / "parts", HOOK, clip=CLIP, workers=0,
+                             part=part, **OPTIONS)  # fmt: skip
+    assert merged["complete"] and len(merged["parts"]) == 2
+    assert merged["n_samples"] == one["n_samples"] and merged["n_skipped"] == one["n_skipped"]
+    single, parted = read_samples(tmp_path / "one"), read_samples(tmp_path / "parts")
+    assert set(single) == set(parted)
+    for key, sample in single.items():
+        assert sample["meta"]["source"] == parted[key]["meta"]["source"]
+        np.testing.assert_allclose(sample[HOOK], parted[key][HOOK], atol=1e-5)
