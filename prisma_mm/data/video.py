@@ -10,8 +10,9 @@ One small decoder interface (:class:`Decoder`: ``read(index, frames) -> [n, H, W
 has three backends:
 
 - ``pyav`` (the default): seeks to the last keyframe presented at or before the first wanted
-  frame, checks where the seek landed (the keyframe or an earlier one; otherwise it decodes
-  from the start) and decodes forward, taking frames by PTS;
+  frame and starts at that keyframe's own packet (a seek that lands after it, or never meets
+  it, decodes from the start), then decodes forward, taking frames by PTS (H.264 in AVI:
+  counting outputs from an IDR keyframe);
 - ``decord``: used by ``backend="auto"`` only where it was measured exact
   (:data:`DECORD_EXACT`: container + codec, closed GOP, no rotation, not truncated); any
   decord error falls back to PyAV;
