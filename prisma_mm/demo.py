@@ -1,15 +1,21 @@
 """``prisma-mm demo``: the whole toolkit on the built-in toy world, no download needed.
 
-Renders the toy world, caches ``toyvit`` activations at a middle layer, trains SAEs through
-the same Lightning code as ``prisma-mm train``, evaluates them (FVU, L0, dead fraction, the
-model's accuracy with each SAE spliced in, ground-truth recovery), compares them (stitching a
-small SAE into the large one, a meta-SAE of the large one) and writes everything to
-``./prisma-demo/`` with a summary table.
+Renders the toy world, caches ``toyvit`` activations at a middle layer and trains a family of
+BatchTopK SAEs of doubling size on that cache, each until its held-out FVU has plateaued
+(:mod:`prisma_mm.analysis.families`, through the same Lightning module as ``prisma-mm train``).
+Then the family report on held-out images: per size FVU, L0, dead fraction, the model's
+accuracy with the SAE spliced in and ground-truth recovery; per adjacent pair the stitching
+curve, the novel / reconstruction / inactive latents and what the novel ones detect; a
+meta-SAE of the largest member and whether it splits conjunction latents ("red circle") into
+meta-latents for their parts, against a shuffled control. Last, the feature browser of the
+largest member with all of that per latent. Everything goes to ``./prisma-demo/``, with a
+summary in ``summary.md`` and ``summary.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +31,13 @@ from prisma_mm.errors import PrismaError
 
 @dataclass
 class DemoConfig:
-    """Sizes of the demo run; the defaults take a few minutes on 2 CPU cores."""
+    """Sizes of the demo run; the defaults take under 10 minutes on 2 CPU cores.
+
+    ``sizes``: the family's numbers of latents (at least three); ``train_tokens``: each
+    member's budget when its FVU has not plateaued by then (FVU measured every
+    ``eval_every_tokens`` on the cache's held-out split; plateau criterion
+    ``(plateau_window, plateau_eps)`` of :class:`~prisma_mm.analysis.families.PlateauCriterion`).
+    """
 
     out: Path = Path("prisma-demo")
     model: str = "toyvit"
@@ -33,18 +45,19 @@ class DemoConfig:
     n_eval: int = 400
     hook: str = "blocks.3.hook_resid_post"
     seed: int = 0
-    train_tokens: int = 300_000
-    batch_size: int = 1024
-    n_latents: int = 1536
-    small_latents: int = 384
+    sizes: list[int] = field(default_factory=lambda: [384, 768, 1536])
     k: int = 16
+    batch_size: int = 1024
+    train_tokens: int = 1_000_000
+    eval_every_tokens: int = 16384
+    plateau_window: int = 4
+    plateau_eps: float = 0.01
     meta_steps: int = 1000
     stitch_points: int = 24
-    browser: bool = True  # index the large TopK SAE and write its feature browser
+    browser: bool = True  # index the largest member and write its feature browser
     top_images: int = 8  # browser thumbnails per latent: top samples ...
     interval_images: int = 2  # ... and samples per interval bin
     progress: bool = True
-    sae_names: list[str] = field(default_factory=lambda: ["topk", "matryoshka", "topk-small"])
 
 
 class IndexedToyWorld(torch.utils.data.Dataset):
@@ -64,69 +77,56 @@ class IndexedToyWorld(torch.utils.data.Dataset):
         return image, f"{first['colour']} {first['shape']}"
 
 
-def _recipes(config: DemoConfig) -> dict[str, list[str]]:
-    """Command-line overrides of the shipped toyvit recipes for each demo SAE."""
-    large = [f"--model.dictionary.init_args.n_latents={config.n_latents}"]
-    return {
-        "topk": ["--config", "toyvit-topk", *large],
-        "matryoshka": ["--config", "toyvit-matryoshka", *large],
-        "topk-small": [
-            "--config",
-            "toyvit-topk",
-            f"--model.dictionary.init_args.n_latents={config.small_latents}",
-        ],
-    }
-
-
-def train_sae(config: DemoConfig, name: str, cache_dir: Path) -> Path:
-    """Train one demo SAE through ``prisma-mm train fit``; returns the saved dictionary dir."""
-    from prisma_mm.train.cli import train_cli
-
-    run_root = config.out / "runs"
-    saved = run_root / name / "dictionary"
-    if (saved / "weights.safetensors").is_file():
-        return saved  # finished in an earlier run of the demo
-    steps = max(1, config.train_tokens // config.batch_size)
-    argv = [
-        "fit",
-        *_recipes(config)[name],
-        f"--model.dictionary.init_args.k={config.k}",
-        f"--model.total_tokens={steps * config.batch_size}",
-        f"--data.cache_dir={cache_dir}",
-        f"--data.hooks={config.hook}",
-        f"--data.batch_size={config.batch_size}",
-        f"--data.seed={config.seed}",
-        f"--trainer.max_steps={steps}",
-        f"--trainer.default_root_dir={run_root}",
-        f"--trainer.enable_progress_bar={str(config.progress).lower()}",
-        f"--run_name={name}",
-    ]
-    cli = train_cli(argv)
-    produced = Path(cli.trainer.log_dir) / "dictionary"
-    saved.parent.mkdir(parents=True, exist_ok=True)
-    if saved.exists():
-        raise PrismaError(f"{saved} exists but holds no weights: delete it and run the demo again")
-    produced.rename(saved)
-    return saved
-
-
 RUN_FILE = "demo_run.json"
 
 
 def _run_settings(config: DemoConfig) -> dict[str, Any]:
-    """The settings that decide the cache and the trained SAEs (what a re-run reuses)."""
-    keys = ("model", "n_train", "hook", "seed", "train_tokens", "batch_size", "n_latents",
-            "small_latents", "k")  # fmt: skip
+    """The settings that decide the cache and the trained family (what a re-run reuses)."""
+    keys = ("model", "n_train", "hook", "seed", "sizes", "k", "batch_size", "train_tokens",
+            "eval_every_tokens", "plateau_window", "plateau_eps")  # fmt: skip
     return {key: getattr(config, key) for key in keys}
+
+
+def family_config(config: DemoConfig) -> Any:
+    """The :class:`~prisma_mm.analysis.families.FamilyConfig` of the demo's BatchTopK family."""
+    from prisma_mm.analysis.families import FamilyConfig
+
+    return FamilyConfig(
+        cache_dir=Path(config.out) / "cache",
+        out=Path(config.out) / "family",
+        hook=config.hook,
+        architecture="batchtopk",
+        sizes=list(config.sizes),
+        k=config.k,
+        batch_size=config.batch_size,
+        eval_every_tokens=config.eval_every_tokens,
+        max_tokens=config.train_tokens,
+        plateau_window=config.plateau_window,
+        plateau_rel_eps=config.plateau_eps,
+        seed=config.seed,
+        progress=config.progress,
+    )
 
 
 def check_config(config: DemoConfig) -> None:
     """Refuse, before any work, settings that cannot run, and an ``out`` that is a file or
     holds a demo run made with other settings (a re-run reuses its cache and SAEs)."""
-    if config.n_train < 100 or config.n_eval < 10 or config.train_tokens < 1000:
+    if config.n_train < 100 or config.n_eval < 10:
         raise PrismaError(
-            f"demo needs --n-train >= 100, --n-eval >= 10 and --train-tokens >= 1000; got "
-            f"{config.n_train}, {config.n_eval} and {config.train_tokens}"
+            f"demo needs --n-train >= 100 and --n-eval >= 10; got {config.n_train} and "
+            f"{config.n_eval}"
+        )
+    if config.train_tokens < max(config.batch_size, config.eval_every_tokens):
+        raise PrismaError(
+            f"--train-tokens {config.train_tokens} is less than one evaluation interval "
+            f"({max(config.batch_size, config.eval_every_tokens)} tokens): the plateau "
+            "criterion needs evaluations; give more tokens"
+        )
+    sizes = sorted(int(s) for s in config.sizes)
+    if len(set(sizes)) < 3 or sizes[0] < config.k:
+        raise PrismaError(
+            f"--sizes {config.sizes}: the demo's family needs at least 3 distinct sizes, each "
+            f">= k = {config.k}"
         )
     if config.seed < 0:
         raise PrismaError(f"--seed {config.seed}: use a seed >= 0")
@@ -157,57 +157,18 @@ def check_config(config: DemoConfig) -> None:
         )
 
 
-@dataclass
-class HeldOut:
-    """The held-out images as the analysis functions take them: ``batches`` of
-    ``(images [B, 3, H, W] preprocessed, multi-hot labels [B, n_values])``, the activations at
-    the hook ``acts [n, tokens, d]`` and the patch labels ``[n, n_patches, n_values]``."""
-
-    batches: list[tuple[Tensor, Tensor]]
-    acts: Tensor
-    patch_labels: Tensor
-
-    @property
-    def image_labels(self) -> Tensor:
-        """``[n, n_values]`` float multi-hot labels of the images."""
-        return torch.cat([labels for _, labels in self.batches]).float()
-
-
-@torch.no_grad()
-def held_out(model: Any, world: Any, hook: str, batch: int = 100) -> HeldOut:
-    """Preprocess ``world`` once and read the activations at ``hook`` (one pass)."""
-    from prisma_mm.data.toyworld import collate
-
-    batches, acts, patch_labels = [], [], []
-    for start in range(0, len(world), batch):
-        images, labels = collate([world[i] for i in range(start, min(start + batch, len(world)))])
-        x = model.preprocess(list(images.numpy()))
-        _, cache = model.run_with_cache(x, [hook])
-        batches.append((x, labels["multi_hot"]))
-        acts.append(cache[hook].float())
-        patch_labels.append(labels["patches"].flatten(1, 2))
-    return HeldOut(batches, torch.cat(acts), torch.cat(patch_labels).float())
-
-
-def evaluate_sae(
-    model: Any,
-    sae: Any,
-    data: HeldOut,
-    hook: str,
-    means: dict[str, Tensor] | None = None,
+def evaluate_member(
+    model: Any, sae: Any, data: Any, hook: str, means: dict[str, Tensor] | None = None
 ) -> tuple[dict[str, Any], Any, Any]:
-    """Reconstruction metrics (analysis.metrics), spliced-in accuracy (analysis.spliced, on
-    toyvit's multi-label task) and ground-truth recovery of one SAE on the held-out images.
-    Returns the summary row, the spliced result (with ``means`` ({hook: [d]}), also the
-    mean-ablated run) and the ground-truth report."""
+    """What the demo adds to the family report for one member, on the held-out images
+    ``data`` (a :class:`~prisma_mm.analysis.families.ToyHeldOut`): the splice identity check
+    (the SAE with its error term kept reproduces the model), the ground-truth report of its
+    patch codes (:func:`~prisma_mm.analysis.ground_truth.score_ground_truth`) and, with
+    ``means`` ({hook: [d]}), the mean-ablated run. Returns the row, the spliced result and
+    the ground-truth report."""
     from prisma_mm.analysis.ground_truth import score_ground_truth
-    from prisma_mm.analysis.metrics import evaluate
     from prisma_mm.analysis.spliced import spliced_eval
-    from prisma_mm.data.toyworld import VALUE_NAMES
 
-    n_images, n_tokens, d = data.acts.shape
-    flat = data.acts.reshape(-1, d)
-    metrics = evaluate(sae, [flat], progress=False)
     spliced = spliced_eval(
         model,
         sae,
@@ -215,24 +176,20 @@ def evaluate_sae(
         hooks=[hook],
         task="multilabel",
         means=means,
-        modes=("spliced", "with_error") + (("mean",) if means is not None else ()),
+        modes=("with_error",) + (("mean",) if means is not None else ()),
         progress=False,
     )
+    n_images, n_patches = data.patch_labels.shape[:2]
     with torch.no_grad():
-        codes = sae.encode(flat).reshape(n_images, n_tokens, -1)
+        codes = torch.cat([sae.encode(part) for part in data.patch_rows.split(8192)])
+    image_labels = torch.cat([labels for _, labels in data.batches]).float()
     report = score_ground_truth(
-        VALUE_NAMES,
-        patch_codes=codes[:, model.layout.n_prefix :],
+        data.value_names,
+        patch_codes=codes.reshape(n_images, n_patches, -1),
         patch_labels=data.patch_labels,
-        image_labels=data.image_labels,
+        image_labels=image_labels,
     )
     row = {
-        "n_latents": metrics.n_latents,
-        "fvu": metrics.fvu,
-        "mse": metrics.mse,
-        "l0": metrics.l0,
-        "dead_fraction": metrics.dead_fraction,
-        "spliced_accuracy": spliced.modes["spliced"].accuracy,
         "splice_identity_error": spliced.max_abs_error_with_error,
         "ground_truth": report.summary(),
     }
@@ -242,19 +199,25 @@ def evaluate_sae(
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Run every stage of the demo; returns (and writes) the summary."""
     import prisma_mm
+    from prisma_mm.analysis.cli import _jsonable
+    from prisma_mm.analysis.families import (
+        family_report,
+        toy_held_out,
+        train_family,
+        write_family_report,
+    )
     from prisma_mm.cache import read_manifest, write_cache
-    from prisma_mm.data.toyworld import VALUE_NAMES, ToyWorld
-    from prisma_mm.sae import load as load_dictionary
+    from prisma_mm.data.toyworld import ToyWorld
 
     started = time.perf_counter()
     check_config(config)
     torch.manual_seed(config.seed)
     model = prisma_mm.load_model(config.model)
     model.hook_point(config.hook)  # an unknown hook fails here, before anything is written
-    grid = model.layout.grid[1]
+    family = family_config(config)
 
     print(f"[1/4] caching {config.model} {config.hook} over {config.n_train} toy-world images")
-    cache_dir = config.out / "cache"
+    cache_dir = family.cache_dir
     write_cache(  # checks the hook (and makes the folders) before it writes anything
         model,
         IndexedToyWorld(ToyWorld(config.n_train, seed=config.seed)),
@@ -267,27 +230,39 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     # recorded once the cache exists, so that a refused first run does not bar the next one
     (config.out / RUN_FILE).write_text(json.dumps(_run_settings(config), indent=1))
 
-    print(f"[2/4] training {', '.join(config.sae_names)} SAEs (prisma-mm train)")
-    saved = {name: train_sae(config, name, cache_dir) for name in config.sae_names}
+    names = ", ".join(family.member_name(n) for n in family.member_sizes)
+    print(f"[2/4] training the BatchTopK family {names}, each until its FVU plateaus")
+    members = train_family(family)
 
-    print(f"[3/4] evaluating on {config.n_eval} held-out images")
-    eval_world = ToyWorld(config.n_eval, seed=config.seed, start=config.n_train, patch_grid=grid)
-    data = held_out(model, eval_world, config.hook)
-    d = data.acts.shape[-1]
+    print(f"[3/4] the family report on {config.n_eval} held-out images")
+    data = toy_held_out(model, config.hook, config.n_eval, seed=config.seed, start=config.n_train)
+    report = family_report(
+        members,
+        held_out=data,
+        model=model,
+        hook=config.hook,
+        criterion=family.criterion,
+        stitch_points=config.stitch_points,
+        meta_steps=config.meta_steps,
+        seed=config.seed,
+        out=family.out,
+        progress=config.progress,
+    )
+    report["settings"] = {**family.settings(), "sizes": family.member_sizes}
+    write_family_report(report, family.out)
     # mean ablation sets the layer to its mean over the training cache, as `prisma-mm eval` does
     stats = read_manifest(cache_dir)["stats"][config.hook]
     means = {config.hook: torch.tensor(stats["mean"], dtype=torch.float64)}
-    results: dict[str, Any] = {}
+    saes: dict[str, Any] = {}
     accuracy: dict[str, float] = {}
-    for name, path in saved.items():
-        sae = load_dictionary(path).eval()
+    for member, row in zip(members, report["members"]):
         # the clean and mean-ablated runs do not depend on the SAE: measured with the first
-        results[name], spliced, report = evaluate_sae(
-            model, sae, data, config.hook, None if accuracy else means
+        extra, spliced, truth = evaluate_member(
+            model, member.load(), data, config.hook, None if accuracy else means
         )
-        results[name]["path"] = str(path)
+        saes[member.name] = {**row, **extra}
         # per-value best latents, for the browser's ground-truth column
-        (config.out / f"ground_truth_{name}.json").write_text(json.dumps(report.to_dict()))
+        (config.out / f"ground_truth_{member.name}.json").write_text(json.dumps(truth.to_dict()))
         if not accuracy:
             accuracy = {
                 "clean_accuracy": spliced.modes["clean"].accuracy,
@@ -296,57 +271,61 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
         "model": accuracy,
-        "saes": results,
+        "criterion": report["criterion_text"],
+        "shared_data_order": report["shared_data_order"],
+        "saes": saes,
+        "pairs": report["pairs"],
+        "meta_sae": report["meta_sae"],
+        "family_report": str(family.out / "family_report.json"),
     }
-    if "topk" in saved and "topk-small" in saved:
-        print("[3b] stitching topk-small into topk, and a meta-SAE of topk")
-        small, large = load_dictionary(saved["topk-small"]), load_dictionary(saved["topk"])
-        summary["stitching"] = stitching_stage(config, small, large, data.acts.reshape(-1, d))
-        patch_flat = data.acts[:, model.layout.n_prefix :].reshape(-1, d)
-        summary["meta_sae"] = meta_sae_stage(
-            config, large, patch_flat, data.patch_labels.reshape(-1, len(VALUE_NAMES))
-        )
 
-    if config.browser and "topk" in saved:
-        print("[3c] indexing the TopK SAE's latents and writing its feature browser")
-        summary["browser"] = browser_stage(config, saved["topk"], cache_dir, "stitching" in summary)
+    if config.browser:
+        print(f"[3b] indexing {members[-1].name}'s latents and writing its feature browser")
+        summary["browser"] = browser_stage(config, members[-1], report, family.out)
 
     print("[4/4] writing the summary")
     summary["seconds"] = round(time.perf_counter() - started, 1)
-    (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    table = summary_table(summary)
-    (config.out / "summary.md").write_text(table + "\n")
-    print(table)
+    (config.out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=1))
+    text = summary_markdown(summary, report)
+    (config.out / "summary.md").write_text(text)
+    print(text)
     if "browser" in summary:
         print(f"feature browser: open {summary['browser']['index_html']} in a web browser")
     return summary
 
 
 def browser_stage(
-    config: DemoConfig, sae_path: Path, cache_dir: Path, with_stitching: bool
+    config: DemoConfig, member: Any, report: dict[str, Any], family_dir: Path
 ) -> dict[str, Any]:
-    """The feature index of the large TopK SAE over the training cache (beside the SAE), and
-    its offline browser in ``out/browser`` with stitching classes, meta-SAE membership and
-    the best ground-truth factor of each latent."""
+    """The feature index of the family's largest ``member`` over the training cache (beside
+    its dictionary) and its offline browser in ``out/browser``: per latent its stitching class
+    against the next smaller member (the family report's last pair) and, for a novel latent,
+    the ground-truth label it detects (value or conjunction) and whether the smaller member
+    had a latent for it; its meta-SAE decomposition; the factor value it detects best."""
     from prisma_mm.data.toyworld import ToyWorld
-    from prisma_mm.sae import load as load_dictionary
     from prisma_mm.viz.browser import (
         BrowserExtras,
         CacheSamples,
         build_browser,
         read_ground_truth,
         read_meta_sae,
+        read_novel_labels,
         read_stitching,
     )
     from prisma_mm.viz.index import build_index
 
-    sae = load_dictionary(sae_path).eval()
-    index = build_index(sae, cache_dir, sae_path / "index", progress=config.progress)
+    cache_dir = Path(config.out) / "cache"
+    sae = member.load()
+    index = build_index(sae, cache_dir, member.path / "index", progress=config.progress)
     n = index.n_latents
+    pair = report["pairs"][-1]  # the largest member is the larger SAE of the last pair
+    stitching = read_stitching(pair["stitch_json"], n)
+    novel = read_novel_labels(family_dir / "family_report.json", member.name, n)
+    stitching = dataclasses.replace(stitching, other=pair["small"], **novel)
     extras = BrowserExtras(
-        stitching=read_stitching(config.out / "stitching.json", n) if with_stitching else None,
-        meta_sae=read_meta_sae(config.out / "meta_sae", n) if with_stitching else None,
-        ground_truth=read_ground_truth(config.out / "ground_truth_topk.json", n),
+        stitching=stitching,
+        meta_sae=read_meta_sae(family_dir / "meta_sae", n),
+        ground_truth=read_ground_truth(config.out / f"ground_truth_{member.name}.json", n),
     )
     world = IndexedToyWorld(ToyWorld(config.n_train, seed=config.seed))
     html = build_browser(
@@ -356,132 +335,38 @@ def browser_stage(
         extras=extras,
         top_images=config.top_images,
         interval_images=config.interval_images,
-        title=f"prisma-mm demo · TopK SAE ({n} latents) on toyvit {config.hook}",
+        title=f"prisma-mm demo · {member.name} on toyvit {config.hook}",
         progress=config.progress,
     )
     return {
-        "index": str(sae_path / "index"),
+        "sae": member.name,
+        "index": str(member.path / "index"),
         "index_html": str(html),
         "n_latents": n,
         "latents_never_fired": int((index.freq_token == 0).sum()),
     }
 
 
-def stitching_stage(config: DemoConfig, small: Any, large: Any, rows: Tensor) -> dict[str, Any]:
-    """Stitch the small TopK SAE into the large one on the held-out rows ``[n, d]`` (all of
-    them: the held-out images are already a uniform sample); plot MSE against size."""
-    from prisma_mm.analysis.stitching import plot_stitching, stitch
+def summary_markdown(summary: dict[str, Any], report: dict[str, Any]) -> str:
+    """The demo's results as Markdown: toyvit's accuracy, the family report (its table, one
+    paragraph per pair, the meta-SAE) and each member's ground-truth score."""
+    from prisma_mm.analysis.families import family_markdown
 
-    result = stitch(small, large, rows, max_points=config.stitch_points, progress=config.progress)
-    plot_stitching(result, config.out / "stitching.png")
-    (config.out / "stitching.json").write_text(json.dumps(result.to_dict(per_latent=True)))
-    classes = result.classes
-    return {
-        **classes.counts(),
-        "test_proxy_agreement": classes.agreement,
-        "monotone": bool(result.monotone),
-        "n_increases": int(result.n_increases),
-        "mse_small": float(classes.mse_small),
-        "mse_large": float(result.mse_large),
-        "curve_mse_first": float(result.curve[0]["mse"]),
-        "curve_mse_last": float(result.curve[-1]["mse"]),
-        "n_steps": len(result.steps),
-        "points": len(result.curve),
-        "n_tokens": int(classes.n_tokens),
-    }
-
-
-def factor_of_latents(codes: Tensor, labels: Tensor, min_auroc: float = 0.75) -> list[str | None]:
-    """Each latent's factor (shape, colour …): that of the value it detects best by AUROC
-    over patches, or None when no value reaches ``min_auroc``."""
-    from prisma_mm.analysis.ground_truth import auroc
-    from prisma_mm.data.toyworld import VALUE_NAMES
-
-    scores = auroc(codes, labels)  # [n_latents, n_values]
-    best, value = scores.max(dim=1)
-    return [
-        VALUE_NAMES[v].split("=")[0] if b >= min_auroc else None
-        for b, v in zip(best.tolist(), value.tolist())
-    ]
-
-
-def meta_purity(members: list[list[int]], factors: list[str | None]) -> float:
-    """Mean over meta-latents (with >= 2 members that have a factor) of the share of those
-    members whose factor is the meta-latent's most common one."""
-    from collections import Counter
-
-    shares = []
-    for group in members:
-        named = [factors[i] for i in group if factors[i] is not None]
-        if len(named) >= 2:
-            shares.append(Counter(named).most_common(1)[0][1] / len(named))
-    return float(np.mean(shares)) if shares else float("nan")
-
-
-def meta_sae_stage(config: DemoConfig, large: Any, rows: Tensor, labels: Tensor) -> dict[str, Any]:
-    """A meta-SAE of the large SAE, and whether its meta-latents group latents by factor
-    (purity against the same latents with their factors shuffled)."""
-    from prisma_mm.analysis.meta_sae import train_meta_sae
-
-    result = train_meta_sae(
-        large, k=4, steps=config.meta_steps, seed=config.seed, progress=config.progress
-    )
-    result.save(config.out / "meta_sae")
-    with torch.no_grad():
-        codes = large.encode(rows)
-    factors = factor_of_latents(codes, labels)
-    members = [[i for i, _ in result.members(m)] for m in range(result.n_meta)]
-    purity = meta_purity(members, factors)
-    rng = np.random.default_rng(config.seed)
-    shuffled = [
-        meta_purity(members, list(rng.permutation(np.array(factors, dtype=object))))
-        for _ in range(20)
-    ]
-    return {
-        "n_meta": int(result.n_meta),
-        "fvu": float(result.fvu),
-        "latents_with_factor": int(sum(f is not None for f in factors)),
-        "factor_purity": purity,
-        "shuffled_purity": float(np.mean(shuffled)),
-    }
-
-
-def summary_table(summary: dict[str, Any]) -> str:
-    """The demo's results as a Markdown table."""
     model = summary["model"]
+    scores = ", ".join(
+        f"{name} {row['ground_truth']['score']:.3f}" for name, row in summary["saes"].items()
+    )
     lines = [
         f"toyvit accuracy: clean {model['clean_accuracy']:.3f}, "
-        f"mean-ablated {model['mean_ablated_accuracy']:.3f}",
+        f"mean-ablated {model['mean_ablated_accuracy']:.3f} "
+        f"(on {summary['config']['n_eval']} held-out images)",
+        f"demo wall time: {summary['seconds']:.0f} s",
         "",
-        "| SAE | latents | FVU | L0 | dead | spliced acc. | GT score |",
-        "|---|---|---|---|---|---|---|",
+        family_markdown(report).rstrip("\n"),
+        "",
+        f"Ground-truth score per member (docs/toyworld.md): {scores}.",
     ]
-    for name, r in summary["saes"].items():
-        lines.append(
-            f"| {name} | {r['n_latents']} | {r['fvu']:.3f} | {r['l0']:.1f} | "
-            f"{r['dead_fraction']:.3f} | {r['spliced_accuracy']:.3f} | "
-            f"{r['ground_truth']['score']:.3f} |"
-        )
-    if "stitching" in summary:
-        st = summary["stitching"]
-        lines += [
-            "",
-            f"stitching topk-small -> topk: MSE {st['mse_small']:.4f} -> {st['mse_large']:.4f} "
-            f"over {st['points']} points, monotone: {st['monotone']} ({st['n_increases']} "
-            f"increases); latents fired on {st['n_tokens']} held-out tokens: "
-            f"{st['n_fired_small']} / {st['n_small']} (small), {st['n_fired_large']} / "
-            f"{st['n_large']} (large); the large SAE's latents by the exact test: "
-            f"{st['n_novel_test']} novel, {st['n_reconstruction_test']} reconstruction, "
-            f"{st['n_inactive']} inactive; {st['n_novel_proxy']} novel by the cosine proxy "
-            f"(agreement {st['test_proxy_agreement']:.2f} on the active ones)",
-        ]
-    if "meta_sae" in summary:
-        ms = summary["meta_sae"]
-        lines.append(
-            f"meta-SAE of topk: {ms['n_meta']} meta-latents, FVU {ms['fvu']:.3f}; factor purity "
-            f"{ms['factor_purity']:.3f} vs {ms['shuffled_purity']:.3f} with factors shuffled"
-        )
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def add_demo_parser(subparsers: Any) -> None:
@@ -490,7 +375,19 @@ def add_demo_parser(subparsers: Any) -> None:
     parser.add_argument("--out", type=Path, default=defaults.out, help="output directory")
     parser.add_argument("--n-train", type=int, default=defaults.n_train, help="training images")
     parser.add_argument("--n-eval", type=int, default=defaults.n_eval, help="held-out images")
-    parser.add_argument("--train-tokens", type=int, default=defaults.train_tokens)
+    parser.add_argument(
+        "--train-tokens",
+        type=int,
+        default=defaults.train_tokens,
+        help="each family member's token budget if its FVU has not plateaued by then",
+    )
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=defaults.sizes,
+        help="the family's numbers of latents (at least 3)",
+    )
     parser.add_argument("--hook", default=defaults.hook)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.set_defaults(handler=_run_from_args)
@@ -503,6 +400,7 @@ def _run_from_args(args: argparse.Namespace) -> int:
             n_train=args.n_train,
             n_eval=args.n_eval,
             train_tokens=args.train_tokens,
+            sizes=list(args.sizes),
             hook=args.hook,
             seed=args.seed,
         )

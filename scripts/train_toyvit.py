@@ -10,7 +10,13 @@ from-scratch ViT learn shapes and positions within a CPU budget, without changin
 architecture (the checkpoint is a plain timm ViT): the same head also predicts each patch's
 labels from its patch token (dense supervision from the toy world's exact patch labels,
 weighted by ``--patch-loss``), and the learned position embedding starts from 2-D sin-cos
-values instead of noise.
+values instead of noise. Each batch is mirrored left-right with probability 1/2 (``--hflip``): the
+mirror of a toy-world scene is a scene of the same world (up to the checker texture's phase),
+with left and right positions swapped and every other label kept (all shapes are mirror-symmetric when upright, and a mirrored
+turn is still a turn; the gradient background runs top to bottom).
+
+Interrupting a run (Ctrl-C, ``kill -INT``) stops it after the current step and saves the weights
+as they are, recording the steps actually done.
 
     python scripts/train_toyvit.py                      # writes assets/toyvit.safetensors + .json
 
@@ -24,10 +30,12 @@ import argparse
 import json
 import math
 import platform
+import signal
 import time
 from pathlib import Path
 
 import numpy as np
+import safetensors
 import safetensors.torch
 import timm
 import torch
@@ -36,7 +44,14 @@ from timm.layers import build_sincos2d_pos_embed
 from tqdm.auto import tqdm
 
 from prisma_mm.analysis.ground_truth import average_precision
-from prisma_mm.data.toyworld import FACTORS, VALUE_FACTORS, VALUE_NAMES, render_arrays
+from prisma_mm.data.toyworld import (
+    FACTORS,
+    POSITIONS,
+    VALUE_FACTORS,
+    VALUE_INDEX,
+    VALUE_NAMES,
+    render_arrays,
+)
 
 ARCH = "vit_tiny_patch16_224"
 MEAN = (0.5, 0.5, 0.5)
@@ -65,6 +80,39 @@ def patch_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     timm normalises after pooling, with ``fc_norm``, so it is applied here per patch).
     """
     return model.head(model.fc_norm(tokens[:, model.num_prefix_tokens :]))
+
+
+def mirror_permutation() -> np.ndarray:
+    """Label index of each value in the left-right mirror of a scene: ``[V]``.
+
+    ``labels[..., perm]`` are the labels of the mirrored image: positions swap columns
+    (``top_left`` <-> ``top_right`` ...), every other value stays.
+    """
+    perm = np.arange(len(VALUE_NAMES))
+    for i, position in enumerate(POSITIONS):
+        row, col = divmod(i, 3)
+        mirrored = POSITIONS[3 * row + 2 - col]
+        perm[VALUE_INDEX[f"position={position}"]] = VALUE_INDEX[f"position={mirrored}"]
+    return perm
+
+
+def mirror(
+    images: np.ndarray, labels: np.ndarray, patches: np.ndarray, grid: int, flip: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mirror the samples where ``flip`` (bool ``[B]``) holds, labels included.
+
+    ``images`` uint8 ``[B, H, W, 3]``, ``labels`` ``[B, V]``, ``patches`` ``[B, grid*grid, V]``
+    (row-major patches); returns new arrays of the same shapes.
+    """
+    perm = mirror_permutation()
+    images, labels, patches = images.copy(), labels.copy(), patches.copy()
+    images[flip] = images[flip][:, :, ::-1]
+    labels[flip] = labels[flip][:, perm]
+    b, v = int(flip.sum()), len(VALUE_NAMES)
+    patches[flip] = (
+        patches[flip].reshape(b, grid, grid, v)[:, :, ::-1][..., perm].reshape(b, grid * grid, v)
+    )
+    return images, labels, patches
 
 
 def to_input(images: np.ndarray) -> torch.Tensor:
@@ -131,21 +179,48 @@ def evaluate(
     }
 
 
+def load_init(model: torch.nn.Module, path: Path, kwargs: dict) -> dict:
+    """Load the weights at ``path`` (safetensors written by this script) into ``model``.
+
+    Their recorded ``kwargs`` must equal ``kwargs``. Returns what the training record keeps
+    of the start: the file's sha256 and, when a JSON record lies beside it, that record's
+    steps, seed and held-out mean AP (so a chain of runs stays traceable)."""
+    import hashlib
+
+    with safetensors.safe_open(str(path), "pt") as handle:
+        recorded = json.loads((handle.metadata() or {}).get("kwargs", "null"))
+    if recorded != kwargs:
+        raise SystemExit(f"--init {path}: its architecture {recorded} is not {kwargs}")
+    model.load_state_dict({k: v.float() for k, v in safetensors.torch.load_file(str(path)).items()})
+    out = {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    record = path.with_suffix(".json")
+    if record.is_file():
+        before = json.loads(record.read_text())
+        out["record"] = {
+            "seed": before.get("seed"),
+            "steps": before.get("steps"),
+            "n_train": before.get("n_train"),
+            "init": before.get("init"),
+            "heldout_mean_ap": (before.get("heldout_metrics") or {}).get("mean_ap"),
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=40_000)
+    p.add_argument("--n-train", type=int, default=60_000)
     p.add_argument("--n-val", type=int, default=2_000)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--width", type=int, default=192)
-    p.add_argument("--heads", type=int, default=3)
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--pool", default="max", choices=["max", "token", "avg"], help="timm global_pool"
     )
@@ -158,7 +233,19 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--patch-loss", type=float, default=1.0, help="weight of the per-patch BCE")
     p.add_argument(
+        "--hflip",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="mirror each sample left-right with probability 1/2 (labels mirrored with it)",
+    )
+    p.add_argument(
         "--eval-every", type=int, default=0, help="steps between held-out checks (0: end only)"
+    )
+    p.add_argument(
+        "--init",
+        default=None,
+        metavar="SAFETENSORS",
+        help="start from these weights (same architecture; e.g. the previous assets/toyvit)",
     )
     p.add_argument("--out", default="assets/toyvit.safetensors")
     args = p.parse_args(argv)
@@ -176,8 +263,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     kwargs = model_kwargs(args.size, args.depth, args.width, args.heads, args.pool)
     model = timm.create_model(ARCH, pretrained=False, **kwargs)
-    with torch.no_grad():  # CLS position stays 0; patch positions start as 2-D sin-cos
-        model.pos_embed[0, 1:] = build_sincos2d_pos_embed([grid, grid], args.width)
+    init = None
+    if args.init:
+        init = load_init(model, Path(args.init), kwargs)
+        seen = max((init.get("record") or {}).get("n_train") or 0, args.n_train)
+        if seen > args.n_train:  # held-out images must be new to every run of the chain
+            p.error(f"--n-train {args.n_train}: the --init run trained on images 0..{seen - 1}")
+    else:
+        with torch.no_grad():  # CLS position stays 0; patch positions start as 2-D sin-cos
+            model.pos_embed[0, 1:] = build_sincos2d_pos_embed([grid, grid], args.width)
     decay = [p_ for n, p_ in model.named_parameters() if p_.ndim >= 2 and "pos_embed" not in n]
     no_decay = [
         p_ for n, p_ in model.named_parameters() if not (p_.ndim >= 2 and "pos_embed" not in n)
@@ -209,23 +303,35 @@ def main(argv: list[str] | None = None) -> dict:
     order = torch.randperm(args.n_train, generator=gen)
     cursor = 0
     history = []
+    flip_rng = np.random.default_rng(args.seed)
+    stop = {"asked": False}
+    # an interrupt ends the run after the current step; the weights so far are saved
+    signal.signal(signal.SIGINT, lambda *_: stop.update(asked=True))
+    steps_done = 0
     t1 = time.time()
     bar = tqdm(range(args.steps), desc="train toyvit", unit="step")
     for step in bar:
+        if stop["asked"]:
+            tqdm.write(f"interrupted: saving the weights after {steps_done} steps")
+            break
         if cursor + args.batch_size > args.n_train:
             order = torch.randperm(args.n_train, generator=gen)
             cursor = 0
         idx = order[cursor : cursor + args.batch_size].numpy()
         cursor += args.batch_size
         model.train()
-        x = to_input(train["images"][idx])
-        y = torch.from_numpy(train["labels"][idx]).float()
+        images, labels, patches = train["images"][idx], train["labels"][idx], train_patches[idx]
+        if args.hflip:
+            flip = flip_rng.random(len(idx)) < 0.5
+            images, labels, patches = mirror(images, labels, patches, grid, flip)
+        x = to_input(images)
+        y = torch.from_numpy(labels).float()
         tokens = model.forward_features(x)  # [B, 1 + grid*grid, width], final norm applied
         loss = F.binary_cross_entropy_with_logits(
             model.forward_head(tokens), y, weight=value_weight
         )
         if args.patch_loss:
-            y_patch = torch.from_numpy(train_patches[idx]).float()
+            y_patch = torch.from_numpy(patches).float()
             loss = loss + args.patch_loss * F.binary_cross_entropy_with_logits(
                 patch_logits(model, tokens), y_patch, weight=value_weight
             )
@@ -234,10 +340,18 @@ def main(argv: list[str] | None = None) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        steps_done = step + 1
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             m = evaluate(*predict(model, val["images"]), val["labels"], val["patches"])
-            history.append({"step": step + 1, "loss": loss.item(), "mean_ap": m["mean_ap"]})
+            history.append(
+                {
+                    "step": step + 1,
+                    "loss": loss.item(),
+                    "mean_ap": m["mean_ap"],
+                    "per_factor_map": {f: v["mean_ap"] for f, v in m["per_factor"].items()},
+                }
+            )
             tqdm.write(
                 f"  patch mAP {m['patch_mean_ap']:.4f} "
                 + " ".join(f"{f}={v:.3f}" for f, v in m["patch_per_factor_map"].items())
@@ -273,14 +387,17 @@ def main(argv: list[str] | None = None) -> dict:
         "seed": args.seed,
         "n_train": args.n_train,
         "heldout": {"first_index": args.n_train, "n": args.n_val},
-        "steps": args.steps,
+        "steps": steps_done,
+        "steps_planned": args.steps,
+        "hflip": args.hflip,
         "batch_size": args.batch_size,
         "lr": args.lr,
         "weight_decay": args.weight_decay,
         "warmup": args.warmup,
         "patch_loss": args.patch_loss,
         "factor_weight": factor_weight,
-        "pos_embed_init": "2-D sin-cos (patch tokens), zeros (CLS)",
+        "init": init,
+        "pos_embed_init": None if init else "2-D sin-cos (patch tokens), zeros (CLS)",
         "threads": args.threads,
         "dtype": dtype,
         "render_seconds": round(render_s, 1),

@@ -53,6 +53,7 @@ __all__ = [
     "latent_data_path",
     "read_ground_truth",
     "read_meta_sae",
+    "read_novel_labels",
     "read_stitching",
     "read_temporal",
     "render_thumbnail",
@@ -119,7 +120,10 @@ def _script(call: str, key: int | None, data: Any) -> str:
 @dataclass
 class StitchingView:
     """Per latent of the browsed dictionary (the stitching's larger SAE): class index into
-    :data:`CLASS_NAMES`, best match in the other SAE, its decoder cosine and ``ΔMSE``."""
+    :data:`CLASS_NAMES`, best match in the other SAE, its decoder cosine and ``ΔMSE``; and,
+    when known (:func:`read_novel_labels`), the ground-truth label each novel latent detects
+    (``novel_labels``, None where it detects none) and whether the smaller SAE had no latent
+    for that label (``novel_new``)."""
 
     classes: np.ndarray
     best_match: np.ndarray
@@ -127,6 +131,8 @@ class StitchingView:
     delta_mse: np.ndarray
     other: str
     source: dict[str, Any]
+    novel_labels: list[str | None] | None = None
+    novel_new: list[bool | None] | None = None
 
 
 @dataclass
@@ -228,6 +234,35 @@ def read_stitching(path: str | Path, n_latents: int) -> StitchingView:
             "threshold": (data.get("classes") or {}).get("threshold"),
         },
     )
+
+
+def read_novel_labels(path: str | Path, large: str, n_latents: int) -> dict[str, list[Any]]:
+    """The ground-truth labels of the novel latents of ``large`` from a family report
+    (``family_report.json`` of ``prisma-mm family``: its pair whose larger member is
+    ``large``), as the ``novel_labels`` / ``novel_new`` fields of a :class:`StitchingView`."""
+    path = Path(path)
+    hint = "pass the family_report.json written by `prisma-mm family` (with ground truth)"
+    data = _read_json(path, "family report", hint)
+    pairs = data.get("pairs") if isinstance(data, dict) else None
+    pair = next((p for p in pairs or [] if isinstance(p, dict) and p.get("large") == large), None)
+    rows = ((pair or {}).get("novel_ground_truth") or {}).get("latents")
+    if not isinstance(rows, list):
+        raise PrismaError(
+            f"family report {str(path)!r} has no novel-latent ground truth for {large!r}: {hint}"
+        )
+    labels: list[str | None] = [None] * n_latents
+    new: list[bool | None] = [None] * n_latents
+    for row in rows:
+        latent = int(row["latent"])
+        if not 0 <= latent < n_latents:
+            raise PrismaError(
+                f"family report {str(path)!r} names latent {latent} of {large!r} but the "
+                f"dictionary has {n_latents}: pass the report of this dictionary's family"
+            )
+        if row.get("label") is not None:
+            labels[latent] = str(row["label"])
+            new[latent] = not row.get("small_has_label")
+    return {"novel_labels": labels, "novel_new": new}
 
 
 def read_meta_sae(path: str | Path, n_latents: int) -> MetaView:
@@ -662,6 +697,8 @@ def _write_tables(work: Path, t: _Tables, extras: BrowserExtras, n: int) -> None
             data["label_frac"] = [_num(t.top_label_frac[i], 3) for i in rows]
         if extras.stitching:
             data["stitch"] = [int(extras.stitching.classes[i]) for i in rows]
+            if extras.stitching.novel_labels is not None:
+                data["novel_label"] = [extras.stitching.novel_labels[i] for i in rows]
         if extras.meta_sae:
             data["meta"] = [[m for m, _ in extras.meta_sae.decomposition[i]] for i in rows]
         if extras.ground_truth:
@@ -791,6 +828,9 @@ def _latent_data(
             "cos": _num(s.max_cosine[i], 4),
             "delta": _num(s.delta_mse[i], 4),
         }
+        if s.novel_labels is not None and s.novel_labels[i] is not None:
+            data["stitch"]["label"] = s.novel_labels[i]
+            data["stitch"]["new"] = bool(s.novel_new[i]) if s.novel_new else None
     if extras.meta_sae:
         m = extras.meta_sae
         data["meta"] = [

@@ -158,6 +158,7 @@
       temporal: new Float64Array(n).fill(NaN),
     };
     const metaOf = new Array(n);
+    const novelOf = new Array(n); // ground-truth label a novel latent detects (stitching)
     const have = new Uint8Array(n);
     let nShardsLoaded = 0;
     const state = { sort: "id", descending: false, page: 0, text: "", cls: "", hideDead: false };
@@ -171,7 +172,7 @@
       { key: "mean", title: "mean act.", num: true, tip: "mean activation when active" },
     ];
     if (meta.columns.label) columns.push({ key: "label", title: "top label", tip: "most common label of the top samples" });
-    if (meta.columns.stitching) columns.push({ key: "stitch", title: "stitching" });
+    if (meta.columns.stitching) columns.push({ key: "stitch", title: "stitching", tip: "class against the smaller SAE; a novel latent's ground-truth label" });
     if (meta.columns.meta) columns.push({ key: "meta", title: "meta-latents" });
     if (meta.columns.ground_truth) columns.push({ key: "gt", title: "ground truth", tip: "factor value it detects best (AUROC)" });
     if (meta.columns.temporal) columns.push({ key: "temporal", title: "temporal", num: true, tip: "share of its activation that goes without motion (frame-repeated and frame-shuffled clips)" });
@@ -253,7 +254,7 @@
         if (state.hideDead && !(cols.density[i] > 0)) continue;
         if (cls >= 0 && cols.stitch[i] !== cls) continue;
         if (text) {
-          const hay = (String(i) + " " + labelText(i) + " " + gtText(i) + " " + metaText(i)).toLowerCase();
+          const hay = (String(i) + " " + labelText(i) + " " + gtText(i) + " " + metaText(i) + " " + (novelOf[i] || "")).toLowerCase();
           if (!hay.includes(text)) continue;
         }
         ids.push(i);
@@ -284,7 +285,8 @@
           cols.label[i] >= 0 ? el("span", { class: "muted" }, " " + pct(cols.label_frac[i])) : null));
       if (meta.columns.stitching) {
         const c = cols.stitch[i];
-        cells.push(el("td", {}, c >= 0 ? el("span", { class: "badge " + CLASS_NAMES[c] }, CLASS_NAMES[c]) : "–"));
+        cells.push(el("td", {}, c >= 0 ? el("span", { class: "badge " + CLASS_NAMES[c] }, CLASS_NAMES[c]) : "–",
+          novelOf[i] ? el("span", { class: "muted novel-label" }, " " + novelOf[i]) : null));
       }
       if (meta.columns.meta)
         cells.push(el("td", { class: "mono" }, metaText(i) || "–"));
@@ -333,6 +335,7 @@
         for (const key of ["density", "freq_input", "max", "mean"]) cols[key][i] = shard[key][j] ?? NaN;
         if (shard.label) (cols.label[i] = shard.label[j]), (cols.label_frac[i] = shard.label_frac[j] ?? NaN);
         if (shard.stitch) cols.stitch[i] = shard.stitch[j];
+        if (shard.novel_label) novelOf[i] = shard.novel_label[j];
         if (shard.gt) (cols.gt[i] = shard.gt[j]), (cols.gt_auroc[i] = shard.gt_auroc[j] ?? NaN);
         if (shard.meta) metaOf[i] = shard.meta[j];
         if (shard.temporal) cols.temporal[i] = shard.temporal[j] ?? NaN;
@@ -524,7 +527,9 @@
         el("table", { class: "kv" }, el("tbody", {},
           el("tr", {}, el("th", {}, "best match in " + (meta.stitching_other || "the other SAE")), el("td", { class: "mono" }, "#" + s.match)),
           el("tr", {}, el("th", {}, "decoder cosine"), el("td", {}, fmt(s.cos))),
-          el("tr", {}, el("th", {}, "ΔMSE when inserted"), el("td", {}, fmt(s.delta)))))));
+          el("tr", {}, el("th", {}, "ΔMSE when inserted"), el("td", {}, fmt(s.delta))),
+          s.label ? el("tr", { id: "novel-label" }, el("th", {}, "detects (ground truth)"),
+            el("td", {}, s.label, el("span", { class: "muted" }, s.new ? " · new: the smaller SAE has no latent for it" : " · the smaller SAE has a latent for it"))) : null))));
     }
     if (d.gt && d.gt.length)
       side.push(section("Ground truth", "ground-truth",
