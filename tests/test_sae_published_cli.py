@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 from bad_input import error_line
-from test_sae_published import _saev_file, _saev_state, _sdxl_folder, hf_cache
+from test_sae_published import _prisma_folder, _saev_file, _saev_state, _sdxl_folder, hf_cache
 from test_viz_index import _image_tree
 
 import prisma_mm
@@ -56,6 +56,12 @@ def _cards() -> dict[str, published.SAECard]:
             k=4,
             img_size=16,
         ),
+        dataclasses.replace(
+            get_sae_card("prisma-clip-b32-vanilla-x64-l0-resid-post"),
+            name="tiny-prisma-ln",
+            repo="test-org/tiny-prisma-ln",
+            **tiny,
+        ),
     ]
     return {c.name: c for c in cards}
 
@@ -80,6 +86,13 @@ def world(tmp_path_factory):
             snapshot = hf_cache(root / "hub", cards[name].repo, {})
             _saev_file(snapshot / "sae.pt", {"d_vit": 32, "exp_factor": 2}, _saev_state(32, 64))
         _sdxl_folder(root / "clone" / "checkpoints" / "final", d=32, n=64, k=4)
+        # ViT-Prisma: config.json (per-token layer norm) + a checkpoint pickling its config class
+        state = _saev_state(32, 64)
+        cfg = {"d_in": 32, "expansion_factor": 2, "activation_fn_str": "relu",
+               "hook_point_layer": 0, "layer_subtype": "hook_resid_post",
+               "normalize_activations": "layer_norm"}  # fmt: skip
+        snapshot = hf_cache(root / "hub", cards["tiny-prisma-ln"].repo, {})
+        _prisma_folder(snapshot, patch, cfg, state)
         images = _image_tree(root / "images", 2)
         for size in (32, 48):
             write_cache("tiny-vit", str(images), root / f"cache{size}", [HOOK], weights=None,
@@ -121,6 +134,23 @@ def test_index_and_browse_a_cls_only_sae_by_name(world, tmp_path, monkeypatch):
     assert any(p.suffix in (".png", ".jpg", ".webp") for p in out.rglob("*"))  # thumbnails
     sae_cls = tmp_path / "sae-tiny-saev-cls"
     assert sorted(p.name for p in sae_cls.iterdir()) == ["index"]  # nothing else written there
+
+
+def test_index_of_a_per_token_normalised_sae_ranks_by_its_encode(world, tmp_path):
+    """ViT-Prisma's layer_norm SAEs standardise each token inside encode: the index's sparse
+    path must see the same code as encode (which the views draw)."""
+    out = tmp_path / "index"
+    assert main(["index", "tiny-prisma-ln", str(world["cache32"]), "--out", str(out),
+                 "--no-progress"]) == 0  # fmt: skip
+    index = FeatureIndex.load(out)
+    from prisma_mm.cache import ActivationDataset
+
+    x = torch.cat(list(ActivationDataset(world["cache32"], HOOK, shuffle_buffer=0)))
+    with torch.no_grad():
+        code = load_sae("tiny-prisma-ln").encode(x)  # [images x 17 tokens, 64]
+    assert index.meta["n_tokens"] == N_IMAGES * 17 == code.shape[0]
+    assert torch.allclose(index.max_value.float(), code.max(0).values, atol=1e-4)
+    assert torch.allclose(index.freq_token.float(), (code > 0).float().mean(0))
 
 
 @pytest.mark.parametrize(

@@ -343,11 +343,20 @@ class _TokenStandardized:
         scale = x.norm(dim=-1, keepdim=True) / math.sqrt(x.shape[-1])
         return x / scale, torch.zeros_like(scale), scale, scale
 
-    def encode(self, x: Tensor) -> Tensor:
-        """``x [..., d_in]`` (raw) -> code ``[..., n_latents]``; keeps the rows' statistics."""
+    def _normalize_kept(self, x: Tensor) -> Tensor:
+        """``x'`` of raw ``x [..., d]``, keeping the rows' statistics for :meth:`decode`."""
         x_norm, mu, _, s_out = self._normalize(x)
         self._stats = (mu, s_out, torch.tensor(x.shape[:-1]))
-        return super().encode(x_norm)  # type: ignore[misc]
+        return x_norm
+
+    def encode(self, x: Tensor) -> Tensor:
+        """``x [..., d_in]`` (raw) -> code ``[..., n_latents]``; keeps the rows' statistics."""
+        return super().encode(self._normalize_kept(x))  # type: ignore[misc]
+
+    def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``x [..., d_in]`` (raw) -> ``(values [..., m], indices [..., m])`` of the code
+        :meth:`encode` gives (the feature index reads this path); keeps the rows' statistics."""
+        return super().encode_sparse(self._normalize_kept(x))  # type: ignore[misc]
 
     def _kept(self, lead: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         if self._stats is None or tuple(self._stats[2].tolist()) != tuple(lead):
