@@ -1,7 +1,7 @@
 """Bad input to the video zoo through the CLI: misspelt video cards and families, weights of
 another video architecture, folders that are not checkpoints, a pickle as a torchvision
-checkpoint, an hf-hub repo for a torchvision card, an input size for a video card, and hooks
-a video family does not offer. Each row fails with one line before anything is written."""
+checkpoint, an hf-hub repo for a torchvision card, an input size for a video card, hooks
+a video family does not offer, and hooks of two stages with different grids in one cache. Each row fails with one line before anything is written."""
 
 from __future__ import annotations
 
@@ -78,6 +78,12 @@ CASES = [
         "cache-swin3d-windowed-q",
         _cache(model="tiny-swin3d", hooks="blocks.1.attn.hook_q"),
         "shifted 3D windows",
+        OUT,
+    ),
+    Case(
+        "cache-mvit-hooks-of-two-stages",
+        _cache(model="tiny-mvit", hooks="blocks.0.hook_resid_pre,blocks.1.hook_resid_post"),
+        "different token grids",
         OUT,
     ),
     Case(

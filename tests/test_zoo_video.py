@@ -533,3 +533,22 @@ def test_attention_pattern_is_the_eager_softmax_read_only_and_switched_back(name
     with pytest.raises(PrismaError, match="can be read but not replaced"):
         model.run_with_hooks(x, [("blocks.0.attn.hook_pattern", lambda v, p: v * 0)])
     assert config._attn_implementation == before
+
+
+def test_a_cache_of_a_later_stage_records_that_stages_grid(tmp_path) -> None:
+    from prisma_mm.cache.writer import write_cache
+    from prisma_mm.data.video import ClipArraySource
+
+    model = _model("tiny-mvit")
+    clips = [np.random.default_rng(i).integers(0, 256, (4, 32, 32, 3), np.uint8) for i in range(2)]
+    hook = "blocks.1.hook_resid_post"
+    manifest = write_cache(
+        model, ClipArraySource(clips), tmp_path / "c", [hook], tokens="patches", progress=False
+    )
+    assert TokenLayout.from_dict(manifest["layout"]) == model.layout_for(hook)
+    assert manifest["shapes"][hook] == [2 * 4 * 4, 32]  # the pooled grid's patches
+    with pytest.raises(PrismaError, match="different token grids"):
+        write_cache(
+            model, ClipArraySource(clips), tmp_path / "d", ["blocks.0.hook_resid_pre", hook]
+        )
+    assert not (tmp_path / "d").exists()

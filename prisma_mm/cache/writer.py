@@ -685,14 +685,23 @@ def _prepare_model(
     with torch.inference_mode():
         _, probe_cache = model.run_with_cache(probe_input(model), hooks, stop_at_layer="auto")
     probe_cache = {h: token_rows(a) for h, a in probe_cache.items()}
+    # MViT / Swin3D: each stage has its own grid (model.layout_for); one cache, one grid
+    layouts = {h: model.layout_for(h) if hasattr(model, "layout_for") else model.layout
+               for h in hooks}  # fmt: skip
+    if len({layouts[h] for h in hooks}) > 1:
+        grids = ", ".join(f"{h} {layouts[h].grid}" for h in hooks)
+        raise PrismaError(
+            f"the hooks see different token grids ({grids}): cache hooks of one stage "
+            "together, or each stage in its own cache"
+        )
+    layout = layouts[hooks[0]]
     index = {
-        h: token_index(token_spec, h, int(probe_cache[h].shape[1]), model.layout, True)
-        for h in hooks
+        h: token_index(token_spec, h, int(probe_cache[h].shape[1]), layout, True) for h in hooks
     }
     shapes = {h: [len(index[h]), int(probe_cache[h].shape[2])] for h in hooks}
     new = new_manifest(
         _model_info(model, weights_label), hooks, shapes, dtype_name, token_spec, index,
-        model.layout.to_dict(), source.describe(), shard_size, limit,
+        layout.to_dict(), source.describe(), shard_size, limit,
     )  # fmt: skip
     return model, new
 
