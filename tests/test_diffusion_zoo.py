@@ -198,3 +198,37 @@ def test_real_cards_have_the_papers_blocks_and_sd_cards_share_the_code():
     assert list(sd15.blocks)[:2] == ["down.0.0", "down.0.1"] and "up.0.0" not in sd15.blocks
     assert sd15.grid("unet.mid.0.hook_out") == (8, 8) and sd15.d("unet.up.3.2.hook_in") == 320
     assert not any(n.startswith("text2.") for n in sd15.hook_names)
+
+
+def test_random_init_of_a_real_card_builds_its_architecture_seeded(monkeypatch):
+    import prisma_mm.zoo.diffusion as diffusion
+
+    full = diffusion._architecture
+
+    def shrunk(card):  # SDXL-Turbo's structure at test size: the same code path as full size
+        config = full(card)
+        config["unet"].update(
+            block_out_channels=[8, 16, 32], attention_head_dim=[1, 2, 4],
+            transformer_layers_per_block=[1, 1, 2], cross_attention_dim=32,
+            projection_class_embeddings_input_dim=6 * 256 + 16, norm_num_groups=4,
+        )  # fmt: skip
+        config["vae"].update(block_out_channels=[8, 16], norm_num_groups=4,
+                             down_block_types=["DownEncoderBlock2D"] * 2,
+                             up_block_types=["UpDecoderBlock2D"] * 2)  # fmt: skip
+        for encoder in ("text_encoder", "text_encoder_2"):
+            config[encoder].update(hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                   num_hidden_layers=2, projection_dim=16)  # fmt: skip
+        return config
+
+    monkeypatch.setattr(diffusion, "_architecture", shrunk)
+    state = torch.get_rng_state()
+    first = load_pipeline("sdxl-turbo", weights=None, size=32)
+    again = load_pipeline("sdxl-turbo", weights=None, size=32)
+    other = load_pipeline("sdxl-turbo", weights=None, size=32, seed=1)
+    assert torch.equal(torch.get_rng_state(), state)
+    weights = [hp.pipe.unet.state_dict() for hp in (first, again, other)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+    assert type(first.pipe.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
+    assert first.pipe.scheduler.config.timestep_spacing == "trailing"
+    assert first.generate("a cat").shape == (1, 3, 32, 32)

@@ -807,7 +807,9 @@ def load_pipeline(
 
     ``weights``: ``"pretrained"`` (the card's hub repo; offline from the HF cache, else one
     line naming what to fetch), ``"hf-hub:org/repo"``, a ``save_pretrained`` folder, or None
-    (random init: tiny cards only). Tiny cards build random weights seeded by ``seed``.
+    (random init of the card's architecture, seeded by ``seed``: SDXL-Turbo-sized random
+    weights for benchmarks; its tokenizer is the tiny offline one). Tiny cards always build
+    random weights seeded by ``seed``.
     ``size``: default image size (pixels) instead of the card's.
     """
     from prisma_mm.zoo.registry import get_card, resolve_device, resolve_dtype
@@ -834,10 +836,13 @@ def load_pipeline(
 
             pipe = build_tiny_pipeline(seed=seed, **card.kwargs)
         elif weights is None:
-            raise PrismaError(
-                f"weights=None (random init) is offered for tiny cards only; {card.name!r} "
-                "loads 'pretrained', 'hf-hub:org/repo' or a save_pretrained folder"
-            )
+            if not card.config_file:
+                raise PrismaError(
+                    f"weights=None (random init) needs the card's architecture (config_file); "
+                    f"{card.name!r} loads 'pretrained', 'hf-hub:org/repo' or a folder"
+                )
+            # the card's full-size architecture with seeded random weights (benchmarks)
+            pipe = build_from_config(card, device=device, dtype=torch_dtype, seed=seed)
         elif weights == "pretrained":
             pipe = _from_pretrained(card.source, card, torch_dtype)
         elif isinstance(weights, str) and weights.startswith("hf-hub:"):
