@@ -454,10 +454,14 @@ def _from_pretrained(cls: type, card: registry.ModelCard, source: str) -> nn.Mod
         try:
             return cls.from_pretrained(source)
         except (OSError, ValueError) as error:
+            from huggingface_hub import constants
+
             raise PrismaError(
                 f"pretrained weights of {card.name!r} could not be loaded "
-                f"({error.__class__.__name__}); "
-                f"{registry.offline_hint(source, ['config.json', 'model.safetensors'])}"
+                f"({error.__class__.__name__}); fetch the Hugging Face repo {source!r} (its "
+                f"config.json and model.safetensors) into the HF cache ({constants.HF_HUB_CACHE}), "
+                f"e.g. `huggingface-cli download {source}` on a machine with network access, then "
+                "copy the cache folder here"
             ) from error
 
 
