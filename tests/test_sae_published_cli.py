@@ -68,8 +68,8 @@ def _cards() -> dict[str, published.SAECard]:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """The three cards' weights in an offline HF cache, a labelled image tree, and tiny-vit
-    caches of it at 32 px (every token) and at 48 px."""
+    """The cards' weights in an offline HF cache (and a clone of a GitHub release), a labelled
+    image tree, and tiny-vit caches of it at 32 px (every token) and at 48 px (patches)."""
     from huggingface_hub import constants
 
     from prisma_mm.cache import write_cache
@@ -94,9 +94,9 @@ def world(tmp_path_factory):
         snapshot = hf_cache(root / "hub", cards["tiny-prisma-ln"].repo, {})
         _prisma_folder(snapshot, patch, cfg, state)
         images = _image_tree(root / "images", 2)
-        for size in (32, 48):
+        for size, tokens in ((32, "all"), (48, "patches")):
             write_cache("tiny-vit", str(images), root / f"cache{size}", [HOOK], weights=None,
-                        img_size=size, progress=False)  # fmt: skip
+                        img_size=size, tokens=tokens, progress=False)  # fmt: skip
         yield {"root": root, "clone": root / "clone", "images": images, "cache32": root / "cache32",
                "cache48": root / "cache48"}  # fmt: skip
     torch.set_num_threads(threads)
@@ -197,6 +197,10 @@ def test_eval_by_name_runs_the_model_at_the_card_img_size(world, tmp_path, monke
     line = error_line(["index", "tiny/saev:48", str(world["cache32"]), "--out",
                        str(tmp_path / "i")], capsys)  # fmt: skip
     assert "--img-size 48" in line
+    # and eval measures only the tokens a card was trained on: a cache keeping more is refused
+    line = error_line(["eval", "tiny-saev-cls", "--cache", str(world["cache32"]), "--split",
+                       "all", "--out", str(tmp_path / "e.json"), "--quiet"], capsys)  # fmt: skip
+    assert "trained on cls tokens" in line and "--tokens cls" in line
     assert not (tmp_path / "e.json").exists() and not (tmp_path / "i").exists()
 
 

@@ -326,7 +326,12 @@ def run_eval(args: argparse.Namespace) -> int:
     """``prisma-mm eval DICT --cache CACHE``: metrics JSON + table (+ spliced with --data)."""
     _check_device(args)
     from prisma_mm.analysis.metrics import EmptyEvaluation, evaluate, plot_density_histogram
-    from prisma_mm.sae.published import check_cache_size, dictionary_label, output_home
+    from prisma_mm.sae.published import (
+        card_token_rows,
+        check_cache_size,
+        dictionary_label,
+        output_home,
+    )
 
     out = check_output_file(
         args.out or output_home(args.dictionary) / "eval.json", "--out", "eval.json"
@@ -339,6 +344,13 @@ def run_eval(args: argparse.Namespace) -> int:
     ds = _dataset(args.cache, hooks, args.split, args.eval_fraction, args.batch_size)
     _check_width(dictionary, ds.d, hooks, args.cache)
     check_cache_size(dictionary, ds.manifest, args.cache)
+    tokens = dictionary.metadata.get("tokens")
+    if card_token_rows(ds.manifest, hooks[0], tokens) is not None:
+        # metrics over tokens the SAE never saw would describe another distribution
+        raise PrismaError(
+            f"{args.dictionary} was trained on {tokens} tokens but cache {args.cache!r} keeps "
+            f"{ds.manifest.get('tokens')!r}: evaluate on a cache written with --tokens {tokens}"
+        )
     img_size = dictionary.metadata.get("img_size")
     task = _task_data(args, ds.manifest, hooks, img_size) if args.data is not None else None
     try:

@@ -52,6 +52,7 @@ __all__ = [
     "SAECard",
     "apply_dataset_scaling",
     "card_activation_shape",
+    "card_token_rows",
     "estimate_dataset_scaling",
     "from_clip_scope",
     "from_saev",
@@ -635,15 +636,26 @@ def from_clip_scope(path: str | Path, device: str | torch.device = "cpu") -> Dic
 # --------------------------------------------------------------------------------------------
 
 
-def _token_rows(manifest: dict[str, Any], hook: str, tokens: str) -> Tensor | None:
-    """Which of a cache's stored tokens ``tokens`` keeps (None: all of them)."""
-    if tokens == "all":
+def card_token_rows(manifest: dict[str, Any], hook: str, tokens: str | None) -> list[int] | None:
+    """Positions among a cache's stored tokens of ``hook`` that an SAE trained on ``tokens``
+    (``all``, ``patches`` or ``cls``: a card's, in ``metadata["tokens"]``) reads; None when it
+    reads every stored token. ``cls`` is model token 0, as ``prisma-mm cache --tokens cls``."""
+    if tokens in (None, "all"):
         return None
-    n_prefix = int((manifest.get("layout") or {}).get("n_prefix", 0))
-    index = torch.tensor(manifest["token_index"][hook])
-    if bool((index < 0).any()):
+    kept = [int(t) for t in manifest["token_index"][hook]]
+    if any(t < 0 for t in kept):
         raise PrismaError("the cache keeps random tokens per sample: write it with --tokens all")
-    return index < n_prefix if tokens == "cls" else index >= n_prefix
+    n_prefix = int((manifest.get("layout") or {}).get("n_prefix", 0))
+    if tokens == "cls":
+        rows = [i for i, t in enumerate(kept) if t == 0 and n_prefix > 0]
+    else:
+        rows = [i for i, t in enumerate(kept) if t >= n_prefix]
+    if not rows:
+        raise PrismaError(
+            f"the SAE reads {tokens} tokens but the cache keeps none of them at {hook!r} (it "
+            f"keeps {manifest.get('tokens')!r}): write the cache with --tokens {tokens}"
+        )
+    return None if rows == list(range(len(kept))) else rows
 
 
 @torch.no_grad()
@@ -659,7 +671,11 @@ def estimate_dataset_scaling(
     def rows():
         ds = ActivationDataset(cache_dir, hook, batch_size=4096, shuffle_buffer=0,
                                provenance=True)  # fmt: skip
-        keep = _token_rows(ds.manifest, hook, tokens)
+        rows_kept = card_token_rows(ds.manifest, hook, tokens)
+        keep = None
+        if rows_kept is not None:
+            keep = torch.zeros(ds.n_tokens, dtype=torch.bool)
+            keep[rows_kept] = True
         seen = 0
         for acts, _keys, token in ds:
             if keep is not None:

@@ -137,24 +137,6 @@ def kept_layout(model: TokenLayout, kept: Sequence[int]) -> TokenLayout | None:
     return None
 
 
-def trained_rows(manifest: dict[str, Any], hook: str, tokens: str | None) -> list[int] | None:
-    """Positions among a cache's stored tokens of ``hook`` that a dictionary trained on
-    ``tokens`` (``all``, ``patches``, ``cls``: a published SAE's ``metadata["tokens"]``) reads;
-    None when it reads every stored token. A CLS-only SAE reads model token 0 only."""
-    if tokens in (None, "all") or not manifest.get("layout"):
-        return None
-    n_prefix = int(manifest["layout"]["n_prefix"])
-    kept = [int(t) for t in manifest["token_index"][hook]]
-    wanted = (lambda t: t == 0) if tokens == "cls" else (lambda t: t >= n_prefix)
-    rows = [i for i, t in enumerate(kept) if t >= 0 and wanted(t)]
-    if not rows:
-        raise PrismaError(
-            f"the dictionary reads {tokens} tokens but the cache keeps none of them at {hook!r} "
-            f"(it keeps {manifest.get('tokens')!r}): write the cache with --tokens {tokens}"
-        )
-    return None if rows == list(range(len(kept))) else rows
-
-
 def key_hash(key: str) -> int:
     """A sample key's 63-bit hash: interval samples are the lowest hashes in each bin."""
     digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
@@ -736,12 +718,12 @@ def _prepare(dictionary: Any, cache_dir: str | Path, hook: str | None, options: 
         )
     if not manifest["shards"]:
         raise PrismaError(f"the cache {str(cache_dir)!r} holds no complete shard yet")
-    from prisma_mm.sae.published import check_cache_size
+    from prisma_mm.sae.published import card_token_rows, check_cache_size
 
     check_cache_size(dictionary, manifest, cache_dir)
     # a published SAE trained on CLS or patch tokens only reads those of a cache keeping more
     tokens = (getattr(dictionary, "metadata", None) or {}).get("tokens")
-    rows = None if layout else trained_rows(manifest, hook, tokens)
+    rows = None if layout else card_token_rows(manifest, hook, tokens)
     if rows is not None:
         model = TokenLayout.from_dict(manifest["layout"])
         kept = [int(manifest["token_index"][hook][i]) for i in rows]
@@ -876,7 +858,7 @@ def _index_shard(dictionary: Any, cache_dir: Path, manifest: dict[str, Any], sha
                  token_rows: list[int] | None = None) -> None:  # fmt: skip
     """Encode one shard in batches of ``batch_samples`` inputs (never across shards, so a
     resumed run batches exactly as an uninterrupted one) and fold it into ``state``;
-    ``token_rows``: the stored tokens the dictionary reads (:func:`trained_rows`; None: all)."""
+    ``token_rows``: the stored tokens the dictionary reads (``card_token_rows``; None: all)."""
     batch: list[CacheSample] = []
     samples = iter_shard(cache_dir, manifest, shard, hook)
     while True:
