@@ -304,6 +304,16 @@ def test_save_pretrained_folder_and_state_dict_file(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(PrismaError, match="has no config.json"):
         prisma_mm.load_model("tiny-vivit", weights=tmp_path / "empty")
+    # transformers only warns on these and initialises the missing weights at random
+    with pytest.raises(PrismaError, match="not a transformers save_pretrained folder"):
+        prisma_mm.load_model("tiny-videomae", weights=tmp_path / "saved")  # a ViViT folder
+    encoder = source.module.vivit  # the encoder alone: the classifier's head is missing
+    encoder.save_pretrained(tmp_path / "encoder")
+    with pytest.raises(PrismaError, match="missing or mis-shaped keys"):
+        prisma_mm.load_model("tiny-vivit", weights=tmp_path / "encoder")
+    (tmp_path / "saved" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
+    with pytest.raises(PrismaError, match="SafetensorError"):
+        prisma_mm.load_model("tiny-vivit", weights=tmp_path / "saved")
 
 
 @pytest.fixture

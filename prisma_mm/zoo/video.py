@@ -434,25 +434,53 @@ def _model_class(card: registry.ModelCard) -> type:
 @contextlib.contextmanager
 def _quiet() -> Any:
     # transformers logs every unused pretraining weight (the VideoMAE decoder, ...) at WARNING
+    # and draws a progress bar per load: neither belongs in a one-line CLI
+    from transformers.utils import logging as hf_logging
+
     logger = logging.getLogger("transformers")
     level = logger.level
+    bars = hf_logging.is_progress_bar_enabled()
     logger.setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         logger.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _fits(cls: type, module: nn.Module, info: dict, source: str) -> nn.Module:
+    """The loaded module, or one line when the checkpoint is of another architecture
+    (transformers would only warn and initialise the missing weights at random)."""
+    wanted = cls.config_class.model_type
+    if module.config.model_type != wanted:
+        raise PrismaError(
+            f"weights {source} are a {module.config.model_type!r} checkpoint; this card is "
+            f"{cls.__name__} ({wanted!r})"
+        )
+    missing = list(info.get("missing_keys", ())) + [k[0] for k in info.get("mismatched_keys", ())]
+    if missing:
+        raise PrismaError(
+            f"weights {source} do not fit {cls.__name__}: {len(missing)} missing or mis-shaped "
+            f"keys (e.g. {missing[:3]}) (is it a checkpoint of this card's architecture?)"
+        )
+    return module
 
 
 def _from_pretrained(cls: type, card: registry.ModelCard, source: str) -> nn.Module:
     """``cls.from_pretrained`` from a folder or the HF cache (offline first), else the hub."""
     with _quiet():
         try:
-            return cls.from_pretrained(source, local_files_only=True)
+            module, info = cls.from_pretrained(
+                source, local_files_only=True, output_loading_info=True
+            )
+            return _fits(cls, module, info, source)
         except OSError:
             if Path(source).exists():
                 raise
         try:
-            return cls.from_pretrained(source)
+            module, info = cls.from_pretrained(source, output_loading_info=True)
         except (OSError, ValueError) as error:
             from huggingface_hub import constants
 
@@ -463,16 +491,20 @@ def _from_pretrained(cls: type, card: registry.ModelCard, source: str) -> nn.Mod
                 f"e.g. `huggingface-cli download {source}` on a machine with network access, then "
                 "copy the cache folder here"
             ) from error
+    return _fits(cls, module, info, source)
 
 
 def _local(cls: type, card: registry.ModelCard, path: Path, device: torch.device) -> nn.Module:
     if path.is_dir() and (path / "config.json").is_file():
         try:
             return _from_pretrained(cls, card, str(path))
-        except OSError as error:
+        except PrismaError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any failure here is a bad user folder
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
             raise PrismaError(
                 f"directory {path} is not a transformers save_pretrained folder of {card.arch} "
-                f"({error.__class__.__name__}: it needs config.json and model.safetensors)"
+                f"({error.__class__.__name__}: {reason})"
             ) from error
     if path.is_dir():
         found = [
