@@ -1,5 +1,5 @@
-"""Adapter for transformers' video transformers (VideoMAE, TimeSformer, ViViT, V-JEPA 2):
-hook points over the native modules, found by class at run time.
+"""Adapter for transformers' video transformers (VideoMAE, TimeSformer, ViViT, V-JEPA 2,
+X-CLIP's video tower): hook points over the native modules, found by class at run time.
 
 Input convention (every video card, here and in :mod:`prisma_mm.zoo.video_torchvision`):
 clips are float tensors ``[batch, 3, frames, H, W]``, normalized as the card says
@@ -8,7 +8,8 @@ gets its own order (``[batch, frames, 3, H, W]`` for transformers) inside the ad
 
 Token order is each family's own and ``model.layout`` says it: VideoMAE and V-JEPA 2 are
 frame-major without prefix tokens (tubelets of 2 frames), ViViT CLS + tubelets frame-major,
-TimeSformer CLS + patches with time fastest (``order="hwt"``).
+TimeSformer CLS + patches with time fastest (``order="hwt"``), X-CLIP every frame's CLS, then
+every frame's patches (its blocks see frames as batch items; the hooks show one clip).
 """
 
 from __future__ import annotations
@@ -29,6 +30,16 @@ from prisma_mm.errors import PrismaError
 from prisma_mm.hooks import BlockSpec, HookedModel, ModelSpec, TokenLayout
 from prisma_mm.zoo import registry
 
+# hooks on an attention that runs on other sequences than the clip's tokens (TimeSformer's
+# divided attention, X-CLIP's message tokens): not offered there
+INSIDE_ATTENTION = (
+    "ln1.hook_normalized",
+    "attn.hook_q",
+    "attn.hook_k",
+    "attn.hook_v",
+    "attn.hook_z",
+    "hook_attn_out",
+)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -131,7 +142,7 @@ def _videomae(module: nn.Module, card: registry.ModelCard) -> ModelSpec:
     )
     return ModelSpec(
         module=module,
-        forward=_forward(module, "pixel_values", frames_first=True),
+        forward=_forward(module, "pixel_values"),
         blocks=find_all(base.encoder, m.VideoMAELayer),
         block_spec=BlockSpec(
             attn_branch="attention",
@@ -179,15 +190,7 @@ def _timesformer(module: nn.Module, card: registry.ModelCard) -> ModelSpec:
         "per-frame [batch*frames, 1+patches, d] sequences, not on the clip's tokens"
     )
     missing = dict.fromkeys(
-        (
-            "ln1.hook_normalized",
-            "attn.hook_q",
-            "attn.hook_k",
-            "attn.hook_v",
-            "attn.hook_z",
-            "attn.hook_pattern",
-            "hook_attn_out",
-        ),
+        (*INSIDE_ATTENTION, "attn.hook_pattern"),
         f"{split} (read hook_resid_mid - hook_resid_pre for the attention's update)",
     )
 
@@ -201,7 +204,7 @@ def _timesformer(module: nn.Module, card: registry.ModelCard) -> ModelSpec:
 
     return ModelSpec(
         module=module,
-        forward=_forward(module, "pixel_values", frames_first=True),
+        forward=_forward(module, "pixel_values"),
         blocks=find_all(base.encoder, m.TimesformerLayer),
         block_spec=BlockSpec(
             attn_branch="attention",
@@ -247,7 +250,7 @@ def _vivit(module: nn.Module, card: registry.ModelCard) -> ModelSpec:
     )
     return ModelSpec(
         module=module,
-        forward=_forward(module, "pixel_values", frames_first=True),
+        forward=_forward(module, "pixel_values"),
         blocks=find_all(base, m.VivitLayer),
         block_spec=BlockSpec(
             attn_branch="attention",
@@ -300,7 +303,6 @@ def _vjepa2(module: nn.Module, card: registry.ModelCard) -> ModelSpec:
         forward=_forward(
             module,
             "pixel_values_videos",
-            frames_first=True,
             **({} if classifier is not None else {"skip_predictor": True}),
         ),
         blocks=find_all(encoder, m.VJEPA2Layer),
@@ -348,14 +350,7 @@ def _xclip(module: nn.Module, card: registry.ModelCard) -> ModelSpec:
         "attention sees [batch*frames, 2 + patches, d]"
     )
     missing = dict.fromkeys(
-        (
-            "ln1.hook_normalized",
-            "attn.hook_q",
-            "attn.hook_k",
-            "attn.hook_v",
-            "attn.hook_z",
-            "hook_attn_out",
-        ),
+        INSIDE_ATTENTION,
         f"{message} (read hook_resid_mid - hook_resid_pre for the attention's update)",
     )
 
@@ -401,13 +396,12 @@ FAMILIES: dict[str, Callable[[nn.Module, registry.ModelCard], ModelSpec]] = {
 }
 
 
-def _forward(module: nn.Module, input_name: str, frames_first: bool, **fixed) -> Callable:
+def _forward(module: nn.Module, input_name: str, **fixed) -> Callable:
     """The native forward on ``[batch, 3, frames, H, W]``: logits (classifiers) or the last
     hidden state ``[batch, tokens, d]`` (encoders)."""
 
     def run(x: Tensor) -> Tensor:
-        native = x.transpose(1, 2) if frames_first else x  # -> [batch, frames, 3, H, W]
-        output = module(**{input_name: native}, **fixed)
+        output = module(**{input_name: x.transpose(1, 2)}, **fixed)  # [batch, frames, 3, H, W]
         return output.logits if hasattr(output, "logits") else output.last_hidden_state
 
     return run
