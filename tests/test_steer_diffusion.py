@@ -161,10 +161,20 @@ def test_region_mask_from_an_image_and_soft_coverage():
 
 def test_feature_heatmaps_draw_the_code_per_block_and_step(tiny, tmp_path):
     hp, down, up, _ = tiny
-    paths = feature_heatmaps(hp, [(down, 5), (up, 7)], PROMPTS[0], seed=0, out=tmp_path, **CFG)
-    assert [p.name for p in paths] == [f"{DOWN}-latent5.png", f"{UP}-latent7.png"]
-    for path in paths:
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 2_000
+    _, acts = hp.run_with_cache([PROMPTS[0]], [DOWN, UP], seeds=[0], **CFG)
+    with torch.no_grad():
+        codes = {h: s.encode(acts[h][0]) for h, s in ((DOWN, down), (UP, up))}  # [steps, T, L]
+    chosen = {h: int(c.amax((0, 1)).argmax()) for h, c in codes.items()}  # the most active
+    features = [(down, chosen[DOWN]), (up, chosen[UP])]
+    maps = feature_heatmaps(hp, features, PROMPTS[0], seed=0, out=tmp_path, **CFG)
+    assert [m.output.name for m in maps] == [f"{h}-latent{chosen[h]}.png" for h in (DOWN, UP)]
+    for m in maps:
+        assert m.output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and m.output.stat().st_size > 2_000
+        h, w = hp.grid(m.hook)
+        assert m.steps == [0, 1] and m.values.shape == (2, h * w)
+        expected = codes[m.hook][..., m.latent]  # [steps, tokens] of the cond row
+        assert torch.allclose(m.values, expected, atol=1e-6) and m.values.max() > 0
+        assert not torch.equal(m.values[0], m.values[1])  # one panel per step, each its own
 
 
 def test_steering_grid_rows_are_strengths(tiny):

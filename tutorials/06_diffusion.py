@@ -142,9 +142,10 @@ print(f"ablating latent {latent}: mean change {ablation_change:.4f}")
 # step, on one colour scale (the colour bar is in activation units).
 
 # %%
-paths = feature_heatmaps(pipe, [(sae, latent)], top[0]["prompt"], seed=top[0]["seed"],
-                         steps=2, guidance=3.0, out="heatmaps")  # fmt: skip
-print("heatmaps:", [str(p) for p in paths])
+maps = feature_heatmaps(pipe, [(sae, latent)], top[0]["prompt"], seed=top[0]["seed"],
+                        steps=2, guidance=3.0, out="heatmaps")  # fmt: skip
+paths = [m.output for m in maps]
+print("heatmaps:", [str(p) for p in paths], "peak per step:", maps[0].values.amax(1).tolist())
 
 # %%
 results = {

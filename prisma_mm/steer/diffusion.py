@@ -36,6 +36,7 @@ from prisma_mm.errors import PrismaError
 from prisma_mm.steer.base import Intervention, steer
 
 __all__ = [
+    "FeatureHeatmaps",
     "SteeringGrid",
     "feature_heatmaps",
     "steering_grid",
@@ -166,6 +167,18 @@ def steering_grid(
                         chosen)  # fmt: skip
 
 
+@dataclass
+class FeatureHeatmaps:
+    """One feature's heatmaps: the saved file (or the open Figure), its hook and latent, the
+    steps drawn and the values drawn, ``values [n_steps, h * w]`` (the cond row's code)."""
+
+    output: Any
+    hook: str
+    latent: int
+    steps: list[int]
+    values: Tensor
+
+
 def feature_heatmaps(
     pipeline: Any,
     features: Sequence[tuple[Any, int]],
@@ -178,7 +191,7 @@ def feature_heatmaps(
     at_steps: Sequence[int] | None = None,
     out: str | Path | None = None,
     **options: Any,
-) -> list[Any]:
+) -> list[FeatureHeatmaps]:
     """A feature's heatmap over the image generated from ``prompt``, per block and step.
 
     ``features``: ``(dictionary, latent)`` pairs; each dictionary reads the hook its metadata
@@ -186,10 +199,11 @@ def feature_heatmaps(
     hook at ``at_steps`` (default: all) of the cond half; each feature gets one grid, a
     column per step, the code ``[h * w]`` over the final image through the block's layout,
     on one colour scale per feature (``render_latent_grid``, ``normalize="latent"``).
-    Returns the saved paths (``out/<hook>-latent<N>.png``) or, without ``out``, the open
-    figures. ``options`` go to ``render_latent_grid``.
+    Returns one :class:`FeatureHeatmaps` per feature, whose ``output`` is the saved file
+    (``out/<hook>-latent<N>.png``) or, without ``out``, the open figure. ``options`` go to
+    ``render_latent_grid``.
     """
-    from prisma_mm.steer.base import _resolve_hook, _steerable
+    from prisma_mm.steer.base import _inference_code, _resolve_hook, _steerable
     from prisma_mm.viz.grids import GridEntry, render_latent_grid
 
     if not features:
@@ -217,8 +231,7 @@ def feature_heatmaps(
     for sae, latent, hook in resolved:
         layout = pipeline.layout_of(hook, chosen["size"])
         with torch.no_grad():
-            per_step = acts[hook][0]  # [n_steps, tokens, d]
-            code = sae.encode(per_step.reshape(-1, per_step.shape[-1]).to(sae.W_dec))
+            code = _inference_code(sae, acts[hook][0], hook)  # [n_steps * tokens, n_latents]
             values = code[:, latent].reshape(len(wanted), -1).float().cpu()  # [n_steps, tokens]
         entries = [
             GridEntry(image, values[i], float(values[i].max()), f"step {step}", key=str(step))
@@ -226,6 +239,7 @@ def feature_heatmaps(
         ]
         heading = title or f"latent {latent} at {hook}  ·  {prompt!r}, seed {seed}"
         path = None if out is None else Path(out) / f"{hook}-latent{latent}.png"
-        figures.append(render_latent_grid(entries, layout, path, title=heading,
-                                          ncols=len(entries), **options))  # fmt: skip
+        output = render_latent_grid(entries, layout, path, title=heading, ncols=len(entries),
+                                    **options)  # fmt: skip
+        figures.append(FeatureHeatmaps(output, hook, latent, wanted, values))
     return figures
