@@ -45,13 +45,14 @@ class DemoConfig:
     n_eval: int = 400
     hook: str = "blocks.3.hook_resid_post"
     seed: int = 0
-    sizes: list[int] = field(default_factory=lambda: [384, 768, 1536])
+    sizes: list[int] = field(default_factory=lambda: [256, 512, 1024])
     k: int = 16
     batch_size: int = 1024
-    train_tokens: int = 1_000_000
+    lr: float = 2e-3  # constant after the warm-up, for every member (the toyvit recipes' rate)
+    train_tokens: int = 600_000
     eval_every_tokens: int = 16384
     plateau_window: int = 4
-    plateau_eps: float = 0.01
+    plateau_eps: float = 0.05
     meta_steps: int = 1000
     stitch_points: int = 24
     browser: bool = True  # index the largest member and write its feature browser
@@ -82,8 +83,8 @@ RUN_FILE = "demo_run.json"
 
 def _run_settings(config: DemoConfig) -> dict[str, Any]:
     """The settings that decide the cache and the trained family (what a re-run reuses)."""
-    keys = ("model", "n_train", "hook", "seed", "sizes", "k", "batch_size", "train_tokens",
-            "eval_every_tokens", "plateau_window", "plateau_eps")  # fmt: skip
+    keys = ("model", "n_train", "hook", "seed", "sizes", "k", "batch_size", "lr",
+            "train_tokens", "eval_every_tokens", "plateau_window", "plateau_eps")  # fmt: skip
     return {key: getattr(config, key) for key in keys}
 
 
@@ -99,6 +100,7 @@ def family_config(config: DemoConfig) -> Any:
         sizes=list(config.sizes),
         k=config.k,
         batch_size=config.batch_size,
+        lr=config.lr,
         eval_every_tokens=config.eval_every_tokens,
         max_tokens=config.train_tokens,
         plateau_window=config.plateau_window,

@@ -185,7 +185,9 @@ def test_numbers_lie_where_working_stages_put_them(demo_run):
     assert summary["shared_data_order"] is True  # one data order for the whole family
     saes = summary["saes"]
     assert [r["n_latents"] for r in saes.values()] == SIZES
-    criterion = PlateauCriterion(window=4, rel_eps=0.01)
+    config = summary["config"]
+    criterion = PlateauCriterion(window=config["plateau_window"], rel_eps=config["plateau_eps"])
+    assert summary["criterion"] == criterion.describe()
     for name, r in saes.items():
         assert 0.0 < r["fvu"] < 0.5, name
         assert 0.0 <= r["dead_fraction"] < 0.5, name
