@@ -562,3 +562,21 @@ def test_a_cache_of_a_later_stage_records_that_stages_grid(tmp_path) -> None:
             model, ClipArraySource(clips), tmp_path / "d", ["blocks.0.hook_resid_pre", hook]
         )
     assert not (tmp_path / "d").exists()
+
+
+def test_zoo_list_and_show_print_video_cards(capsys) -> None:
+    import json
+
+    from prisma_mm.cli import main
+
+    assert main(["zoo", "list", "--family", "torchvision_video"]) == 0
+    listing = capsys.readouterr().out
+    assert "tiny-mvit" in listing and "swin3d-b-kinetics400-in22k" in listing
+    assert "videomae" not in listing
+    assert main(["zoo", "show", "tiny-mvit"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["family"] == "torchvision_video" and shown["layout"]["grid"] == [2, 8, 8]
+    assert shown["grid_after_each_block"] == [[2, 4, 4], [2, 4, 4]]
+    assert main(["zoo", "show", "tiny-timesformer"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["layout"]["order"] == "hwt" and "hook_attn_out" not in shown["hooks"]["per block"]
