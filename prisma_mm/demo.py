@@ -118,11 +118,11 @@ def check_config(config: DemoConfig) -> None:
             f"demo needs --n-train >= 100 and --n-eval >= 10; got {config.n_train} and "
             f"{config.n_eval}"
         )
-    if config.train_tokens < max(config.batch_size, config.eval_every_tokens):
+    need = max(config.batch_size, config.eval_every_tokens)
+    if config.train_tokens < need:
         raise PrismaError(
-            f"--train-tokens {config.train_tokens} is less than one evaluation interval "
-            f"({max(config.batch_size, config.eval_every_tokens)} tokens): the plateau "
-            "criterion needs evaluations; give more tokens"
+            f"demo needs --train-tokens >= {need} (one evaluation interval: the plateau "
+            f"criterion needs evaluations), got {config.train_tokens}"
         )
     sizes = sorted(int(s) for s in config.sizes)
     if len(set(sizes)) < 3 or sizes[0] < config.k:

@@ -112,7 +112,9 @@ CASES = [
     # ----- demo
     Case("demo-out-is-a-file", ("demo", "--out", "{tmp}/afile"), "is a file", ("afile",)),
     Case("demo-n-train-5", (*DEMO, "--n-train", "5"), "--n-train >= 100", ("demo_new",)),
-    Case("demo-train-tokens-0", (*DEMO, "--train-tokens", "0"), "--train-tokens >= 1000",
+    Case("demo-train-tokens-0", (*DEMO, "--train-tokens", "0"), "--train-tokens >= 16384",
+         ("demo_new",)),
+    Case("demo-sizes-two", (*DEMO, "--sizes", "256", "512"), "at least 3 distinct sizes",
          ("demo_new",)),
     Case("demo-seed-negative", (*DEMO, "--seed", "-2"), "seed >= 0", ("demo_new",)),
     Case("demo-hook-unknown", (*DEMO, "--hook", "blocks.9.hook_resid_post"),
