@@ -96,7 +96,7 @@ def _mvit(module: tv_mvit.MViT, card: registry.ModelCard) -> ModelSpec:
         transform=clip_transform(card, frames, size, **_transform_defaults(card)),
         d_model=int(module.norm.normalized_shape[0]),
         frames=frames,
-        check=_exact(card, frames, size, "MViT's position encoding and pooling"),
+        check=_exact(card, frames, size, "MViT's position encoding is fixed to that clip"),
         block_layouts=layouts,
         missing=dict.fromkeys(("attn.hook_q", "attn.hook_k", "attn.hook_v"), pooled),
         read_only={
@@ -144,7 +144,9 @@ def _swin3d(module: tv_swin.SwinTransformer3d, card: registry.ModelCard) -> Mode
         transform=clip_transform(card, frames, size, **_transform_defaults(card)),
         d_model=int(module.num_features),
         frames=frames,
-        check=_exact(card, frames, size, "the layout of the card's clip"),
+        check=_exact(
+            card, frames, size, "the card's token layout and per-block grids are that clip's"
+        ),
         block_layouts=layouts,
         missing=dict.fromkeys(
             ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z"), windowed
@@ -169,7 +171,7 @@ def _exact(card: registry.ModelCard, frames: int, size: tuple[int, int], why: st
         if x.shape[2] != frames or tuple(x.shape[3:]) != size:
             raise PrismaError(
                 f"{card.name!r} got {x.shape[2]} frames at {tuple(x.shape[3:])} px; it takes "
-                f"{frames} frames at {size} ({why} are fixed to that clip)"
+                f"{frames} frames at {size} ({why})"
             )
 
     return check
