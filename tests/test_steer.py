@@ -12,6 +12,7 @@ import torch
 import prisma_mm
 from prisma_mm.data.toyworld import VALUE_INDEX, VALUE_NAMES, ToyWorld, collate
 from prisma_mm.errors import PrismaError
+from prisma_mm.hooks import TokenLayout
 from prisma_mm.sae import ReLUSAE, TopKSAE, Transcoder, fit_simple
 from prisma_mm.steer import (
     AddFeature,
@@ -301,6 +302,13 @@ def test_token_mask_maps_through_the_layout(toy):
     assert mask.nonzero().flatten().tolist() == [1 + 2 * 8 + 5]
     with pytest.raises(PrismaError, match="patch grid"):
         token_mask(layout, patches=torch.ones(4, 4, dtype=torch.bool))
+    # a time-fastest video layout (TimeSformer): the chosen patch is the token that maps back
+    video = TokenLayout(n_prefix=1, grid=(3, 2, 4), patch_size=(8, 8), input_size=(16, 32),
+                        order="hwt")  # fmt: skip
+    cube = torch.zeros(3, 2, 4, dtype=torch.bool)
+    cube[1, 0, 2] = True
+    (token,) = token_mask(video, patches=cube).nonzero().flatten().tolist()
+    assert video.token_to_patch(token) == (1, 0, 2) and token != 1 + 1 * 8 + 0 * 4 + 2
 
 
 def test_bad_steering_inputs_are_refused_before_the_forward(toy):

@@ -75,7 +75,7 @@ def token_mask(layout: TokenLayout, patches: Tensor | None = None, prefix: bool 
                 f"patch mask has shape {tuple(torch.as_tensor(patches).shape)}; the layout's "
                 f"patch grid is {layout.grid[1:] if layout.grid[0] == 1 else layout.grid}"
             )
-        mask[layout.n_prefix :] = grid.reshape(-1)
+        mask[layout.n_prefix :] = layout.grid_to_tokens(grid)  # the family's token order
     return mask
 
 
