@@ -71,7 +71,7 @@ CASES = [
     Case("guidance-negative", (*NEW, "--guidance", "-1"), "give a finite number >= 0"),
     Case("seeds-garbage", (*NEW, "--seeds", "one,two"), "--seeds 'one,two'"),
     Case("seeds-twice", (*NEW, "--seeds", "1,1"), "lists a seed twice"),
-    Case("size-not-a-vae-multiple", (*NEW, "--img-size", "33"), "multiple of 2"),
+    Case("size-not-a-vae-multiple", (*NEW, "--img-size", "33"), "multiple of 8"),
     Case("tokens-cls", (*NEW, "--tokens", "cls"), "no CLS token"),
     Case(
         "steps-on-an-image-model",

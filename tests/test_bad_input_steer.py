@@ -52,6 +52,7 @@ CASES = [
     Case("box-and-mask", steer("sae", "--mode", "scale", "--box", "0,0,8,8", "--mask",
                                "{tmp}/mask.png"), "not both"),
     Case("bad-size", steer("sae", "--mode", "scale", "--size", "31"), "multiple of"),
+    Case("size-vae-multiple-not-8", steer("sae", "--mode", "scale", "--size", "30"), "multiple of 8"),
     Case("bad-mode", steer("sae", "--mode", "paint"), "invalid choice"),
     Case("out-is-a-foreign-folder", steer("sae", "--mode", "scale", out="{tmp}/busy"),
          "not a steering grid", ("busy",)),

@@ -58,7 +58,7 @@ def test_block_names_resolve_to_the_native_transformer_blocks(hp):
     assert hp.d("text2.blocks.1.hook_resid_post") == 16
     with pytest.raises(PrismaError, match=r"unknown hook 'unet.down.2.2.hook_update'.*down\.2\.1"):
         hp.hook_point("unet.down.2.2.hook_update")
-    with pytest.raises(PrismaError, match="multiple of 2"):
+    with pytest.raises(PrismaError, match="multiple of 8"):
         hp.check_size(33)
 
 

@@ -224,12 +224,15 @@ class HookedPipeline:
         of the VAE's downsampling factor; one line otherwise."""
         values = [size, size] if isinstance(size, int) else list(size or [])
         scale = int(self.pipe.vae_scale_factor)
+        # diffusers' pipelines also refuse sizes that are not multiples of 8, whatever the VAE
+        step = math.lcm(8, scale)
         if len(values) != 2 or any(
-            isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % scale for v in values
+            isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % step for v in values
         ):
             raise PrismaError(
                 f"image size {size!r}: give a positive number of pixels that is a multiple of "
-                f"{scale} (the VAE's downsampling), e.g. {self.pipe.unet.config.sample_size * scale}"
+                f"{step} (the VAE's downsampling and the pipeline's own check), e.g. "
+                f"{self.pipe.unet.config.sample_size * scale}"
             )
         return int(values[0]), int(values[1])
 
