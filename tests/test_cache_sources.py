@@ -14,6 +14,7 @@ from cache_helpers import image_folder, random_image, read_samples, seeded_tiny_
 from PIL import Image
 
 from prisma_mm.cache import write_cache
+from prisma_mm.data import sources
 from prisma_mm.data.images import BadImage
 from prisma_mm.data.sources import (
     ClassFolderSource,
@@ -188,7 +189,7 @@ def test_torch_dataset_items_and_labels():
         open_source(object())
 
 
-def test_open_source_errors_and_registry(tmp_path):
+def test_open_source_errors_and_registry(tmp_path, monkeypatch):
     with pytest.raises(PrismaError, match="does not exist"):
         open_source(str(tmp_path / "nowhere"))
     image = tmp_path / "one.png"
@@ -208,12 +209,15 @@ def test_open_source_errors_and_registry(tmp_path):
         def count(self):
             return len(self.lines)
 
-    register_source("prompts", Prompts, detect=lambda spec: spec.startswith("say|"))
-    assert open_source("prompts:a|b").count() == 2
+    # the registry is process-wide: this test's source must not outlive it
+    monkeypatch.setattr(sources, "_FACTORIES", dict(sources._FACTORIES))
+    monkeypatch.setattr(sources, "_DETECTORS", list(sources._DETECTORS))
+    register_source("said", Prompts, detect=lambda spec: spec.startswith("say|"))
+    assert open_source("said:a|b").count() == 2
     assert open_source("say|x|y").count() == 3
     # prompts are generated from by a diffusion card: an image model refuses them in one line
     with pytest.raises(PrismaError, match="caching from prompts needs a diffusion card"):
-        write_cache("tiny-vit", "prompts:a|b", tmp_path / "out", "blocks.0.hook_resid_post")
+        write_cache("tiny-vit", "said:a|b", tmp_path / "out", "blocks.0.hook_resid_post")
 
 
 def _bad_and_odd_images(root):
