@@ -196,6 +196,37 @@ def check_diffusion(out: Path, text: str) -> None:
     assert (out / "top_generation.png").is_file()
 
 
+def check_video(out: Path, text: str) -> None:
+    from PIL import Image
+
+    r = results(out)
+    manifest = json.loads((out / "cache" / "manifest.json").read_text())
+    assert r["n_clips_cached"] == manifest["n_samples"] == 400
+    assert manifest["source"]["type"] == "toyclips" and manifest["layout"]["tubelet"] == 2
+    assert r["direction"]["value"].startswith("direction=") and r["direction"]["motion"]
+    assert r["speed"]["value"] in ("speed=slow", "speed=fast") and r["speed"]["motion"]
+    # a static value is found, kept without motion, and its top clips peak on it
+    colour = r["colour"]
+    assert colour["heldout_auroc"] > 0.85 and colour["temporal_score"] < 0.2
+    assert r["peak_precision"]["colour"] >= 0.5
+    # motion values are scored above chance on clips the SAE never saw
+    assert r["direction"]["heldout_auroc"] > 0.6 and r["speed"]["heldout_auroc"] > 0.6
+    for name in ("direction", "speed", "colour"):
+        assert 0.0 <= r["peak_precision"][name] <= 1.0
+        assert 0.0 <= r[name]["temporal_score"] <= 1.0
+        assert_png(out / f"{name}_strips.png", min_bytes=20_000)
+        assert Image.open(out / f"{name}.gif").n_frames == 8
+    assert_png(out / "moving_world.png", min_bytes=1_000)
+    assert_png(out / "temporal_strips.png", min_bytes=20_000)
+    assert 0.0 <= r["temporal_latent_score"] <= 1.0
+    assert 0.0 <= r["summary"]["motion_recovery"] <= 1.0
+    temporal = json.loads((out / "temporal.json").read_text())
+    assert len(temporal["score"]) == r["n_latents"] == 192
+    table = (out / "browser" / "data" / "table" / "00000.js").read_text()
+    assert '"temporal"' in table and list((out / "browser" / "thumbs").rglob("*.gif"))
+    assert "latents lose over half their activation without motion" in text
+
+
 CHECKS: dict[str, Callable[[Path, str], None]] = {
     "01_hooked_models": check_hooked_models,
     "02_cache_and_train": check_cache_and_train,
@@ -203,6 +234,7 @@ CHECKS: dict[str, Callable[[Path, str], None]] = {
     "04_stitching_and_meta_saes": check_stitching_and_meta_saes,
     "05_splicing_and_steering": check_splicing_and_steering,
     "06_diffusion": check_diffusion,
+    "07_video": check_video,
     "08_circuits": check_circuits,
 }
 
