@@ -10,7 +10,7 @@
 # them: against ground truth, and against the controls that remove motion (one frame
 # repeated, frames shuffled), which give each latent its *temporal score*. About a minute on CPU.
 #
-# **On real pretrained weights**: `prisma-mm cache --model videomae-base-kinetics --weights
+# **On real pretrained weights**: `prisma-mm cache --model videomae-base-finetuned-kinetics --weights
 # pretrained --data /data/videos --hooks blocks.8.hook_resid_post --out caches/vmae`, then
 # `prisma-mm train fit --config videomae-b-topk-l8`, `prisma-mm index` and `prisma-mm browse`
 # exactly as below; the motion scoring needs the toy world's labels, the views do not.
