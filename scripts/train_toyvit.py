@@ -5,15 +5,19 @@ scratch, reproducibly from ``--seed`` on CPU. The training set is rendered once 
 (images ``0 .. n_train-1`` of the world of ``--seed``); the held-out set is the next
 ``--n-val`` images of the same world, which training never sees.
 
-The image labels are predicted from the CLS token (timm's own head). Two choices make a
-from-scratch ViT learn shapes and positions within a CPU budget, without changing the
-architecture (the checkpoint is a plain timm ViT): the same head also predicts each patch's
-labels from its patch token (dense supervision from the toy world's exact patch labels,
-weighted by ``--patch-loss``), and the learned position embedding starts from 2-D sin-cos
-values instead of noise. Each batch is mirrored left-right with probability 1/2 (``--hflip``): the
-mirror of a toy-world scene is a scene of the same world (up to the checker texture's phase),
-with left and right positions swapped and every other label kept (all shapes are mirror-symmetric when upright, and a mirrored
-turn is still a turn; the gradient background runs top to bottom).
+The image labels are predicted by timm's own head from the maximum of the normalised patch
+tokens (``--pool max``). Two choices make a from-scratch ViT learn shapes and positions within
+a CPU budget, without changing the architecture (the checkpoint is a plain timm ViT): the
+same head also predicts each patch's labels from its patch token (dense supervision from the
+toy world's exact patch labels, weighted by ``--patch-loss``), and the learned position
+embedding starts from 2-D sin-cos values instead of noise. With ``--hflip`` each sample is
+mirrored left-right with probability 1/2: the mirror of a toy-world scene is a scene of the
+same world (up to the checker texture's phase), with left and right positions swapped and
+every other label kept (all shapes are mirror-symmetric when upright, and a mirrored turn is
+still a turn; the gradient background runs top to bottom). ``--init`` continues from earlier
+weights of the same architecture.
+
+The defaults are the settings of the shipped weights (``assets/toyvit.json``).
 
 Interrupting a run (Ctrl-C, ``kill -INT``) stops it after the current step and saves the weights
 as they are, recording the steps actually done.
@@ -209,13 +213,13 @@ def load_init(model: torch.nn.Module, path: Path, kwargs: dict) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=60_000)
-    p.add_argument("--n-val", type=int, default=2_000)
+    p.add_argument("--n-train", type=int, default=30_000)
+    p.add_argument("--n-val", type=int, default=1_000)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -235,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--hflip",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=False,
         help="mirror each sample left-right with probability 1/2 (labels mirrored with it)",
     )
     p.add_argument(
