@@ -214,29 +214,33 @@ class ClassFolderSource(_FileListSource):
         }
 
 
+def read_list_file(list_file: str | Path, what: str) -> tuple[Path, list[str]]:
+    """The resolved path of a list file and its entries, one per line (stripped; blank lines
+    and lines starting with ``#`` dropped); ``what`` names the listed files in errors."""
+    path = Path(list_file).expanduser()
+    if not path.is_file():
+        raise PrismaError(f"list file {str(list_file)!r} does not exist: check the --data path")
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError as error:
+        raise PrismaError(
+            f"list file {str(list_file)!r} is not text: expected one {what} path per line"
+        ) from error
+    entries = [line.strip() for line in lines]
+    return path.resolve(), [e for e in entries if e and not e.startswith("#")]
+
+
 class ListSource(_FileListSource):
     """A text file with one image path per line (relative paths are relative to the list
     file's folder; blank lines and lines starting with ``#`` are ignored). A path listed
     twice is two inputs with distinct keys; a missing or unreadable path is skipped."""
 
     def __init__(self, list_file: str | Path) -> None:
-        path = Path(list_file).expanduser()
-        if not path.is_file():
-            raise PrismaError(f"list file {str(list_file)!r} does not exist: check the --data path")
-        self.list_file = path.resolve()
-        try:
-            lines = self.list_file.read_text().splitlines()
-        except UnicodeDecodeError as error:
-            raise PrismaError(
-                f"list file {str(list_file)!r} is not text: expected one image path per line"
-            ) from error
+        self.list_file, entries = read_list_file(list_file, "image")
         paths: list[Path] = []
         identities: list[str] = []
         seen: dict[str, int] = {}
-        for line in lines:
-            entry = line.strip()
-            if not entry or entry.startswith("#"):
-                continue
+        for entry in entries:
             entry = entry.split("\t")[0]
             seen[entry] = seen.get(entry, 0) + 1
             identities.append(entry if seen[entry] == 1 else f"{entry}#{seen[entry]}")

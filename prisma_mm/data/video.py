@@ -60,6 +60,7 @@ from prisma_mm.data.sources import (
     _local_path,
     _raise,
     _tar_label,
+    read_list_file,
     register_source,
     stable_key,
     tar_samples,
@@ -857,15 +858,7 @@ class VideoListSource(_VideoFiles):
 
     def __init__(self, list_file: str | Path, clip: str | ClipSampling | None = None,
                  backend: str = "auto") -> None:  # fmt: skip
-        path = Path(list_file).expanduser()
-        if not path.is_file():
-            raise PrismaError(f"list file {str(list_file)!r} does not exist: check the --data path")
-        self.list_file = path.resolve()
-        try:
-            lines = self.list_file.read_text().splitlines()
-        except UnicodeDecodeError as error:
-            raise PrismaError(f"list file {str(list_file)!r} is not text") from error
-        entries = [e.strip() for e in lines if e.strip() and not e.strip().startswith("#")]
+        self.list_file, entries = read_list_file(list_file, "video")
         if not entries:
             raise PrismaError(f"list file {str(list_file)!r} lists no videos")
         paths = [Path(e) if Path(e).is_absolute() else self.list_file.parent / e for e in entries]
