@@ -9,12 +9,13 @@ import re
 
 import pytest
 import torch
+from sae_helpers import exact_sae
 
 import prisma_mm
 from prisma_mm.analysis import circuits as C
 from prisma_mm.data.toyworld import VALUE_INDEX, ToyWorld, render_scene
 from prisma_mm.errors import PrismaError
-from prisma_mm.sae import ReLUSAE, TopKSAE
+from prisma_mm.sae import TopKSAE
 from prisma_mm.viz import circuits as V
 
 RED, BLUE = VALUE_INDEX["colour=red"], VALUE_INDEX["colour=blue"]
@@ -137,13 +138,7 @@ def test_latent_attributions_add_up_to_the_hook_attribution(toy):
     latents sum to the attribution of the activation itself."""
     model, clean, corrupt, _ = toy
     d = model.d_model
-    sae = ReLUSAE(d_in=d, n_latents=2 * d)
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
+    sae = exact_sae(d)
     hook = "blocks.3.hook_resid_post"
     metric = C.logit_diff(RED, BLUE)
     result = C.attribution_patching(model, clean, corrupt, metric, hooks=[hook], saes={hook: sae})

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from sae_helpers import exact_sae as _exact_sae
 
 import prisma_mm
 from prisma_mm.analysis.spliced import Splice, reconstruct, spliced_eval, task_head
@@ -34,16 +35,8 @@ def batches():
 
 
 def exact_sae(d: int) -> ReLUSAE:
-    """recon = relu(x) - relu(-x) = x exactly: latents +e_j and -e_j."""
-    sae = ReLUSAE(d_in=d, n_latents=2 * d)
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    sae.metadata["hook"] = HOOK
-    return sae.eval()
+    """recon = x exactly (see sae_helpers.exact_sae), recorded at HOOK."""
+    return _exact_sae(d, HOOK)
 
 
 def test_error_term_reproduces_clean_outputs_sae(vit, batches):
