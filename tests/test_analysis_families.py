@@ -6,7 +6,6 @@ members and against the stitching and ground-truth numbers recomputed by hand.""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -203,10 +202,10 @@ def test_markdown_shows_the_json_numbers(family_run):
     )
     assert f"monotone: {pair['monotone']}" in markdown
     assert f"FVU {report['meta_sae']['fvu']:.3f} (paper: about 0.45)" in markdown
-    assert math.isfinite(report["seconds"])
-    stages = report["report_seconds"]
-    assert set(stages) == {"metrics", "spliced", "ground_truth", "stitching", "meta_sae"}
-    assert all(t >= 0 for t in stages.values()) and sum(stages.values()) <= report["seconds"]
+    # the report records its wall time per stage (figures for a reader, not asserted on)
+    assert set(report["report_seconds"]) == {
+        "metrics", "spliced", "ground_truth", "stitching", "meta_sae"
+    }  # fmt: skip
 
 
 def test_report_without_ground_truth(family_run, toy_cache):
