@@ -300,3 +300,24 @@ def test_shipped_toyvideo_matches_its_card_and_record():
         assert torch.equal(model(x), native(pixel_values=x.transpose(1, 2)).logits)
     controls = record["heldout_metrics"]["controls_clip_motion_ap"]
     assert set(controls) == {"repeated_frame", "shuffled_frames"}  # the record says both
+
+
+def test_clip_codes_follow_the_hooks_own_layout_on_a_shrinking_grid():
+    """MViT's later stages pool the grid: codes there have that stage's patch count."""
+    import prisma_mm
+    from prisma_mm.analysis.motion import clip_codes
+    from prisma_mm.sae import TopKSAE
+
+    model = prisma_mm.load_model("tiny-mvit")
+    hook = f"blocks.{model.n_layers - 1}.hook_resid_post"
+    layout = model.layout_for(hook)
+    assert layout.n_patches < model.layout.n_patches  # the stage really is smaller
+    clips = np.random.default_rng(0).integers(
+        0, 256, (2, model.spec.frames, *model.layout.input_size, 3), dtype=np.uint8
+    )
+    _, cache = model.run_with_cache(model.preprocess(list(clips)), hook)
+    sae = TopKSAE(d_in=cache[hook].shape[-1], n_latents=8, k=2)
+    codes = clip_codes(model, sae, hook, clips)
+    assert codes.shape == (2, layout.n_patches, 8)
+    expected = sae.encode(cache[hook][:, layout.n_prefix :].reshape(-1, cache[hook].shape[-1]))
+    assert torch.allclose(codes.sum(), expected.detach().sum(), rtol=1e-4)

@@ -247,12 +247,12 @@ def score_motion(
 
 def clip_codes(model: Any, dictionary: Any, hook: str, clips: Any, batch_size: int = 64) -> Tensor:
     """A dictionary's codes on the patch tokens of clips: float32 ``[n_clips, frames * h * w,
-    n_latents]`` in frame-major order (``(frames, h, w)`` of ``model.layout``, whatever the
+    n_latents]`` in frame-major order (``(frames, h, w)`` of the hook's layout, whatever the
     family's own token order), prefix tokens dropped, so rows line up with
     :func:`~prisma_mm.data.toyworld.clip_patch_labels` on the model's grid and tubelet.
 
     ``clips``: uint8 ``[n, T, H, W, 3]`` (decoded frames, the card's clip length)."""
-    layout = model.layout
+    layout = model.layout_for(hook)  # MViT / Swin3D grids shrink between stages
     out = []
     with torch.inference_mode():
         for lo in range(0, len(clips), batch_size):
