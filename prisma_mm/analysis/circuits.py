@@ -559,8 +559,8 @@ def activation_patching(
         raise PrismaError(f"layers {bad} are outside 0..{model.n_layers - 1}")
     names = [_hook_name(kind, layer, model) for layer in layers]
     with torch.no_grad():
-        _, cache = model.run_with_cache(clean, names)
-        clean_value = float(_metric_value(model, head, metric, clean).mean())
+        output, cache = model.run_with_cache(clean, names)
+        clean_value = float(metric(head.output_logits(output)).mean())
         corrupt_value = float(_metric_value(model, head, metric, corrupt).mean())
         rows = []
         batch = clean.shape[0]
