@@ -32,7 +32,6 @@ import functools
 import io
 import json
 import math
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -229,12 +228,6 @@ def _fetch_hint(card: SAECard) -> str:
     )
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "ON")
-
-
 def resolve_files(
     card: SAECard,
     path: str | Path | None = None,
@@ -272,9 +265,11 @@ def _from_hub(
 ) -> dict[str, Path]:
     from huggingface_hub import snapshot_download
 
+    from prisma_mm.zoo.registry import hub_offline
+
     patterns = [f"{card.subfolder}/{f}" if card.subfolder else f for f in card.files]
     cache = str(cache_dir) if cache_dir is not None else None
-    attempts = [True] if (local_files_only or _offline()) else [True, False]
+    attempts = [True] if (local_files_only or hub_offline()) else [True, False]
     if local_files_only is False:
         attempts = [False]
     for offline in attempts:

@@ -730,17 +730,12 @@ def _hf_cache_dir() -> str:
     return constants.HF_HUB_CACHE
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
-    return bool(constants.HF_HUB_OFFLINE) or flag in ("1", "true", "yes", "on")
-
-
 def _from_pretrained(source: str, card: Any, dtype: torch.dtype | None) -> Any:
     """The native pipeline from a ``save_pretrained`` folder or a hub repo (offline: the HF
     cache); safetensors only, never a pickle."""
     from diffusers import DiffusionPipeline
+
+    from prisma_mm.zoo.registry import hub_offline
 
     local = Path(source).expanduser()
     kwargs: dict[str, Any] = {"use_safetensors": True}
@@ -758,7 +753,7 @@ def _from_pretrained(source: str, card: Any, dtype: torch.dtype | None) -> Any:
         target = str(local)
     else:
         target = source
-        kwargs.update(cache_dir=_hf_cache_dir(), local_files_only=_offline())
+        kwargs.update(cache_dir=_hf_cache_dir(), local_files_only=hub_offline())
     try:
         return DiffusionPipeline.from_pretrained(target, **kwargs)
     except (OSError, ValueError) as error:
@@ -767,7 +762,7 @@ def _from_pretrained(source: str, card: Any, dtype: torch.dtype | None) -> Any:
                 f"cannot load the pipeline in {str(local)!r}: {error.__class__.__name__}: "
                 f"{str(error).splitlines()[0] if str(error) else ''}"
             ) from error
-        where = "the hub is offline" if _offline() else "the hub could not be reached"
+        where = "the hub is offline" if hub_offline() else "the hub could not be reached"
         raise PrismaError(
             f"pretrained weights of {getattr(card, 'name', source)!r} ({source}) are not in the "
             f"Hugging Face cache ({_hf_cache_dir()}) and {where}: fetch them with "

@@ -346,6 +346,17 @@ def resolve_local_weights(weights: str) -> Path:
     return path
 
 
+def hub_offline() -> bool:
+    """Whether Hugging Face downloads are off (``HF_HUB_OFFLINE`` as huggingface_hub reads it
+    at import, or set since: 1 / true / yes / on in any case)."""
+    import os
+
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    return bool(constants.HF_HUB_OFFLINE) or flag in ("1", "true", "yes", "on")
+
+
 def offline_hint(repo_id: str, files: list[str]) -> str:
     """Where to put files for an offline load, in words."""
     from huggingface_hub import constants
