@@ -751,13 +751,12 @@ def _meta_stage(
         result.codes, carried, targets, value_names=data.value_names, n_shuffles=n_shuffles,
         seed=seed,
     )  # fmt: skip
-    summary = result.to_dict()["meta"]
     return {
         "n_meta": result.n_meta,
         "k": k,
         "fvu": result.fvu,
         "paper_fvu": PAPER_META_FVU,
-        "mean_meta_per_latent": summary["mean_meta_per_latent"],
+        "mean_meta_per_latent": result.mean_meta_per_latent,
         "n_latents_carrying_a_value": int(carried.any(1).sum()),
         "n_conjunction_latents": len(targets),
         "decomposition": score.to_dict(),

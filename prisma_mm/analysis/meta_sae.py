@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,11 @@ class MetaSAEResult:
         """``[n_meta, D]``: the meta-latents' unit-norm decoder directions."""
         return decoder_rows(self.meta)
 
+    @property
+    def mean_meta_per_latent(self) -> float:
+        """How many meta-latents a latent's decoder row uses, on average."""
+        return float((self.codes != 0).sum(1).float().mean())
+
     def to_dict(self) -> dict[str, Any]:
         """The browser export: summary, per-latent decompositions, per-meta-latent members."""
         nonzero = (self.codes != 0).sum(1).float()
@@ -134,7 +139,7 @@ class MetaSAEResult:
                 "k": int(getattr(self.meta.cfg, "k", 0)),
                 "fvu": self.fvu,
                 "explained_variance": 1.0 - self.fvu,
-                "mean_meta_per_latent": float(nonzero.mean()),
+                "mean_meta_per_latent": self.mean_meta_per_latent,
                 "n_latents_without_meta": int((nonzero == 0).sum()),
                 "n_unused_meta": int(((self.codes != 0).sum(0) == 0).sum()),
             },
@@ -263,18 +268,7 @@ class DecompositionScore:
     latents: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "score": self.score,
-            "fraction_decomposed": self.fraction_decomposed,
-            "shuffled_score": self.shuffled_score,
-            "shuffled_score_std": self.shuffled_score_std,
-            "shuffled_fraction_decomposed": self.shuffled_fraction_decomposed,
-            "p_value": self.p_value,
-            "n_targets": self.n_targets,
-            "n_shuffles": self.n_shuffles,
-            "decomposed_at": self.decomposed_at,
-            "latents": self.latents,
-        }
+        return asdict(self)
 
 
 def _part_shares(
