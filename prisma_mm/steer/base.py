@@ -121,13 +121,16 @@ class RegionMask:
                 raise PrismaError("a float mask image must hold values in [0, 1]")
         self.pixels = grid  # [H, W] float in [0, 1]
         self.soft = soft
+        self._tokens: dict[tuple[int, int], Tensor] = {}  # per grid: hooks fire every step
 
     def tokens(self, grid: Sequence[int]) -> Tensor:
         """``[h * w]`` mask of a ``(h, w)`` (or ``(1, h, w)``) grid: bool, or float if soft."""
         h, w = (int(v) for v in tuple(grid)[-2:])
-        coverage = torch.nn.functional.adaptive_avg_pool2d(self.pixels[None, None], (h, w))
-        coverage = coverage.reshape(h * w)
-        return coverage if self.soft else coverage >= 0.5
+        if (h, w) not in self._tokens:
+            coverage = torch.nn.functional.adaptive_avg_pool2d(self.pixels[None, None], (h, w))
+            coverage = coverage.reshape(h * w)
+            self._tokens[h, w] = coverage if self.soft else coverage >= 0.5
+        return self._tokens[h, w]
 
 
 def _steerable(dictionary: Dictionary) -> SparseAutoencoder:
