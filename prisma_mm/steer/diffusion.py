@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from prisma_mm.errors import PrismaError
 from prisma_mm.steer.base import Intervention, steer
+from prisma_mm.zoo.diffusion import to_pil
 
 __all__ = [
     "FeatureHeatmaps",
@@ -42,15 +42,6 @@ __all__ = [
     "steering_grid",
     "to_pil",
 ]
-
-
-def to_pil(image: Tensor) -> Any:
-    """A PIL image of ``image [3, H, W]`` float in [0, 1] (as ``HookedPipeline.generate``
-    returns them), rounded to uint8."""
-    from PIL import Image
-
-    pixels = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0)
-    return Image.fromarray(np.ascontiguousarray(pixels.cpu().numpy()))
 
 
 @dataclass

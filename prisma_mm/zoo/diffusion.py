@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -83,7 +84,6 @@ class _Call:
     n_steps: int | None
     cfg: bool
     batch: int
-    text_call: int = 0  # text encoders: 0 = the prompts (cond), 1 = the negative prompts
 
 
 @dataclass
@@ -677,15 +677,21 @@ def cache_prompts(
     return expanded, expanded_reasons, flat
 
 
+def to_pil(image: Tensor) -> Any:
+    """A PIL image of ``image [3, H, W]`` float in [0, 1] (as ``HookedPipeline.generate``
+    returns them), rounded to uint8."""
+    from PIL import Image
+
+    pixels = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0)
+    return Image.fromarray(np.ascontiguousarray(pixels.cpu().numpy()))
+
+
 def _png_bytes(image: Tensor) -> bytes:
     """A ``[3, H, W]`` image in [0, 1] as PNG bytes (deterministic: no metadata)."""
     import io
 
-    from PIL import Image
-
-    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
+    to_pil(image).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
