@@ -108,6 +108,23 @@ def find_one(module: nn.Module, cls: type, card: registry.ModelCard) -> nn.Modul
     )
 
 
+def exact_clip(
+    label: str, frames: int, size: tuple[int, int], why: str, takes: str | None = None
+) -> Callable[[Tensor], None]:
+    """A guard refusing clips ``[B, C, T, H, W]`` of another length or size, in one line
+    (``label`` names the model, ``why`` says what goes wrong otherwise)."""
+    takes = takes or f"{frames} frames at {size}"
+
+    def check(x: Tensor) -> None:
+        if x.shape[2] != frames or tuple(x.shape[3:]) != size:
+            raise PrismaError(
+                f"{label} got {x.shape[2]} frames at {tuple(x.shape[3:])} px; it takes "
+                f"{takes} ({why})"
+            )
+
+    return check
+
+
 def find_all(module: nn.Module, cls: type) -> list[nn.Module]:
     """Every submodule of class ``cls``, in registration (= forward) order."""
     return [sub for sub in module.modules() if isinstance(sub, cls)]
@@ -194,13 +211,11 @@ def _timesformer(module: nn.Module, card: registry.ModelCard) -> ModelSpec:
         f"{split} (read hook_resid_mid - hook_resid_pre for the attention's update)",
     )
 
-    def check(x: Tensor) -> None:
-        if x.shape[2] != frames or tuple(x.shape[3:]) != size:
-            raise PrismaError(
-                f"TimeSformer {card.name!r} got {x.shape[2]} frames at {tuple(x.shape[3:])} px; "
-                f"it takes exactly config.num_frames={frames} at {size} (other lengths and sizes "
-                "give wrong outputs without an error)"
-            )
+    check = exact_clip(
+        f"TimeSformer {card.name!r}", frames, size,
+        "other lengths and sizes give wrong outputs without an error",
+        takes=f"exactly config.num_frames={frames} at {size}",
+    )  # fmt: skip
 
     return ModelSpec(
         module=module,

@@ -24,7 +24,7 @@ from torchvision.models.video import swin_transformer as tv_swin
 from prisma_mm.errors import PrismaError
 from prisma_mm.hooks import BlockSpec, HookedModel, ModelSpec, TokenLayout
 from prisma_mm.zoo import registry
-from prisma_mm.zoo.video import clip_transform, find_all
+from prisma_mm.zoo.video import clip_transform, exact_clip, find_all
 
 # the classes a card's arch may name besides torchvision's registered builders (tiny cards)
 CLASSES = {"MViT": tv_mvit.MViT, "SwinTransformer3d": tv_swin.SwinTransformer3d}
@@ -96,7 +96,9 @@ def _mvit(module: tv_mvit.MViT, card: registry.ModelCard) -> ModelSpec:
         transform=clip_transform(card, frames, size, **_transform_defaults(card)),
         d_model=int(module.norm.normalized_shape[0]),
         frames=frames,
-        check=_exact(card, frames, size, "MViT's position encoding is fixed to that clip"),
+        check=exact_clip(
+            repr(card.name), frames, size, "MViT's position encoding is fixed to that clip"
+        ),
         block_layouts=layouts,
         missing=dict.fromkeys(("attn.hook_q", "attn.hook_k", "attn.hook_v"), pooled),
         read_only={
@@ -144,9 +146,12 @@ def _swin3d(module: tv_swin.SwinTransformer3d, card: registry.ModelCard) -> Mode
         transform=clip_transform(card, frames, size, **_transform_defaults(card)),
         d_model=int(module.num_features),
         frames=frames,
-        check=_exact(
-            card, frames, size, "the card's token layout and per-block grids are that clip's"
-        ),
+        check=exact_clip(
+            repr(card.name),
+            frames,
+            size,
+            "the card's token layout and per-block grids are that clip's",
+        ),  # fmt: skip
         block_layouts=layouts,
         missing=dict.fromkeys(
             ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z"), windowed
@@ -164,17 +169,6 @@ def _transform_defaults(card: registry.ModelCard) -> dict:
         "mean": tuple(transforms.mean),
         "std": tuple(transforms.std),
     }
-
-
-def _exact(card: registry.ModelCard, frames: int, size: tuple[int, int], why: str):
-    def check(x: Tensor) -> None:
-        if x.shape[2] != frames or tuple(x.shape[3:]) != size:
-            raise PrismaError(
-                f"{card.name!r} got {x.shape[2]} frames at {tuple(x.shape[3:])} px; it takes "
-                f"{frames} frames at {size} ({why})"
-            )
-
-    return check
 
 
 def _construct(card: registry.ModelCard) -> nn.Module:
