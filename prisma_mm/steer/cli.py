@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from prisma_mm.data.prompts import parse_seeds, read_prompts
 from prisma_mm.errors import PrismaError
 
 MODES = ("add", "scale")
@@ -33,16 +34,8 @@ def _numbers(text: str, kind: type, what: str) -> list[Any]:
 
 def _prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
-    if args.prompts:
-        path = Path(args.prompts)
-        if not path.is_file():
-            raise PrismaError(f"--prompts {args.prompts!r} is not a file: give a text file, one "
-                              "prompt a line")  # fmt: skip
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as error:
-            raise PrismaError(f"cannot read --prompts {args.prompts!r}: {error}") from None
-        prompts += [line.strip() for line in lines if line.strip()]
+    if args.prompts:  # the same reader as prompt caching: text, CSV / TSV or JSONL
+        prompts += read_prompts(args.prompts)[0]
     if not prompts:
         raise PrismaError("no prompt: pass --prompt TEXT (repeatable) or --prompts FILE")
     return prompts
@@ -100,7 +93,7 @@ def run_steer(args: argparse.Namespace) -> int:
     _check_out(out)
     prompts = _prompts(args)
     strengths = _numbers(args.strengths, float, "--strengths")
-    seeds = _numbers(args.seeds, int, "--seeds")
+    seeds = parse_seeds(args.seeds)
     at_steps = None if args.at_steps is None else _numbers(args.at_steps, int, "--at-steps")
     sae = _steerable(resolve_dictionary(args.dictionary))  # a saved folder or a published name
     hook = _resolve_hook(sae, args.hook)
@@ -203,14 +196,16 @@ def add_steer_parser(subparsers: Any) -> None:
     parser.add_argument("--latent", type=int, action="append", help="latent to steer "
                         "(repeatable: several features at once)", required=True)  # fmt: skip
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    parser.add_argument("--prompts", default=None, help="a text file, one prompt a line")
+    parser.add_argument(
+        "--prompts", default=None, help="a prompts file: text (one a line), CSV / TSV or JSONL"
+    )
     parser.add_argument("--out", required=True, help="folder to write the grid into")
     parser.add_argument("--mode", choices=MODES, default="add",
                         help="add: + strength x mean activation x decoder row; scale: multiply "
                         "the code through the SAE, error term kept (0 ablates)")  # fmt: skip
     parser.add_argument("--strengths", default="0,1,2,4",
                         help="comma-separated strengths (add) or factors (scale), one row each")  # fmt: skip
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds (columns)")
+    parser.add_argument("--seeds", default="0", help="seeds (columns): 0,1,2 or a range 0-3")
     parser.add_argument("--index", default=None, help="feature index (default DICT/index, for "
                         "a published SAE ./sae-<NAME>/index; for --mode add, whose strengths are "
                         "in units of its mean activations)")  # fmt: skip
