@@ -243,6 +243,13 @@ def main(argv: list[str] | None = None) -> dict:
         help="mirror each sample left-right with probability 1/2 (labels mirrored with it)",
     )
     p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="N",
+        help="end after N steps, as an interrupt would (the lr schedule still spans --steps)",
+    )
+    p.add_argument(
         "--eval-every", type=int, default=0, help="steps between held-out checks (0: end only)"
     )
     p.add_argument(
@@ -253,6 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--out", default="assets/toyvit.safetensors")
     args = p.parse_args(argv)
+    if args.stop_after is not None and not 0 < args.stop_after <= args.steps:
+        p.error(f"--stop-after {args.stop_after}: give a step count in 1..{args.steps} (--steps)")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -310,13 +319,14 @@ def main(argv: list[str] | None = None) -> dict:
     flip_rng = np.random.default_rng(args.seed)
     stop = {"asked": False}
     # an interrupt ends the run after the current step; the weights so far are saved
-    signal.signal(signal.SIGINT, lambda *_: stop.update(asked=True))
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(asked=True))
     steps_done = 0
     t1 = time.time()
     bar = tqdm(range(args.steps), desc="train toyvit", unit="step")
     for step in bar:
-        if stop["asked"]:
-            tqdm.write(f"interrupted: saving the weights after {steps_done} steps")
+        if stop["asked"] or step == args.stop_after:
+            why = "interrupted" if stop["asked"] else "--stop-after"
+            tqdm.write(f"{why}: saving the weights after {steps_done} steps")
             break
         if cursor + args.batch_size > args.n_train:
             order = torch.randperm(args.n_train, generator=gen)
@@ -364,6 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"step {step + 1}: loss {loss.item():.4f} held-out mAP {m['mean_ap']:.4f} "
                 + " ".join(f"{f}={v['mean_ap']:.3f}" for f, v in m["per_factor"].items())
             )
+    signal.signal(signal.SIGINT, previous_handler)  # Ctrl-C works again while saving
     train_s = time.time() - t1
 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}

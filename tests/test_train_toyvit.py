@@ -57,3 +57,51 @@ def test_training_mirror_is_the_mirrored_scene():
     assert (got_labels[0] == image_labels(mirror_scene)).all()
     assert (got_patches[0] == patch_labels(mirror_scene, owner_m, 8).reshape(64, -1)).all()
     assert not (got_patches[0] == patches[0]).all()  # the objects did move
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location(
+        "train_toyvit", ROOT / "scripts" / "train_toyvit.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_chain_of_runs_is_recorded(tmp_path):
+    """A run stopped with --stop-after, then continued with --init: each record says what was
+    done (steps done vs planned, the start's sha256 and record), the saved weights are the
+    ones scored, and a continuation that would train on the start's held-out images is
+    refused."""
+    import hashlib
+    import json
+    import signal
+
+    import pytest
+    import safetensors.torch
+
+    script = _script()
+    handler = signal.getsignal(signal.SIGINT)
+    tiny = ["--n-train", "48", "--n-val", "16", "--size", "32", "--depth", "1", "--width", "16",
+            "--heads", "2", "--batch-size", "8", "--threads", "1"]  # fmt: skip
+    first = tmp_path / "a.safetensors"
+    record = script.main([*tiny, "--steps", "5", "--stop-after", "3", "--out", str(first)])
+    assert (record["steps"], record["steps_planned"], record["init"]) == (3, 5, None)
+    assert signal.getsignal(signal.SIGINT) is handler  # the run gave Ctrl-C back
+    assert json.loads(first.with_suffix(".json").read_text())["steps"] == 3
+    second = tmp_path / "b.safetensors"
+    more = ["--steps", "2", "--factor-weight", "shape=4", "--init", str(first)]
+    record_b = script.main([*tiny, *more, "--out", str(second)])
+    assert record_b["steps"] == 2 and record_b["factor_weight"]["shape"] == 4.0
+    assert record_b["init"]["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
+    assert record_b["init"]["record"]["steps"] == 3
+    assert record_b["init"]["record"]["heldout_mean_ap"] == record["heldout_metrics"]["mean_ap"]
+    start = safetensors.torch.load_file(str(first))
+    after = safetensors.torch.load_file(str(second))
+    assert start.keys() == after.keys()
+    assert any(not (start[k] == after[k]).all() for k in start)  # it trained on
+    with pytest.raises(SystemExit):  # images 0..47 trained the start: 0..39 hold no new held-out
+        script.main([*tiny[:1], "40", *tiny[2:], "--steps", "1", "--init", str(first),
+                     "--out", str(tmp_path / "c.safetensors")])  # fmt: skip
+    with pytest.raises(SystemExit):
+        script.main([*tiny, "--steps", "2", "--stop-after", "3", "--out", str(tmp_path / "d")])
