@@ -417,12 +417,10 @@ def patch_conjunctions(
     ``owner``: int ``[size, size]`` from :func:`prisma_mm.data.toyworld.render_scene`;
     ``parts``: from :func:`conjunction_parts`; patches row-major.
     """
-    size = owner.shape[0]
-    rows, cols = (patch_grid, patch_grid) if isinstance(patch_grid, int) else patch_grid
-    if size % rows or size % cols:
-        raise PrismaError(f"patch grid {patch_grid!r} does not tile a {size}x{size} image")
-    blocks = owner.reshape(rows, size // rows, cols, size // cols).transpose(0, 2, 1, 3)
-    blocks = blocks.reshape(rows, cols, -1)
+    from prisma_mm.data.toyworld import patch_owners
+
+    blocks = patch_owners(owner, patch_grid)
+    rows, cols = blocks.shape[:2]
     index = {(int(a), int(b)): i for i, (a, b) in enumerate(parts)}
     out = np.zeros((rows, cols, len(parts)), np.uint8)
     for k, obj in enumerate(scene.objects):

@@ -432,15 +432,25 @@ def _grid(patch_grid: int | Sequence[int], size: int) -> tuple[int, int]:
     return int(grid[0]), int(grid[1])
 
 
+def patch_owners(owner: np.ndarray, patch_grid: int | Sequence[int]) -> np.ndarray:
+    """The pixel owners of each patch: ``[rows, cols, pixels per patch]`` (patches row-major).
+
+    ``owner``: int ``[size, size]`` from :func:`render_scene`; ``(patch_owners(...) == k).any(-1)``
+    is where object ``k`` is seen, the rule of every per-patch label.
+    """
+    size = owner.shape[0]
+    rows, cols = _grid(patch_grid, size)
+    blocks = owner.reshape(rows, size // rows, cols, size // cols).transpose(0, 2, 1, 3)
+    return blocks.reshape(rows, cols, -1)
+
+
 def patch_labels(scene: Scene, owner: np.ndarray, patch_grid: int | Sequence[int]) -> np.ndarray:
     """Per-patch multi-hot uint8 ``[rows, cols, n_values]`` from the exact pixel owners.
 
     ``owner``: int ``[size, size]`` from :func:`render_scene`; patches are row-major.
     """
-    size = owner.shape[0]
-    rows, cols = _grid(patch_grid, size)
-    blocks = owner.reshape(rows, size // rows, cols, size // cols).transpose(0, 2, 1, 3)
-    blocks = blocks.reshape(rows, cols, -1)
+    blocks = patch_owners(owner, patch_grid)
+    rows, cols = blocks.shape[:2]
     out = np.zeros((rows, cols, len(VALUE_NAMES)), np.uint8)
     out[:, :, VALUE_INDEX[f"background={scene.background}"]] = (blocks == -1).any(-1)
     out[:, :, VALUE_INDEX[f"count={scene.count}"]] = 1
