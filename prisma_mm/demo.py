@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from prisma_mm.errors import PrismaError
 
@@ -159,43 +158,22 @@ def check_config(config: DemoConfig) -> None:
         )
 
 
-def evaluate_member(
-    model: Any, sae: Any, data: Any, hook: str, means: dict[str, Tensor] | None = None
-) -> tuple[dict[str, Any], Any, Any]:
-    """What the demo adds to the family report for one member, on the held-out images
-    ``data`` (a :class:`~prisma_mm.analysis.families.ToyHeldOut`): the splice identity check
-    (the SAE with its error term kept reproduces the model), the ground-truth report of its
-    patch codes (:func:`~prisma_mm.analysis.ground_truth.score_ground_truth`) and, with
-    ``means`` ({hook: [d]}), the mean-ablated run. Returns the row, the spliced result and
-    the ground-truth report."""
+def member_ground_truth(sae: Any, data: Any) -> Any:
+    """The ground-truth report of one member's patch codes on the held-out images ``data`` (a
+    :class:`~prisma_mm.analysis.families.ToyHeldOut`), for the browser's per-latent column
+    (:func:`~prisma_mm.analysis.ground_truth.score_ground_truth`)."""
     from prisma_mm.analysis.ground_truth import score_ground_truth
-    from prisma_mm.analysis.spliced import spliced_eval
 
-    spliced = spliced_eval(
-        model,
-        sae,
-        data.batches,
-        hooks=[hook],
-        task="multilabel",
-        means=means,
-        modes=("with_error",) + (("mean",) if means is not None else ()),
-        progress=False,
-    )
     n_images, n_patches = data.patch_labels.shape[:2]
     with torch.no_grad():
         codes = torch.cat([sae.encode(part) for part in data.patch_rows.split(8192)])
     image_labels = torch.cat([labels for _, labels in data.batches]).float()
-    report = score_ground_truth(
+    return score_ground_truth(
         data.value_names,
         patch_codes=codes.reshape(n_images, n_patches, -1),
         patch_labels=data.patch_labels,
         image_labels=image_labels,
     )
-    row = {
-        "splice_identity_error": spliced.max_abs_error_with_error,
-        "ground_truth": report.summary(),
-    }
-    return row, spliced, report
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
@@ -238,6 +216,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
     print(f"[3/4] the family report on {config.n_eval} held-out images")
     data = toy_held_out(model, config.hook, config.n_eval, seed=config.seed, start=config.n_train)
+    # mean ablation sets the layer to its mean over the training cache, as `prisma-mm eval` does
+    stats = read_manifest(cache_dir)["stats"][config.hook]
     report = family_report(
         members,
         held_out=data,
@@ -249,27 +229,20 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         seed=config.seed,
         out=family.out,
         progress=config.progress,
+        means={config.hook: torch.tensor(stats["mean"], dtype=torch.float64)},
     )
     report["settings"] = {**family.settings(), "sizes": family.member_sizes}
     write_family_report(report, family.out)
-    # mean ablation sets the layer to its mean over the training cache, as `prisma-mm eval` does
-    stats = read_manifest(cache_dir)["stats"][config.hook]
-    means = {config.hook: torch.tensor(stats["mean"], dtype=torch.float64)}
     saes: dict[str, Any] = {}
-    accuracy: dict[str, float] = {}
     for member, row in zip(members, report["members"]):
-        # the clean and mean-ablated runs do not depend on the SAE: measured with the first
-        extra, spliced, truth = evaluate_member(
-            model, member.load(), data, config.hook, None if accuracy else means
-        )
-        saes[member.name] = {**row, **extra}
+        truth = member_ground_truth(member.load(), data)
+        saes[member.name] = {**row, "ground_truth": truth.summary()}
         # per-value best latents, for the browser's ground-truth column
         (config.out / f"ground_truth_{member.name}.json").write_text(json.dumps(truth.to_dict()))
-        if not accuracy:
-            accuracy = {
-                "clean_accuracy": spliced.modes["clean"].accuracy,
-                "mean_ablated_accuracy": spliced.modes["mean"].accuracy,
-            }
+    accuracy = {
+        "clean_accuracy": report["clean_accuracy"],
+        "mean_ablated_accuracy": report["mean_ablated_accuracy"],
+    }
     summary: dict[str, Any] = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
         "model": accuracy,

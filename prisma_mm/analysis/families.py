@@ -781,11 +781,15 @@ def family_report(
     seed: int = 0,
     out: Path | None = None,
     progress: bool = False,
+    means: dict[str, Tensor] | None = None,
 ) -> dict[str, Any]:
     """The family report (module doc; fields in docs/families.md) of trained ``members``
     (smallest first), on ``held_out`` toy-world data (metrics on all its token rows, ground
     truth on its patches, spliced-in accuracy with ``model`` at ``hook``), or without ground
     truth on held-out ``rows [n, d]``. ``out``: where the stitching plots and the meta-SAE go.
+    With ``model``, each member's row also has ``splice_identity_error`` (the SAE with its
+    error term kept against the clean run); ``means`` ({hook: [d]}, e.g. the cache's running
+    mean) adds the model's mean-ablated accuracy to the report.
     """
     from prisma_mm.analysis.metrics import evaluate
     from prisma_mm.analysis.spliced import spliced_eval
@@ -844,10 +848,17 @@ def family_report(
             "curve": [[int(t), float(f)] for t, f in member.curve],
         }
         if model is not None and held_out is not None:
+            # the clean and mean-ablated runs do not depend on the SAE: measured with the first
+            ablate = means is not None and "mean_ablated_accuracy" not in report
             spliced = spliced_eval(model, sae, held_out.batches, hooks=[hook], task="multilabel",
-                                   modes=("spliced",), progress=False)  # fmt: skip
+                                   means=means if ablate else None, progress=False,
+                                   modes=("spliced", "with_error") + (("mean",) if ablate else ()),
+                                   )  # fmt: skip
             row["spliced_accuracy"] = spliced.modes["spliced"].accuracy
+            row["splice_identity_error"] = spliced.max_abs_error_with_error
             report.setdefault("clean_accuracy", spliced.modes["clean"].accuracy)
+            if ablate:
+                report["mean_ablated_accuracy"] = spliced.modes["mean"].accuracy
             lap("spliced")
         if held_out is not None:
             codes = _encode(sae, held_out.patch_rows)
