@@ -17,10 +17,10 @@ every other label kept (all shapes are mirror-symmetric when upright, and a mirr
 still a turn; the gradient background runs top to bottom). ``--init`` continues from earlier
 weights of the same architecture.
 
-The defaults are the settings of the shipped weights (``assets/toyvit.json``).
-
-Interrupting a run (Ctrl-C, ``kill -INT``) stops it after the current step and saves the weights
-as they are, recording the steps actually done.
+The defaults are the settings of the first of the three runs that made the shipped weights
+(``assets/toyvit.json`` records each run of the chain; ``docs/toyworld.md`` gives the three
+commands). ``--stop-after N`` ends a run after N steps of its ``--steps`` schedule, and so does
+an interrupt (Ctrl-C, ``kill -INT``): the weights are saved as they are, with the steps done.
 
     python scripts/train_toyvit.py                      # writes assets/toyvit.safetensors + .json
 
