@@ -47,7 +47,7 @@ write_cache(model, IndexedToyWorld(ToyWorld(400, seed=0)), "cache", [HOOK], batc
             shard_size=200, progress=False)  # fmt: skip
 rows = ActivationDataset("cache", HOOK, batch_size=512, shuffle_buffer=8192, seed=0)
 torch.manual_seed(0)
-sae = TopKSAE(d_in=model.d_model, n_latents=256, k=8)
+sae = TopKSAE(d_in=model.d_model, n_latents=256, k=16)
 fit_simple(sae, rows, steps=400, lr=2e-3, progress=False)
 sae.metadata.update(hook=HOOK, model="toyvit")
 sae.eval().save("sae")
