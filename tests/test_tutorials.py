@@ -5,6 +5,7 @@ pipeline gives (a broken stage lands outside them)."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -125,7 +126,7 @@ def check_splicing_and_steering(out: Path, text: str) -> None:
     r = results(out)
     modes = r["spliced"]["modes"]
     assert r["spliced"]["task"] == "multilabel" and r["spliced"]["n_images"] == 200
-    assert modes["clean"]["accuracy"] > 0.88  # toyvit's held-out per-value accuracy is 0.91
+    assert modes["clean"]["accuracy"] > 0.95  # toyvit's held-out per-value accuracy is 0.99
     assert modes["clean"]["accuracy"] - modes["spliced"]["accuracy"] < 0.05
     assert modes["mean"]["accuracy"] < modes["spliced"]["accuracy"] - 0.1
     assert r["spliced"]["max_abs_error_with_error"] < 1e-3  # error term kept: the clean model
@@ -153,8 +154,10 @@ def check_circuits(out: Path, text: str) -> None:
     assert r["lens_red_minus_blue"][-1] == pytest.approx(r["clean_metric"], abs=1e-4)
     assert r["lens_alignment"][-1] == pytest.approx(1.0) and r["dla_max_error"] < 1e-4
     assert r["head_rank_correlation"] >= 0.8  # attribution patching ranks heads as patching does
-    drops = r["head_ablation_drop"]
-    assert drops["top"] > 1.0 and drops["top"] > 5 * abs(drops["bottom"])
+    restored = r["head_patch_restored"]  # the most attributed heads move the difference ...
+    assert restored["top"] > 1.0 and restored["top"] > 5 * abs(restored["bottom"])
+    drops = r["head_ablation_drop"]  # ... though the model need not depend on them (see 08)
+    assert math.isfinite(drops["top"]) and abs(drops["bottom"]) < 1.0
     nodes = r["circuit"]["nodes"]
     assert len(nodes) == 8 and len(r["circuit"]["edges"]) == 16
     drops = r["latent_ablation_drop"]
