@@ -158,24 +158,6 @@ def check_config(config: DemoConfig) -> None:
         )
 
 
-def member_ground_truth(sae: Any, data: Any) -> Any:
-    """The ground-truth report of one member's patch codes on the held-out images ``data`` (a
-    :class:`~prisma_mm.analysis.families.ToyHeldOut`), for the browser's per-latent column
-    (:func:`~prisma_mm.analysis.ground_truth.score_ground_truth`)."""
-    from prisma_mm.analysis.ground_truth import score_ground_truth
-
-    n_images, n_patches = data.patch_labels.shape[:2]
-    with torch.no_grad():
-        codes = torch.cat([sae.encode(part) for part in data.patch_rows.split(8192)])
-    image_labels = torch.cat([labels for _, labels in data.batches]).float()
-    return score_ground_truth(
-        data.value_names,
-        patch_codes=codes.reshape(n_images, n_patches, -1),
-        patch_labels=data.patch_labels,
-        image_labels=image_labels,
-    )
-
-
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Run every stage of the demo; returns (and writes) the summary."""
     import prisma_mm
@@ -233,12 +215,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     )
     report["settings"] = {**family.settings(), "sizes": family.member_sizes}
     write_family_report(report, family.out)
-    saes: dict[str, Any] = {}
-    for member, row in zip(members, report["members"]):
-        truth = member_ground_truth(member.load(), data)
-        saes[member.name] = {**row, "ground_truth": truth.summary()}
-        # per-value best latents, for the browser's ground-truth column
-        (config.out / f"ground_truth_{member.name}.json").write_text(json.dumps(truth.to_dict()))
+    saes = {row["name"]: row for row in report["members"]}
     accuracy = {
         "clean_accuracy": report["clean_accuracy"],
         "mean_ablated_accuracy": report["mean_ablated_accuracy"],
@@ -300,7 +277,7 @@ def browser_stage(
     extras = BrowserExtras(
         stitching=stitching,
         meta_sae=read_meta_sae(family_dir / "meta_sae", n),
-        ground_truth=read_ground_truth(config.out / f"ground_truth_{member.name}.json", n),
+        ground_truth=read_ground_truth(report["members"][-1]["ground_truth_json"], n),
     )
     world = IndexedToyWorld(ToyWorld(config.n_train, seed=config.seed))
     html = build_browser(

@@ -601,6 +601,20 @@ class _LabelScores:
     conjunction_scorable: Tensor  # [C] bool
 
 
+def _ground_truth(codes: Tensor, data: ToyHeldOut) -> Any:
+    """The ground-truth report (:func:`~prisma_mm.analysis.ground_truth.score_ground_truth`)
+    of patch codes ``[n_images * n_patches, L]`` (image-major) on ``data``'s labels."""
+    from prisma_mm.analysis.ground_truth import score_ground_truth
+
+    n_images, n_patches = data.patch_labels.shape[:2]
+    return score_ground_truth(
+        data.value_names,
+        patch_codes=codes.reshape(n_images, n_patches, -1),
+        patch_labels=data.patch_labels,
+        image_labels=torch.cat([labels for _, labels in data.batches]).float(),
+    )
+
+
 def _label_scores(
     codes: Tensor, data: ToyHeldOut, threshold: float, margin: float, min_positive: int
 ) -> _LabelScores:
@@ -868,6 +882,12 @@ def family_report(
             row["conjunctions_with_latent"] = int(s.conjunction_dedicated.sum())
             row["values_scorable"] = int(s.value_scorable.sum())
             row["conjunctions_scorable"] = int(s.conjunction_scorable.sum())
+            truth = _ground_truth(codes, held_out)
+            row["ground_truth"] = truth.summary()
+            if out is not None:  # per-value best latents, for a browser's ground-truth column
+                path = Path(out) / f"ground_truth_{member.name}.json"
+                path.write_text(json.dumps(truth.to_dict()))
+                row["ground_truth_json"] = str(path)
             lap("ground_truth")
         report["members"].append(row)
     for i in range(len(members) - 1):
