@@ -131,39 +131,32 @@ V.patching_heatmap(stream.normalized(), clean_images[0], model.layout, "stream_p
 n_heads = model.spec.blocks[0].attn.num_heads
 
 
-def ablate_heads(heads: list[int]) -> float:
+def heads_set_to(heads: list[int], source: torch.Tensor, run_on: torch.Tensor, mean: bool) -> float:
+    """The metric on ``run_on`` with ``heads``' outputs (hook_z) taken from a run on ``source``
+    (image by image, or their mean over ``source`` when ``mean``)."""
     names = {f"blocks.{h // n_heads}.attn.hook_z" for h in heads}
     with torch.no_grad():
-        _, cache = model.run_with_cache(torch.cat([clean, corrupt]), list(names))
-    means = {name: cache[name].mean(0) for name in names}
+        _, cache = model.run_with_cache(source, list(names))
+    values = {name: cache[name].mean(0) if mean else cache[name] for name in names}
 
-    def mean_of(value, point):
+    def replace(value, point):
         layer = int(point.name.split(".")[1])
         value = value.clone()
         for h in heads:
             if h // n_heads == layer:
-                value[:, :, h % n_heads] = means[point.name][:, h % n_heads]
+                value[..., h % n_heads, :] = values[point.name][..., h % n_heads, :]
         return value
 
-    with torch.no_grad(), model.hooks({name: mean_of for name in names}):
-        return float(metric(model(clean)).mean())
+    with torch.no_grad(), model.hooks({name: replace for name in names}):
+        return float(metric(model(run_on)).mean())
 
 
-def patch_heads(heads: list[int]) -> float:
-    names = {f"blocks.{h // n_heads}.attn.hook_z" for h in heads}
-    with torch.no_grad():
-        _, cache = model.run_with_cache(clean, list(names))
+def patch_heads(heads: list[int]) -> float:  # clean outputs into the corrupted run
+    return heads_set_to(heads, clean, corrupt, mean=False)
 
-    def clean_of(value, point):
-        layer = int(point.name.split(".")[1])
-        value = value.clone()
-        for h in heads:
-            if h // n_heads == layer:
-                value[:, :, h % n_heads] = cache[point.name][:, :, h % n_heads]
-        return value
 
-    with torch.no_grad(), model.hooks({name: clean_of for name in names}):
-        return float(metric(model(corrupt)).mean())
+def ablate_heads(heads: list[int]) -> float:  # the mean over clean and corrupted, on clean
+    return heads_set_to(heads, torch.cat([clean, corrupt]), clean, mean=True)
 
 
 top_heads = torch.argsort(heads_estimate.flatten(), descending=True)[:3].tolist()
