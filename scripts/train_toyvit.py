@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import signal
 import time
@@ -191,8 +192,14 @@ def load_init(model: torch.nn.Module, path: Path, kwargs: dict) -> dict:
     steps, seed and held-out mean AP (so a chain of runs stays traceable)."""
     import hashlib
 
-    with safetensors.safe_open(str(path), "pt") as handle:
-        recorded = json.loads((handle.metadata() or {}).get("kwargs", "null"))
+    try:
+        with safetensors.safe_open(str(path), "pt") as handle:
+            recorded = json.loads((handle.metadata() or {}).get("kwargs", "null"))
+    except (OSError, safetensors.SafetensorError, json.JSONDecodeError) as error:
+        raise SystemExit(
+            f"--init {path}: not readable as weights written by this script ({error}); give the "
+            ".safetensors file of an earlier run"
+        ) from None
     if recorded != kwargs:
         raise SystemExit(f"--init {path}: its architecture {recorded} is not {kwargs}")
     model.load_state_dict({k: v.float() for k, v in safetensors.torch.load_file(str(path)).items()})
@@ -262,18 +269,19 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.stop_after is not None and not 0 < args.stop_after <= args.steps:
         p.error(f"--stop-after {args.stop_after}: give a step count in 1..{args.steps} (--steps)")
+    out = Path(args.out)
+    if out.is_dir():
+        p.error(f"--out {args.out}: is a folder; give the .safetensors file to write")
+    try:  # an unwritable place fails now, not after training
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        p.error(f"--out {args.out}: cannot make its folder ({error.strerror})")
+    if not os.access(out.parent, os.W_OK):
+        p.error(f"--out {args.out}: cannot write into {out.parent}")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    t0 = time.time()
     grid = args.size // PATCH
-    train = render_arrays(args.n_train, seed=args.seed, size=args.size, start=0, patch_grid=grid)
-    train_patches = train["patches"].reshape(args.n_train, grid * grid, len(VALUE_NAMES))
-    val = render_arrays(
-        args.n_val, seed=args.seed, size=args.size, start=args.n_train, patch_grid=grid
-    )
-    render_s = time.time() - t0
-
     kwargs = model_kwargs(args.size, args.depth, args.width, args.heads, args.pool)
     model = timm.create_model(ARCH, pretrained=False, **kwargs)
     init = None
@@ -301,9 +309,20 @@ def main(argv: list[str] | None = None) -> dict:
         name, _, w = item.partition("=")
         if name not in FACTORS:
             p.error(f"--factor-weight {item!r}: unknown factor (choose from {', '.join(FACTORS)})")
-        factor_weight[name] = float(w)
+        try:
+            factor_weight[name] = float(w)
+        except ValueError:
+            p.error(f"--factor-weight {item!r}: give FACTOR=NUMBER, e.g. shape=4")
     value_weight = torch.tensor([factor_weight[f] for f in VALUE_FACTORS])
     value_weight = value_weight * len(VALUE_FACTORS) / value_weight.sum()  # mean weight 1
+    # every argument is checked (the --init weights loaded) before the images are drawn
+    t0 = time.time()
+    train = render_arrays(args.n_train, seed=args.seed, size=args.size, start=0, patch_grid=grid)
+    train_patches = train["patches"].reshape(args.n_train, grid * grid, len(VALUE_NAMES))
+    val = render_arrays(
+        args.n_val, seed=args.seed, size=args.size, start=args.n_train, patch_grid=grid
+    )
+    render_s = time.time() - t0
     warmup = max(1, int(args.warmup * args.steps))
 
     def lr_at(step: int) -> float:
@@ -382,8 +401,6 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = "float16" if n_bytes > FP16_ABOVE_BYTES else "float32"
     if dtype == "float16":
         state = {k: v.half() for k, v in state.items()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(
         state, str(out), metadata={"arch": ARCH, "kwargs": json.dumps(kwargs)}
     )

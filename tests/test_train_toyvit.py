@@ -5,6 +5,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from prisma_mm.data.toyworld import (
     POSITIONS,
@@ -77,7 +78,6 @@ def test_chain_of_runs_is_recorded(tmp_path):
     import json
     import signal
 
-    import pytest
     import safetensors.torch
 
     script = _script()
@@ -105,3 +105,30 @@ def test_chain_of_runs_is_recorded(tmp_path):
                      "--out", str(tmp_path / "c.safetensors")])  # fmt: skip
     with pytest.raises(SystemExit):
         script.main([*tiny, "--steps", "2", "--stop-after", "3", "--out", str(tmp_path / "d")])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--stop-after", "9", "--steps", "5"], "--stop-after 9"),
+        (["--factor-weight", "shape=abc"], "give FACTOR=NUMBER"),
+        (["--factor-weight", "hue=2"], "unknown factor"),
+        (["--init", "{tmp}/nowhere.safetensors"], "not readable as weights"),
+        (["--init", "{tmp}/junk.safetensors"], "not readable as weights"),
+        (["--out", "{tmp}"], "is a folder"),
+    ],
+)
+def test_bad_arguments_stop_before_any_image_is_drawn(tmp_path, monkeypatch, capsys, argv, message):
+    script = _script()
+    (tmp_path / "junk.safetensors").write_text("not safetensors")
+
+    def drawn(*args, **kwargs):
+        raise AssertionError("images were drawn before the arguments were checked")
+
+    monkeypatch.setattr(script, "render_arrays", drawn)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([*argv, *([] if "--out" in argv else ["--out", str(tmp_path / "w.st")])])
+    said = f"{exit_info.value.code} {capsys.readouterr().err}"
+    assert message in said
+    assert not (tmp_path / "w.st").exists()
